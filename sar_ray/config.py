@@ -1,0 +1,540 @@
+"""Typed configuration of a study: one YAML file whose base sections are a complete trial.
+
+``load("sweeps/x.yaml", ["train.lr=1e-4"])`` returns a validated, frozen :class:`StudyConfig`.
+Every model rejects unknown keys and wrong types; errors name the file and the field path:
+
+    sweeps/x.yaml: strategy.unet.rank: must be > 0 (got -4)
+
+Library code receives the section it needs (``cfg.data``, ``cfg.strategy.unet``), never the
+whole namespace, so a function's signature says what it depends on.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names file, field and fix."""
+
+
+class _Strict(BaseModel):
+    # extra="forbid": a typo such as `strategy.unet.rnak` must fail, not silently use a default.
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+# --------------------------------------------------------------------------------------------
+# model
+# --------------------------------------------------------------------------------------------
+
+
+class ModelConfig(_Strict):
+    pretrained: str = Field(
+        "tiny-sdxl",
+        description="Hub id or local directory of a diffusers StableDiffusion (1.x/2.x) or "
+        "StableDiffusionXL pipeline, or `tiny-sd` / `tiny-sdxl` (random small models built "
+        "from constructors, no download).",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    variant: str | None = Field(None, description="Weight variant to load, e.g. `fp16`.")
+    weight_dtype: Literal["fp32", "fp16", "bf16"] = Field(
+        "fp32",
+        description="dtype of the frozen weights (VAE, frozen encoders). Trainable parameters "
+        "always stay fp32.",
+    )
+    prediction_type: Literal["epsilon", "v_prediction"] | None = Field(
+        None, description="Override the scheduler's prediction type (default: the model's own)."
+    )
+    vae_force_upcast: bool = Field(
+        True, description="Run the VAE in fp32 (SDXL's VAE overflows in fp16)."
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# data
+# --------------------------------------------------------------------------------------------
+
+
+class SynthConfig(_Strict):
+    n: int = Field(200, gt=0, description="Number of synthetic scenes.")
+    size: int = Field(64, ge=16, description="Side of each synthetic scene in pixels.")
+    seed: int = Field(0, description="Generator seed; the same seed writes the same scenes.")
+    looks: int = Field(4, gt=0, description="Number of looks L of the Gamma speckle.")
+
+
+class NormalizationConfig(_Strict):
+    method: Literal["reference", "db", "percentile", "none"] = Field(
+        "reference",
+        description="`reference`: A / (mean + k*std) of the linear amplitude, clipped to [0, 1] "
+        "(the reference study); `db`: 20*log10(A) clipped to [db_min, db_max] and rescaled; "
+        "`percentile`: clip to [p_low, p_high] percentiles and rescale; `none`: pixel/max value.",
+    )
+    k: float = Field(3.0, gt=0, description="`reference`: number of standard deviations k.")
+    db_min: float = Field(-30.0, description="`db`: lower clipping bound in dB.")
+    db_max: float = Field(0.0, description="`db`: upper clipping bound in dB.")
+    p_low: float = Field(1.0, ge=0, lt=100, description="`percentile`: lower percentile.")
+    p_high: float = Field(99.0, gt=0, le=100, description="`percentile`: upper percentile.")
+    input: Literal["amplitude", "intensity"] = Field(
+        "amplitude", description="Whether pixel values are amplitude |s| or intensity |s|^2."
+    )
+
+    @model_validator(mode="after")
+    def _ranges(self) -> NormalizationConfig:
+        if self.db_min >= self.db_max:
+            raise ValueError(f"db_min must be < db_max (got {self.db_min} >= {self.db_max})")
+        if self.p_low >= self.p_high:
+            raise ValueError(f"p_low must be < p_high (got {self.p_low} >= {self.p_high})")
+        return self
+
+
+class DataConfig(_Strict):
+    path: str = Field(
+        "synthetic",
+        description="A folder of images (imagefolder layout with metadata.jsonl, or a captions "
+        "CSV/Parquet inside), a CSV or Parquet file with image and text columns, or "
+        "`synthetic` for the embedded synthetic SAR scenes (see `data.synthetic`).",
+    )
+    captions: str | None = Field(
+        None,
+        description="Caption file (metadata.jsonl, .csv or .parquet); relative paths are taken "
+        "from `data.path`. Default: found in the folder.",
+    )
+    image_column: str = Field(
+        "file_name", description="Column holding the image path (or bytes, in Parquet)."
+    )
+    text_column: str = Field("text", description="Column holding the caption.")
+    synthetic: SynthConfig = Field(default_factory=SynthConfig)
+    resolution: int = Field(64, ge=8, description="Training side length in pixels.")
+    crop: Literal["center", "random"] = Field(
+        "center",
+        description="After resizing the shorter side to `resolution`: center crop, or a random "
+        "square crop (position drawn per image from `train.seed`).",
+    )
+    flip: bool = Field(False, description="Random horizontal flips during training.")
+    normalization: NormalizationConfig = Field(default_factory=NormalizationConfig)
+    caption_prefix: str | None = Field(
+        "<SAR>",
+        description="Prefix added to every caption that does not already start with it "
+        "(null: leave captions as they are). With `strategy.token: learn` this must equal "
+        "`strategy.token_string`.",
+    )
+    caption_dropout: float = Field(
+        0.0, ge=0, lt=1, description="Probability of replacing a caption with the empty string."
+    )
+    val_fraction: float = Field(
+        0.1, ge=0, lt=1, description="Held-out fraction for the validation loss (by file hash)."
+    )
+    max_images: int | None = Field(None, gt=0, description="Use at most this many images.")
+    on_corrupt: Literal["skip", "error"] = Field(
+        "skip",
+        description="A corrupt or unreadable image: `skip` it and count it, or `error` with its "
+        "path.",
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# strategy
+# --------------------------------------------------------------------------------------------
+
+Mode = Literal["frozen", "full", "lora"]
+
+
+class ComponentStrategy(_Strict):
+    mode: Mode = Field("frozen", description="`frozen`, `full` fine-tuning, or `lora`.")
+    rank: int = Field(4, description="LoRA rank r (> 0).")
+    alpha: float | None = Field(None, description="LoRA alpha (default: equal to rank).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
+    target_modules: list[str] | None = Field(
+        None,
+        description="Module names LoRA wraps (default: attention projections of the component).",
+    )
+    lr: float | None = Field(None, description="Learning rate (default: `train.lr`).")
+
+    @field_validator("rank")
+    @classmethod
+    def _rank(cls, v: int) -> int:
+        if v <= 0:
+            raise ValueError(f"must be > 0 (got {v})")
+        return v
+
+    @field_validator("lr")
+    @classmethod
+    def _lr(cls, v: float | None) -> float | None:
+        if v is not None and not v > 0:
+            raise ValueError(f"must be > 0 (got {v})")
+        return v
+
+    @property
+    def lora_alpha(self) -> float:
+        return float(self.alpha if self.alpha is not None else self.rank)
+
+
+class StrategyConfig(_Strict):
+    unet: ComponentStrategy = Field(
+        default_factory=lambda: ComponentStrategy(mode="lora"), description="UNet strategy."
+    )
+    text_encoder: ComponentStrategy = Field(
+        default_factory=ComponentStrategy,
+        description="Text encoder strategy; for SDXL it applies to both encoders unless "
+        "`text_encoder_2` is set.",
+    )
+    text_encoder_2: ComponentStrategy | None = Field(
+        None, description="SDXL only: strategy of the second (OpenCLIP bigG) text encoder."
+    )
+    vae: ComponentStrategy = Field(
+        default_factory=ComponentStrategy,
+        description="VAE strategy; a tuned VAE learns by reconstruction of the SAR images.",
+    )
+    token: Literal["none", "learn"] = Field(
+        "none", description="`learn`: add `token_string` to the tokenizer(s) and train its row."
+    )
+    token_string: str = Field("<SAR>", description="The placeholder token.")
+    token_init: str = Field(
+        "radar", description="Word whose embedding initialises the new token's row."
+    )
+    token_lr: float | None = Field(None, gt=0, description="Token learning rate (default: train.lr).")
+
+    def text_encoder_strategies(self, n_encoders: int) -> list[ComponentStrategy]:
+        """The strategy of each text encoder (SD: one, SDXL: two)."""
+        second = self.text_encoder_2 or self.text_encoder
+        return [self.text_encoder, second][:n_encoders]
+
+    @property
+    def slug(self) -> str:
+        """Deterministic short name of the combination, e.g. `unet-full_te-lora_vae-frozen_tok`."""
+
+        def part(name: str, c: ComponentStrategy) -> str:
+            return f"{name}-{c.mode}" + (f"{c.rank}" if c.mode == "lora" else "")
+
+        parts = [part("unet", self.unet), part("te", self.text_encoder)]
+        if self.text_encoder_2 is not None:
+            parts.append(part("te2", self.text_encoder_2))
+        parts.append(part("vae", self.vae))
+        if self.token == "learn":
+            parts.append("tok")
+        return "_".join(parts)
+
+    @model_validator(mode="after")
+    def _something_trains(self) -> StrategyConfig:
+        comps = [self.unet, self.text_encoder, self.vae] + (
+            [self.text_encoder_2] if self.text_encoder_2 else []
+        )
+        if all(c.mode == "frozen" for c in comps) and self.token == "none":
+            raise ValueError(
+                "every component is frozen and token is none: nothing would train; set e.g. "
+                "strategy.unet.mode=lora"
+            )
+        if not re.fullmatch(r"\S+", self.token_string):
+            raise ValueError(f"token_string must be one word without spaces (got {self.token_string!r})")
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# train / sample / scaling / tracking / eval
+# --------------------------------------------------------------------------------------------
+
+
+class EmaConfig(_Strict):
+    enabled: bool = Field(False, description="Keep an EMA of fully tuned weights (full mode only).")
+    decay: float = Field(0.999, gt=0, lt=1, description="EMA decay.")
+
+
+class TrainConfig(_Strict):
+    lr: float = Field(1e-4, gt=0, description="Learning rate of components without their own.")
+    max_steps: int = Field(100, gt=0, description="Optimizer steps.")
+    batch_size: int = Field(4, gt=0, description="Images per worker per micro-batch.")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    seed: int = Field(0, description="Seed of weights init, data order, noise and timesteps.")
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field(
+        "no", description="Autocast dtype; trainable parameters stay fp32."
+    )
+    gradient_checkpointing: bool = Field(False, description="Trade compute for UNet memory.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip gradients (null: off).")
+    optimizer: Literal["adamw", "adamw8bit"] = Field(
+        "adamw", description="`adamw8bit` needs bitsandbytes (falls back to adamw with a warning)."
+    )
+    weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay.")
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    adam_eps: float = Field(1e-8, gt=0)
+    lr_scheduler: Literal["constant", "cosine", "linear"] = Field(
+        "constant", description="Schedule after warmup."
+    )
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    min_snr_gamma: float | None = Field(
+        5.0, gt=0, description="Min-SNR loss weighting gamma (null: plain MSE)."
+    )
+    noise_offset: float = Field(0.0, ge=0, description="Offset noise strength (0: off).")
+    vae_loss_weight: float = Field(
+        1.0, ge=0, description="Weight of the VAE reconstruction loss when the VAE is tuned."
+    )
+    ema: EmaConfig = Field(default_factory=EmaConfig)
+    eval_every: int = Field(50, gt=0, description="Validation loss every N steps (and at the end).")
+    eval_batches: int = Field(4, gt=0, description="Validation micro-batches per evaluation.")
+    checkpoint_every: int = Field(50, gt=0, description="Resume checkpoint every N steps.")
+    checkpoints_to_keep: int = Field(2, gt=0, description="Newest resume checkpoints kept.")
+    sample_every: int = Field(0, ge=0, description="Validation samples every N steps (0: only at the end).")
+    log_every: int = Field(1, gt=0, description="Log the training loss every N steps.")
+
+
+class SampleConfig(_Strict):
+    prompts: list[str] = Field(
+        default_factory=lambda: [
+            "<SAR> image of open water with a ship",
+            "<SAR> image of agricultural fields",
+            "<SAR> image of a forest",
+            "<SAR> image of an urban area",
+        ],
+        min_length=1,
+        description="Fixed evaluation prompts.",
+    )
+    seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1, description="One image per prompt x seed.")
+    scheduler: Literal["dpm++", "euler", "ddim"] = Field("dpm++", description="Sampling scheduler.")
+    steps: int = Field(20, gt=0, description="Denoising steps.")
+    guidance_scale: float = Field(5.0, ge=0, description="Classifier-free guidance scale.")
+    negative_prompt: str | None = Field(None, description="Negative prompt.")
+    resolution: int | None = Field(None, ge=8, description="Sample side (default: data.resolution).")
+    save_tiff: bool = Field(False, description="Also write float32 amplitude TIFFs.")
+
+
+class ScalingSection(_Strict):
+    num_workers: int = Field(
+        0, ge=0, description="0: run in-process (Ray Train local mode); N: N DDP workers."
+    )
+    use_gpu: bool = Field(False, description="One GPU per worker.")
+    cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker.")
+    gpus_per_worker: float = Field(1, gt=0, description="GPUs per worker when use_gpu.")
+    address: str | None = Field(
+        None, description="Ray address (default: RAY_ADDRESS, else a local Ray)."
+    )
+    storage_path: str | None = Field(
+        None, description="Ray Train storage for checkpoints (default: <out>/ray). Shared "
+        "storage (s3://, gs://, NFS) on a cluster."
+    )
+
+
+class TrackingConfig(_Strict):
+    enabled: bool = Field(True, description="Log to MLflow.")
+    uri: str | None = Field(
+        None, description="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)."
+    )
+    experiment: str = Field("sar-ray", description="MLflow experiment name.")
+    log_checkpoints: bool = Field(False, description="Also upload resume checkpoints as artifacts.")
+
+    def resolved_uri(self) -> str:
+        return self.uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+
+
+class EvalConfig(_Strict):
+    metrics: list[Literal["stats", "glcm", "clip"]] = Field(
+        default_factory=lambda: ["stats", "glcm"], description="Metric families to compute."
+    )
+    clip: str | None = Field(None, description="Directory of a SAR-CLIP model from `sar-ray clip train`.")
+    hist_bins: int = Field(256, ge=8, description="Amplitude histogram bins.")
+    glcm_levels: int = Field(64, ge=2, le=256, description="GLCM grey levels.")
+    glcm_distances: list[int] = Field(default_factory=lambda: [1, 2, 4], min_length=1)
+    glcm_angles: list[float] = Field(
+        default_factory=lambda: [0.0, 45.0, 90.0, 135.0], min_length=1, description="Degrees."
+    )
+    batch_size: int = Field(32, gt=0, description="Images per Ray Data batch.")
+
+
+# --------------------------------------------------------------------------------------------
+# top level
+# --------------------------------------------------------------------------------------------
+
+
+class TrialConfig(_Strict):
+    name: str = Field("trial", description="Study name; used in run names and output folders.")
+    out: str | None = Field(None, description="Output folder (default: runs/<name>/<strategy>).")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    strategy: StrategyConfig = Field(default_factory=StrategyConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+    scaling: ScalingSection = Field(default_factory=ScalingSection)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _token_matches_prefix(self) -> TrialConfig:
+        s = self.strategy
+        if s.token == "learn" and self.data.caption_prefix not in (None, s.token_string):
+            raise ValueError(
+                f"strategy.token_string {s.token_string!r} must equal data.caption_prefix "
+                f"{self.data.caption_prefix!r} so that captions contain the learned token"
+            )
+        return self
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out) if self.out else Path("runs") / self.name / self.strategy.slug
+
+    @property
+    def sample_resolution(self) -> int:
+        return self.sample.resolution or self.data.resolution
+
+
+class StudyConfig(TrialConfig):
+    """A study file: the base trial plus (for sweeps) a `search` section."""
+
+    search: dict[str, Any] | None = Field(
+        None, description="Sweep search space and scheduler (used by `sar-ray sweep`)."
+    )
+
+    def trial(self, **updates: Any) -> TrialConfig:
+        """The base trial of this study, with dotted-path updates applied and re-validated."""
+        raw = self.model_dump(exclude={"search"})
+        for key, value in updates.items():
+            _set_path(raw, key.split("."), value)
+        return TrialConfig.model_validate(raw)
+
+
+# --------------------------------------------------------------------------------------------
+# loading
+# --------------------------------------------------------------------------------------------
+
+
+def _set_path(raw: dict, parts: list[str], value: Any) -> None:
+    node = raw
+    for p in parts[:-1]:
+        child = node.get(p)
+        if child is None:
+            child = node[p] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(parts)}: {p} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _model_fields(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Valid keys at `loc` (for 'did you mean' hints)."""
+    cls: Any = model
+    for part in loc[:-1]:
+        field = getattr(cls, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        args = getattr(ann, "__args__", None) or (ann,)
+        cls = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if cls is None:
+            return []
+    return list(getattr(cls, "model_fields", {}))
+
+
+def format_validation_error(err: ValidationError, source: str, model: type[BaseModel]) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(str(p) for p in e["loc"] if not str(p).startswith("function-after"))
+        path = ".".join(loc) or "<root>"
+        if e["type"] == "extra_forbidden":
+            valid = _model_fields(model, loc)
+            close = difflib.get_close_matches(loc[-1], valid, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            msg = f"unknown key{hint}; valid keys: {', '.join(valid)}"
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            if "input" in e and e["type"] not in ("missing",) and not isinstance(e["input"], dict):
+                msg += f" (got {e['input']!r})"
+        lines.append(f"{source}: {path}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`a.b=c` -> ("a.b", yaml-parsed c)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=1e-4")
+    key, value = item.split("=", 1)
+    key = key.strip()
+    if not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", key):
+        raise ConfigError(f"--set {item!r}: {key!r} is not a dotted key like strategy.unet.rank")
+    try:
+        parsed = yaml.safe_load(value) if value != "" else ""
+    except yaml.YAMLError:
+        parsed = value
+    # yaml reads `1e-4` as a string (YAML 1.1 needs a dot); users mean the number.
+    if isinstance(parsed, str):
+        try:
+            parsed = float(parsed) if re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", parsed) else parsed
+        except ValueError:
+            pass
+    return key, parsed
+
+
+def _fix_floats(node: Any) -> Any:
+    # PyYAML (YAML 1.1) reads `1e-4` as a string; every user means a float.
+    if isinstance(node, dict):
+        return {k: _fix_floats(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_fix_floats(v) for v in node]
+    if isinstance(node, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", node):
+        return float(node)
+    return node
+
+
+def load_raw(path: str | os.PathLike | None) -> dict:
+    if path is None:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found; pass a YAML file such as sweeps/quickstart.yaml")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{p}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: top level must be a mapping of sections (model, data, ...)")
+    return _fix_floats(raw)
+
+
+def load(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> StudyConfig:
+    """Load a study file, apply `--set` overrides and validate everything at once."""
+    raw = load_raw(path)
+    source = str(path) if path is not None else "<defaults>"
+    for item in overrides:
+        key, value = parse_override(item)
+        try:
+            _set_path(raw, key.split("."), value)
+        except ConfigError as e:
+            raise ConfigError(f"--set {item}: {e}") from None
+    try:
+        return StudyConfig.model_validate(raw)
+    except ValidationError as e:
+        if overrides:
+            source += " (with --set " + " ".join(overrides) + ")"
+        raise ConfigError(format_validation_error(e, source, StudyConfig)) from None
+
+
+def validate_trial(raw: dict, source: str = "<trial>") -> TrialConfig:
+    try:
+        return TrialConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source, TrialConfig)) from None
+
+
+def dump_yaml(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def flatten(cfg: BaseModel | dict, prefix: str = "") -> dict[str, Any]:
+    """Dotted-key view of every resolved parameter (what MLflow logs as params)."""
+    d = cfg.model_dump(mode="json") if isinstance(cfg, BaseModel) else cfg
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

@@ -1,0 +1,527 @@
+"""The per-worker training loop and the Ray Train `TorchTrainer` that runs it.
+
+`worker_loop(config)` runs on every Ray Train worker (or in-process with
+`ScalingConfig(num_workers=0)`, Ray Train's local mode). It reads only its argument: the
+resolved trial config and the output folder. Rank 0 writes files; every rank calls
+`ray.train.report` the same number of times.
+
+Outputs in the trial folder (`cfg.out_dir`):
+    train_log.jsonl          one line per logged step: loss, lr, images/s (rank 0)
+    checkpoints/step-N/      resume state (local mode; Ray Train storage holds them otherwise)
+    weights/                 what the trial learned, in diffusers-loadable formats
+    samples/step-N/, final/  validation and final samples (PNG + metadata.jsonl + grid.png)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from . import checkpoint as ckpt
+from .config import TrialConfig
+from .diffusion import compute_loss, validation_loss
+from .models import Components, load_components
+from .strategies import Applied, apply
+
+LOG_FILE = "train_log.jsonl"
+WEIGHTS_DIR = "weights"
+CHECKPOINTS_DIR = "checkpoints"
+# Fault injection for tests and drills: crash the worker right after this optimizer step.
+CRASH_ENV = "SAR_RAY_CRASH_AT_STEP"
+
+
+class TrainingError(RuntimeError):
+    """The training run itself failed (diverged, crashed); exit code 1."""
+
+
+class RayConnectionError(RuntimeError):
+    """Ray could not be reached at the given address; exit code 2."""
+
+
+# --------------------------------------------------------------------------------------------
+# setup helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _device(cfg: TrialConfig, local_mode: bool) -> torch.device:
+    if local_mode:
+        # Local mode runs in the driver process, which Ray assigns no GPU ids.
+        return torch.device("cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu")
+    return ray.train.torch.get_device()
+
+
+def _place(c: Components, applied: Applied, device: torch.device, weight_dtype: str, vae_upcast: bool) -> None:
+    """Frozen weights in `weight_dtype`, trainable ones fp32 (mixed precision keeps fp32
+    master weights; AdamW on bf16 weights loses small updates)."""
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[weight_dtype]
+    if device.type == "cpu" and dtype == torch.float16:
+        dtype = torch.float32  # fp16 kernels are missing or slow on CPU
+    trainable = {id(p) for p in applied.trainable_parameters()}
+    for name, module in c.modules().items():
+        mod_dtype = torch.float32 if (name == "vae" and vae_upcast) else dtype
+        module.to(device)
+        for p in module.parameters():
+            p.data = p.data.to(torch.float32 if id(p) in trainable else mod_dtype)
+
+
+def make_optimizer(applied: Applied, cfg: TrialConfig) -> torch.optim.Optimizer:
+    t = cfg.train
+    kwargs = dict(betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, weight_decay=t.weight_decay)
+    groups = [
+        {"params": g["params"], "lr": g["lr"], "name": g.get("name", "")} for g in applied.param_groups if g["params"]
+    ]
+    if t.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+
+            return bnb.optim.AdamW8bit(groups, **kwargs)
+        except ImportError:
+            warnings.warn("train.optimizer=adamw8bit needs bitsandbytes (pip install 'sar-ray[gpu]'); using adamw")
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+def make_lr_scheduler(optimizer, cfg: TrialConfig):
+    from diffusers.optimization import get_scheduler
+
+    name = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}[cfg.train.lr_scheduler]
+    return get_scheduler(
+        name, optimizer, num_warmup_steps=cfg.train.warmup_steps, num_training_steps=cfg.train.max_steps
+    )
+
+
+def _ema_for(c: Components, applied: Applied, cfg: TrialConfig):
+    if not (cfg.train.ema.enabled and applied.modes.get("unet") == "full"):
+        return None
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel(c.unet.parameters(), decay=cfg.train.ema.decay)
+
+
+def _ema_state(ema, c: Components) -> dict[str, torch.Tensor] | None:
+    if ema is None:
+        return None
+    names = [n for n, _ in c.unet.named_parameters()]
+    return {n: t.detach().cpu() for n, t in zip(names, ema.shadow_params)}
+
+
+# --------------------------------------------------------------------------------------------
+# data
+# --------------------------------------------------------------------------------------------
+
+
+def _batches(shard, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, list[str]]]:
+    """One epoch of (pixels (B, 3, R, R) float32, captions) from a Ray Data shard."""
+    it = shard.iter_batches(
+        batch_size=batch_size,
+        batch_format="numpy",
+        drop_last=True,
+        # A seeded local shuffle: a different order every epoch, the same order on a rerun.
+        local_shuffle_buffer_size=4 * batch_size,
+        local_shuffle_seed=seed,
+        prefetch_batches=2,
+    )
+    for batch in it:
+        yield torch.from_numpy(np.ascontiguousarray(batch["pixel_values"])), [str(t) for t in batch["text"]]
+
+
+def _drop_captions(captions: list[str], p: float, generator: torch.Generator) -> list[str]:
+    if p <= 0:
+        return captions
+    keep = torch.rand(len(captions), generator=generator) >= p
+    return [c if k else "" for c, k in zip(captions, keep.tolist())]
+
+
+def _flip(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    flip = torch.rand(pixels.shape[0], generator=generator) < 0.5
+    return torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
+
+
+# --------------------------------------------------------------------------------------------
+# distributed helpers (manual all-reduce: one path for any mix of trainable components)
+# --------------------------------------------------------------------------------------------
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _broadcast_params(params: list[torch.nn.Parameter]) -> None:
+    if _distributed():
+        for p in params:
+            dist.broadcast(p.data, src=0)
+
+
+def _allreduce_grads(params: list[torch.nn.Parameter]) -> None:
+    """Average gradients over workers (what DDP does, for parameters spread over several
+    modules, with and without adapters, in one bucket)."""
+    if not _distributed():
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
+    flat = torch._utils._flatten_dense_tensors(grads)
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+        g.copy_(synced)
+
+
+def _mean_over_workers(value: float, device: torch.device) -> float:
+    if not _distributed():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item() / dist.get_world_size())
+
+
+# --------------------------------------------------------------------------------------------
+# resume state
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Position:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    micro_in_epoch: int = 0  # micro-batches consumed in the current epoch
+
+
+def _save_resume_state(path: Path, applied, optimizer, lr_sched, generator, ema, c, pos: Position, extra: dict) -> None:
+    tensors = {f"param/{k}": v for k, v in ckpt.trainable_state(applied).items()}
+    opt_t, opt_meta = ckpt.optimizer_state_to_tensors(optimizer)
+    tensors.update({f"optim/{k}": v for k, v in opt_t.items()})
+    tensors["rng/generator"] = generator.get_state()
+    ema_state = _ema_state(ema, c)
+    if ema_state:
+        tensors.update({f"ema/{k}": v for k, v in ema_state.items()})
+    meta = {
+        "step": pos.step,
+        "epoch": pos.epoch,
+        "micro_in_epoch": pos.micro_in_epoch,
+        "optimizer": opt_meta,
+        "lr_scheduler": lr_sched.state_dict(),
+        "ema_step": getattr(ema, "optimization_step", None),
+        **extra,
+    }
+    ckpt.save_state(path, {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, meta)
+
+
+def _load_resume_state(path: Path, applied, optimizer, lr_sched, generator, ema, c) -> tuple[Position, dict]:
+    tensors, meta = ckpt.load_state(path)
+
+    def section(prefix: str) -> dict[str, torch.Tensor]:
+        return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+    ckpt.load_trainable_state(applied, section("param/"))
+    ckpt.optimizer_state_from_tensors(optimizer, section("optim/"), meta["optimizer"])
+    lr_sched.load_state_dict(meta["lr_scheduler"])
+    generator.set_state(tensors["rng/generator"])
+    if ema is not None:
+        ema_t = section("ema/")
+        names = [n for n, _ in c.unet.named_parameters()]
+        if ema_t:
+            ema.shadow_params = [ema_t[n].to(p.device) for n, p in zip(names, c.unet.parameters())]
+            ema.optimization_step = meta.get("ema_step") or 0
+    return Position(meta["step"], meta["epoch"], meta["micro_in_epoch"]), meta
+
+
+def _newest_local_checkpoint(out: Path) -> Path | None:
+    root = out / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return None
+    done = sorted(p for p in root.glob("step-*") if (p / "state.json").is_file())
+    return done[-1] if done else None
+
+
+# --------------------------------------------------------------------------------------------
+# the loop
+# --------------------------------------------------------------------------------------------
+
+
+def _append_log(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """A resumed run rewrites history after its checkpoint: keep only lines up to `step`."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
+    """Train one trial on this worker. `config = {"cfg": TrialConfig as dict, "out": str,
+    "local_mode": bool}`."""
+    cfg = TrialConfig.model_validate(config["cfg"])
+    out = Path(config["out"])
+    local_mode = bool(config.get("local_mode"))
+    t = cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = _device(cfg, local_mode)
+    log_path = out / LOG_FILE
+
+    # Same seed on every rank: identical initial weights and adapters (also broadcast below).
+    torch.manual_seed(t.seed)
+    c = load_components(cfg.model)
+    applied = apply(c, cfg.strategy, t.lr)
+    _place(c, applied, device, cfg.model.weight_dtype, cfg.model.vae_force_upcast)
+    if t.gradient_checkpointing and applied.modes.get("unet") != "frozen":
+        c.unet.enable_gradient_checkpointing()
+    for name, module in c.modules().items():
+        module.train(applied.modes.get(name, "frozen") != "frozen" or (name.startswith("text_encoder") and cfg.strategy.token == "learn"))
+    params = applied.trainable_parameters()
+    _broadcast_params(params)
+    optimizer = make_optimizer(applied, cfg)
+    lr_sched = make_lr_scheduler(optimizer, cfg)
+    ema = _ema_for(c, applied, cfg)
+    if ema is not None:
+        ema.to(device)
+    # Per-rank stream of every random draw (noise, timesteps, dropout, flips); saved in checkpoints.
+    generator = torch.Generator().manual_seed(t.seed * 1000 + rank + 1)
+
+    pos = Position()
+    resume_from = ray.train.get_checkpoint()
+    if resume_from is not None:
+        with resume_from.as_directory() as d:
+            pos, _ = _load_resume_state(Path(d), applied, optimizer, lr_sched, generator, ema, c)
+    elif local_mode and (newest := _newest_local_checkpoint(out)) is not None:
+        pos, _ = _load_resume_state(newest, applied, optimizer, lr_sched, generator, ema, c)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        if pos.step:
+            _truncate_log(log_path, pos.step)
+            _append_log(log_path, {"event": "resumed", "step": pos.step, "time": time.time()})
+        elif log_path.exists():
+            log_path.unlink()
+        _append_log(log_path, {"event": "start", "step": pos.step, "trainable_params": applied.num_trainable(),
+                               "device": str(device), "world_size": world, "time": time.time()})
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_batches = _load_val_batches(cfg, device)
+    tune_vae = applied.modes.get("vae", "frozen") != "frozen"
+    crash_at = int(os.environ.get(CRASH_ENV, "0") or 0)
+
+    last_loss = float("nan")
+    last_val: float | None = None
+    t_last, images_since = time.perf_counter(), 0
+    micro = 0
+    optimizer.zero_grad(set_to_none=True)
+    while pos.step < t.max_steps:
+        seen_in_epoch = 0
+        for pixels, captions in _batches(train_shard, t.batch_size, t.seed + pos.epoch):
+            seen_in_epoch += 1
+            if seen_in_epoch <= pos.micro_in_epoch:
+                continue  # resumed mid-epoch: these batches were already trained on
+            pos.micro_in_epoch += 1
+            pixels = pixels.to(device)
+            if cfg.data.flip:
+                pixels = _flip(pixels, generator)
+            captions = _drop_captions(captions, cfg.data.caption_dropout, generator)
+            out_step = compute_loss(c, pixels, captions, t, generator, tune_vae, cfg.data.resolution)
+            (out_step.loss / t.grad_accum).backward()
+            micro += 1
+            images_since += pixels.shape[0] * world
+            if micro % t.grad_accum:
+                continue
+
+            _allreduce_grads(params)
+            if t.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+            optimizer.step()
+            lr_sched.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.step(c.unet.parameters())
+            pos.step += 1
+            loss_value = _mean_over_workers(float(out_step.loss.detach()), device)
+            if not math.isfinite(loss_value):
+                raise TrainingError(
+                    f"loss is {loss_value} at step {pos.step} ({cfg.strategy.slug}); lower train.lr "
+                    f"(now {t.lr}), set train.max_grad_norm, or use train.mixed_precision=bf16 instead of "
+                    f"fp16; checkpoints up to step {pos.step - 1 - (pos.step - 1) % t.checkpoint_every} are kept"
+                )
+            last_loss = loss_value
+
+            if rank == 0 and (pos.step % t.log_every == 0 or pos.step == t.max_steps):
+                now = time.perf_counter()
+                record = {
+                    "step": pos.step,
+                    "epoch": pos.epoch,
+                    "loss": loss_value,
+                    "lr": lr_sched.get_last_lr()[0],
+                    "images_per_s": images_since / max(now - t_last, 1e-9),
+                    "time": time.time(),
+                }
+                if out_step.vae_loss is not None:
+                    record["vae_loss"] = float(out_step.vae_loss)
+                _append_log(log_path, record)
+                t_last, images_since = now, 0
+
+            is_last = pos.step == t.max_steps
+            metrics: dict[str, Any] = {"step": pos.step, "loss": loss_value}
+            do_eval = pos.step % t.eval_every == 0 or is_last
+            if do_eval and val_batches:
+                last_val = _validate(c, val_batches, cfg, device)
+                metrics["val_loss"] = last_val
+                if rank == 0:
+                    _append_log(log_path, {"step": pos.step, "val_loss": last_val, "time": time.time()})
+            if rank == 0 and t.sample_every and pos.step % t.sample_every == 0 and not is_last:
+                _validation_samples(c, cfg, out / "samples" / f"step-{pos.step:06d}", device)
+            if pos.step % t.checkpoint_every == 0 or is_last:
+                _report_with_checkpoint(metrics, out, local_mode, rank, cfg, applied, optimizer, lr_sched, generator, ema, c, pos)
+            elif do_eval:
+                ray.train.report(metrics)
+            if crash_at and pos.step == crash_at:
+                raise RuntimeError(f"simulated crash after step {pos.step} ({CRASH_ENV})")
+            if is_last:
+                break
+        else:
+            if seen_in_epoch == 0:
+                raise TrainingError(
+                    f"worker {rank} got no full batch of {t.batch_size} images: the training set is smaller "
+                    f"than train.batch_size x scaling.num_workers; lower train.batch_size or add images"
+                )
+            pos.epoch += 1
+            pos.micro_in_epoch = 0
+
+    result = {"step": pos.step, "loss": last_loss, "val_loss": last_val}
+    if rank == 0:
+        _finish(c, applied, cfg, out, ema, device)
+    return result
+
+
+def _report_with_checkpoint(metrics, out, local_mode, rank, cfg, applied, optimizer, lr_sched, generator, ema, c, pos) -> None:
+    """Every rank reports; rank 0 attaches the resume state. Local mode writes it straight
+    into the trial folder (nothing else persists it); otherwise Ray Train copies it to storage
+    and keeps the newest `checkpoints_to_keep`."""
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    if local_mode:
+        target = out / CHECKPOINTS_DIR / f"step-{pos.step:06d}"
+        _save_resume_state(target, applied, optimizer, lr_sched, generator, ema, c, pos, {"slug": cfg.strategy.slug})
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(target)))
+        old = sorted((out / CHECKPOINTS_DIR).glob("step-*"))[: -cfg.train.checkpoints_to_keep]
+        for p in old:
+            shutil.rmtree(p, ignore_errors=True)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        _save_resume_state(Path(tmp), applied, optimizer, lr_sched, generator, ema, c, pos, {"slug": cfg.strategy.slug})
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+
+
+def _load_val_batches(cfg: TrialConfig, device) -> list[tuple[torch.Tensor, list[str]]]:
+    """The validation shard, read once and kept (it is small: `eval_batches` micro-batches).
+    The whole shard is iterated so that Ray Data's split iterators stay in step."""
+    shard = ray.train.get_dataset_shard("val") if cfg.data.val_fraction > 0 else None
+    if shard is None:
+        return []
+    batches = []
+    for batch in shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy", drop_last=False):
+        if len(batches) < cfg.train.eval_batches:
+            batches.append((torch.from_numpy(np.ascontiguousarray(batch["pixel_values"])), [str(x) for x in batch["text"]]))
+    return batches
+
+
+def _validate(c: Components, batches, cfg: TrialConfig, device) -> float:
+    was = {n: m.training for n, m in c.modules().items()}
+    for m in c.modules().values():
+        m.eval()
+    losses = [
+        validation_loss(c, px.to(device), caps, cfg.train, seed=cfg.train.seed + i, resolution=cfg.data.resolution)
+        for i, (px, caps) in enumerate(batches)
+    ]
+    for n, m in c.modules().items():
+        m.train(was[n])
+    return _mean_over_workers(float(np.mean(losses)), device)
+
+
+def _validation_samples(c: Components, cfg: TrialConfig, out: Path, device) -> None:
+    from .models import assemble_pipeline
+    from .sample import generate
+
+    was = {n: m.training for n, m in c.modules().items()}
+    pipe = assemble_pipeline(c, cfg.sample.scheduler)
+    generate(pipe, cfg.sample, cfg.sample_resolution, out, device=device)
+    for n, m in c.modules().items():
+        m.train(was[n])
+
+
+def _finish(c: Components, applied: Applied, cfg: TrialConfig, out: Path, ema, device) -> None:
+    """Rank 0: save diffusers-loadable weights, then sample from them through the same loading
+    code a user runs (so the samples prove the saved files, not the in-memory modules)."""
+    from .sample import generate, load_pipeline
+
+    weights = out / WEIGHTS_DIR
+    tmp = out / (WEIGHTS_DIR + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    ckpt.save_outputs(c, applied, cfg.strategy, tmp, ema_unet_state=_ema_state(ema, c))
+    shutil.rmtree(weights, ignore_errors=True)
+    tmp.rename(weights)
+    pipe = load_pipeline(cfg.model, weights, cfg.sample.scheduler, device)
+    generate(pipe, cfg.sample, cfg.sample_resolution, out / "samples" / "final", device=device)
+
+
+# --------------------------------------------------------------------------------------------
+# the trainer
+# --------------------------------------------------------------------------------------------
+
+
+def connect_ray(address: str | None) -> None:
+    """Use a running Ray (address or RAY_ADDRESS), else start a local one."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    try:
+        ray.init(address=address, log_to_driver=False, include_dashboard=False if not address else None,
+                 configure_logging=True, logging_level="ERROR")
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RayConnectionError(
+            f"cannot connect to Ray at {address!r}: {msg}; start one with `ray start --head`, fix "
+            f"--address / RAY_ADDRESS, or unset them to run locally (for a token-authenticated cluster "
+            f"set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN)"
+        ) from None
+
+
+def build_trainer(cfg: TrialConfig, datasets: dict, out: Path, callbacks: list | None = None) -> TorchTrainer:
+    s = cfg.scaling
+    local_mode = s.num_workers == 0
+    resources = {"CPU": s.cpus_per_worker}
+    if s.use_gpu:
+        resources["GPU"] = s.gpus_per_worker
+    storage = s.storage_path or str((out / "ray").resolve())
+    return TorchTrainer(
+        worker_loop,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "out": str(out.resolve()), "local_mode": local_mode},
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
+                                     resources_per_worker=None if local_mode else resources),
+        run_config=RunConfig(
+            name=f"trial-{cfg.strategy.slug}",
+            storage_path=storage,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
+            failure_config=FailureConfig(max_failures=0),
+            callbacks=callbacks or None,
+        ),
+        datasets=datasets,
+    )

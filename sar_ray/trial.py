@@ -1,0 +1,338 @@
+"""One trial, driver side: data, Ray Train fit, MLflow run, progress.
+
+`run_trial` is the single path that trains a strategy: `sar-ray trial` calls it directly and a
+sweep's Tune trial calls it with Tune's report callback, so a trial behaves the same alone and
+inside a study.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from . import config as config_mod
+from .config import TrialConfig
+from .train import CHECKPOINTS_DIR, LOG_FILE, WEIGHTS_DIR, TrainingError, build_trainer, connect_ray
+
+
+@dataclass
+class TrialResult:
+    name: str
+    strategy: str
+    out: Path
+    weights: Path
+    samples: Path
+    step: int
+    loss: float | None
+    val_loss: float | None
+    wall_s: float
+    n_train: int
+    n_val: int
+    n_skipped: int
+    trainable_params: int | None = None
+    run_id: str | None = None
+    run_url: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k in ("out", "weights", "samples"):
+            d[k] = str(d[k])
+        return d
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:  # a line being written right now
+                break
+    return records
+
+
+class LogFollower(threading.Thread):
+    """Follows `train_log.jsonl` while training runs (the worker may be another process or
+    node), feeding each new record to `on_record`. Works the same in local and DDP mode."""
+
+    def __init__(self, path: Path, on_record: Callable[[dict], None], interval: float = 0.5):
+        super().__init__(daemon=True)
+        self.path, self.on_record, self.interval = path, on_record, interval
+        self._stop_event = threading.Event()
+        self._offset = 0
+
+    def poll(self) -> None:
+        if not self.path.is_file():
+            return
+        with open(self.path) as f:
+            size = f.seek(0, 2)
+            if size < self._offset:  # the log was truncated (a resumed run rewrote it)
+                self._offset = 0
+            f.seek(self._offset)
+            chunk = f.read()
+        done = chunk.rfind("\n") + 1  # only whole lines
+        self._offset += len(chunk[:done].encode())
+        for line in chunk[:done].splitlines():
+            if line.strip():
+                try:
+                    self.on_record(json.loads(line))
+                except Exception:  # noqa: BLE001 - progress must never kill training
+                    pass
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.interval):
+            self.poll()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(timeout=5)
+        self.poll()
+
+
+def _clean(out: Path) -> None:
+    for name in (CHECKPOINTS_DIR, "ray", WEIGHTS_DIR, "samples", LOG_FILE, "summary.json", "mlflow_run.json"):
+        p = out / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
+def _failure_message(e: BaseException) -> str:
+    """One line from a (possibly Ray-wrapped) training failure."""
+    text = str(e)
+    for line in text.splitlines():
+        if "TrainingError" in line or "loss is" in line:
+            return line.split("TrainingError:", 1)[-1].strip()
+    for line in reversed(text.splitlines()):  # the innermost exception is printed last
+        line = line.strip()
+        if line and not line.startswith(("File ", "^", "~", "Traceback", "The above")):
+            return line
+    return type(e).__name__
+
+
+def run_trial(
+    cfg: TrialConfig,
+    *,
+    fresh: bool = False,
+    progress: bool = True,
+    console=None,
+    callbacks: list | None = None,
+    parent_run_id: str | None = None,
+    tracker=None,
+) -> TrialResult:
+    """Train `cfg`'s strategy, save its weights and samples, log it; resumes from the newest
+    checkpoint in the output folder unless `fresh`."""
+    from .data import build_datasets
+
+    started = time.time()
+    out = cfg.out_dir
+    if fresh:
+        _clean(out)
+    out.mkdir(parents=True, exist_ok=True)
+    uri = None
+    if cfg.tracking.enabled and tracker is None:
+        from .tracking import Tracker, default_uri
+
+        uri = default_uri(cfg.tracking.uri)
+        tracker = Tracker(uri, cfg.tracking.experiment)  # fails fast when unreachable
+    connect_ray(cfg.scaling.address)
+    data = build_datasets(cfg.data, cfg.train.seed)
+    (out / "config.yaml").write_text(config_mod.dump_yaml(cfg))
+
+    run_id = None
+    if tracker is not None:
+        from .tracking import remember_run, remembered_run
+
+        run_id = tracker.start_run(
+            run_name=f"{cfg.name}/{cfg.strategy.slug}",
+            tags={"sar_ray.strategy": cfg.strategy.slug, "sar_ray.out": str(out.resolve()),
+                  "sar_ray.model": cfg.model.pretrained},
+            parent_run_id=parent_run_id,
+            resume_run_id=remembered_run(out, tracker.uri),
+        )
+        remember_run(out, tracker.uri, run_id)
+        tracker.log_params(run_id, config_mod.flatten(cfg))
+        tracker.log_params(run_id, {"data.n_train": data.n_train, "data.n_val": data.n_val,
+                                    "data.n_skipped": data.n_skipped, "data.source": data.source})
+
+    state: dict[str, Any] = {"step": 0, "loss": None, "val_loss": None, "trainable_params": None}
+    pending: list[tuple[str, float, int]] = []
+    lock = threading.Lock()
+
+    bar = _ProgressBar(cfg, console) if progress else None
+
+    def on_record(rec: dict) -> None:
+        if rec.get("event") == "start":
+            state["trainable_params"] = rec.get("trainable_params")
+            return
+        if rec.get("event") == "resumed" and bar is not None:
+            bar.note(f"resumed from checkpoint at step {rec['step']}")
+            return
+        step = int(rec.get("step", 0))
+        with lock:
+            for key in ("loss", "lr", "images_per_s", "vae_loss", "val_loss"):
+                if key in rec:
+                    pending.append((f"train/{key}" if key != "val_loss" else "val/loss", rec[key], step))
+        if "loss" in rec:
+            state["step"], state["loss"] = step, rec["loss"]
+        if "val_loss" in rec:
+            state["val_loss"] = rec["val_loss"]
+        if bar is not None:
+            bar.update(state)
+
+    def flush_metrics() -> None:
+        if tracker is None:
+            return
+        with lock:
+            batch, pending[:] = list(pending), []
+        if batch:
+            tracker.log_metrics(run_id, batch)
+
+    follower = LogFollower(out / LOG_FILE, lambda r: (on_record(r), None)[1])
+    flusher_stop = threading.Event()
+
+    def flusher() -> None:  # MLflow writes off the progress path, every 2 s
+        while not flusher_stop.wait(2.0):
+            try:
+                flush_metrics()
+            except Exception:  # noqa: BLE001 - a hiccup of the store must not stop training
+                pass
+
+    flusher_thread = threading.Thread(target=flusher, daemon=True)
+    trainer = build_trainer(cfg, {"train": data.train, **({"val": data.val} if data.val is not None else {})}, out, callbacks)
+    error: BaseException | None = None
+    if bar is not None:
+        bar.start()
+    follower.start()
+    flusher_thread.start()
+    try:
+        trainer.fit()
+    except TrainingError as e:
+        error = e
+    except KeyboardInterrupt as e:
+        error = e
+    except Exception as e:  # noqa: BLE001 - Ray wraps worker errors; keep one line
+        error = TrainingError(
+            f"{_failure_message(e)} (trial {cfg.strategy.slug}; rerun the same command to resume from the newest "
+            f"checkpoint in {out / CHECKPOINTS_DIR if cfg.scaling.num_workers == 0 else out / 'ray'})"
+        )
+    finally:
+        follower.stop()
+        flusher_stop.set()
+        flusher_thread.join(timeout=5)
+        if bar is not None:
+            bar.stop()
+    flush_metrics()
+
+    if error is not None:
+        if tracker is not None:
+            tracker.set_tags(run_id, {"sar_ray.error": str(error)[:5000]})
+            tracker.log_artifact(run_id, out / "config.yaml")
+            if (out / LOG_FILE).is_file():
+                tracker.log_artifact(run_id, out / LOG_FILE)
+            tracker.end_run(run_id, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+        raise error
+
+    result = TrialResult(
+        name=cfg.name,
+        strategy=cfg.strategy.slug,
+        out=out,
+        weights=out / WEIGHTS_DIR,
+        samples=out / "samples" / "final",
+        step=state["step"],
+        loss=state["loss"],
+        val_loss=state["val_loss"],
+        wall_s=time.time() - started,
+        n_train=data.n_train,
+        n_val=data.n_val,
+        n_skipped=data.n_skipped,
+        trainable_params=state["trainable_params"],
+        run_id=run_id,
+        run_url=tracker.run_url(run_id) if tracker is not None else None,
+    )
+    (out / "summary.json").write_text(json.dumps(result.to_json(), indent=2))
+    if tracker is not None:
+        if result.trainable_params is not None:
+            tracker.log_params(run_id, {"trainable_params": result.trainable_params})
+        tracker.log_metrics(run_id, [("final/wall_s", result.wall_s, result.step)])
+        tracker.log_artifacts(run_id, result.weights, "weights")
+        tracker.log_artifacts(run_id, out / "samples", "samples")
+        for name in ("config.yaml", LOG_FILE, "summary.json"):
+            tracker.log_artifact(run_id, out / name)
+        tracker.end_run(run_id, "FINISHED")
+    return result
+
+
+def summary(r: TrialResult) -> str:
+    lines = [
+        f"[bold]trial {r.name}/{r.strategy}[/bold] finished: {r.step} steps in {r.wall_s:.0f} s, "
+        f"loss {_fmt(r.loss)}, val loss {_fmt(r.val_loss)}",
+        f"  data      {r.n_train} train / {r.n_val} val images" + (f", {r.n_skipped} corrupt skipped" if r.n_skipped else ""),
+        f"  weights   {r.weights}",
+        f"  samples   {r.samples}/grid.png",
+        f"  log       {r.out / LOG_FILE}",
+    ]
+    if r.run_url:
+        lines.append(f"  mlflow    {r.run_url}")
+    return "\n".join(lines)
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
+
+
+class _ProgressBar:
+    """step, loss, it/s and ETA of the running trial (rich)."""
+
+    def __init__(self, cfg: TrialConfig, console=None):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.console = console or Console()
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("val {task.fields[val]}"),
+            TextColumn("{task.fields[rate]} it/s"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=False,
+        )
+        self.task = self.progress.add_task(cfg.strategy.slug, total=cfg.train.max_steps, loss="-", val="-", rate="-")
+        self._t0, self._s0 = None, None
+
+    def start(self) -> None:
+        self.progress.start()
+
+    def stop(self) -> None:
+        self.progress.stop()
+
+    def note(self, text: str) -> None:
+        self.progress.console.print(text)
+
+    def update(self, state: dict) -> None:
+        now = time.perf_counter()
+        step = state["step"]
+        if self._t0 is None:
+            self._t0, self._s0 = now, step
+        rate = (step - self._s0) / (now - self._t0) if now > self._t0 and step > self._s0 else None
+        self.progress.update(
+            self.task,
+            completed=step,
+            loss=_fmt(state["loss"]),
+            val=_fmt(state["val_loss"]),
+            rate=f"{rate:.2f}" if rate else "-",
+        )

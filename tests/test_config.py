@@ -1,0 +1,121 @@
+"""Config loading: what users type in YAML and --set, and the errors they get back."""
+
+from pathlib import Path
+
+import pytest
+
+from sar_ray import config
+from sar_ray.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEPS = sorted((ROOT / "sweeps").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
+def test_every_shipped_sweep_file_validates_and_opens_with_its_command(path):
+    study = config.load(path)
+    trial = study.trial()
+    assert trial.train.max_steps > 0
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# Run:") and "sar-ray" in first, "each sweep file opens with the command that runs it"
+
+
+def test_defaults_are_a_complete_trial():
+    cfg = config.load(None).trial()
+    assert cfg.model.pretrained == "tiny-sdxl"
+    assert cfg.data.path == "synthetic"
+    assert cfg.tracking.resolved_uri().startswith(("sqlite:///", "http")) or cfg.tracking.uri
+    assert cfg.out_dir == Path("runs") / "trial" / cfg.strategy.slug
+
+
+def test_set_overrides_parse_types_and_nest():
+    cfg = config.load(ROOT / "sweeps/quickstart.yaml", [
+        "strategy.unet.mode=lora", "strategy.unet.rank=8", "train.lr=3e-5", "data.flip=false", "out=runs/t1",
+    ]).trial()
+    assert cfg.strategy.unet.mode == "lora" and cfg.strategy.unet.rank == 8
+    assert cfg.train.lr == pytest.approx(3e-5)
+    assert cfg.data.flip is False
+    assert cfg.out_dir == Path("runs/t1")
+    assert cfg.strategy.slug.startswith("unet-lora8_")
+
+
+def test_yaml_scientific_notation_without_dot_is_a_float(tmp_path):
+    p = tmp_path / "x.yaml"
+    p.write_text("train:\n  lr: 1e-4\n")
+    assert config.load(p).train.lr == pytest.approx(1e-4)
+
+
+def test_unknown_key_names_file_path_and_suggests(tmp_path):
+    p = tmp_path / "x.yaml"
+    p.write_text("strategy:\n  unet:\n    rnak: 4\n")
+    with pytest.raises(ConfigError) as e:
+        config.load(p)
+    msg = str(e.value)
+    assert f"{p}: strategy.unet.rnak: unknown key (did you mean 'rank'?)" in msg
+    assert "valid keys:" in msg
+
+
+def test_wrong_type_names_path_and_value(tmp_path):
+    p = tmp_path / "x.yaml"
+    p.write_text("train:\n  max_steps: lots\n")
+    with pytest.raises(ConfigError, match=r"train\.max_steps: .*integer.*'lots'"):
+        config.load(p)
+
+
+def test_override_errors_mention_the_override():
+    with pytest.raises(ConfigError, match=r"--set strategy.unet.rank=-4\).*strategy\.unet\.rank: must be > 0 \(got -4\)"):
+        config.load(None, ["strategy.unet.rank=-4"])
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        config.load(None, ["strategy.unet.rank"])
+    with pytest.raises(ConfigError, match="unknown key"):
+        config.load(None, ["strategy.unett.mode=lora"])
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["strategy.unet.rank=0"], "must be > 0"),
+    (["strategy.unet.mode=frozen"], "nothing would train"),
+    (["strategy.unet.mode=sideways"], "strategy.unet.mode"),
+    (["strategy.token=maybe"], "strategy.token"),
+    (["strategy.token=learn", "strategy.token_string=<RADAR>"], "must equal data.caption_prefix"),
+    (["data.normalization.db_min=5", "data.normalization.db_max=-5"], "db_min must be < db_max"),
+    (["train.batch_size=0"], "train.batch_size"),
+])
+def test_invalid_settings_are_refused_at_validation(overrides, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace(".", r"\.")):
+        config.load(None, overrides)
+
+
+def test_every_mode_combination_is_valid():
+    modes = ["frozen", "full", "lora"]
+    n = 0
+    for u in modes:
+        for te in modes:
+            for v in modes:
+                for tok in ["none", "learn"]:
+                    sets = [f"strategy.unet.mode={u}", f"strategy.text_encoder.mode={te}",
+                            f"strategy.vae.mode={v}", f"strategy.token={tok}"]
+                    if u == te == v == "frozen" and tok == "none":
+                        with pytest.raises(ConfigError):
+                            config.load(None, sets)
+                        continue
+                    config.load(None, sets)
+                    n += 1
+    assert n == 53
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        config.load(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        config.load(bad)
+
+
+def test_flatten_lists_every_resolved_parameter():
+    flat = config.flatten(config.load(None).trial())
+    for key in ["model.pretrained", "data.path", "data.resolution", "strategy.unet.mode", "strategy.unet.rank",
+                "strategy.text_encoder.lr", "strategy.vae.mode", "strategy.token", "train.lr", "train.max_steps",
+                "train.batch_size", "train.seed", "scaling.num_workers", "scaling.use_gpu", "tracking.uri",
+                "tracking.experiment"]:
+        assert key in flat
