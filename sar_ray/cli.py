@@ -218,16 +218,23 @@ def main(argv: list[str] | None = None) -> int:
         err_console.print("interrupted; outputs and checkpoints written so far are kept")
         return 130
     except Exception as e:  # noqa: BLE001 - the one place that turns errors into exit codes
-        if isinstance(e, _bad_input_types()):
-            err_console.print(f"[red]error:[/red] {e}", markup=True, highlight=False)
-            return EXIT_BAD_INPUT
-        if isinstance(e, _failed_types()):
-            err_console.print(f"[red]failed:[/red] {e}", markup=True, highlight=False)
-            return EXIT_FAILED
         if os.environ.get("SAR_RAY_DEBUG"):
             raise
-        err_console.print(f"[red]failed:[/red] {type(e).__name__}: {e} (set SAR_RAY_DEBUG=1 for the traceback)")
+        if isinstance(e, _bad_input_types()):
+            _print_error("error", str(e))
+            return EXIT_BAD_INPUT
+        if isinstance(e, _failed_types()):
+            _print_error("failed", str(e))
+            return EXIT_FAILED
+        _print_error("failed", f"{type(e).__name__}: {e} (set SAR_RAY_DEBUG=1 for the traceback)")
         return EXIT_FAILED
+
+
+def _print_error(kind: str, message: str) -> None:
+    # soft_wrap: one logical line per error, whatever the terminal width; markup off so that
+    # brackets in paths and messages print as they are.
+    err_console.print(f"[red]{kind}:[/red] ", end="")
+    err_console.print(message, markup=False, soft_wrap=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

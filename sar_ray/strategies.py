@@ -93,7 +93,8 @@ def _add_token(c: Components, s: StrategyConfig) -> tuple[list[int], list[int]]:
         init = tok.encode(s.token_init, add_special_tokens=False)
         if not init:
             raise ValueError(f"strategy.token_init {s.token_init!r} tokenises to nothing")
-        if tok.add_tokens(s.token_string) != 1:
+        # The check diffusers' load_textual_inversion makes: a known string cannot be loaded back.
+        if s.token_string in tok.get_vocab() or tok.add_tokens(s.token_string) != 1:
             raise ValueError(
                 f"strategy.token_string {s.token_string!r} is already in {name}'s vocabulary; "
                 "pick a string the model does not know, such as <SAR>"
@@ -206,6 +207,12 @@ STRATEGIES: dict[str, Strategy] = {"frozen": _frozen, "full": _full, "lora": _lo
 # --------------------------------------------------------------------------------------------
 
 
+def _sdxl_unused_parameters(text_encoder: nn.Module) -> list[nn.Parameter]:
+    # transformers 5 puts the layers on CLIPTextModel itself; 4.x under `.text_model`.
+    tm = getattr(text_encoder, "text_model", text_encoder)
+    return [*tm.encoder.layers[-1].parameters(), *tm.final_layer_norm.parameters()]
+
+
 @dataclass
 class Applied:
     """What trains: optimizer groups, each component's mode, and the new token's ids."""
@@ -271,6 +278,15 @@ def apply(c: Components, s: StrategyConfig, default_lr: float) -> Applied:
             token_params.append(wrapper.new_rows)
         if token_params:
             groups.append({"params": token_params, "lr": s.token_lr or default_lr, "name": "token"})
+
+    # SDXL conditions on the penultimate hidden states and discards text_encoder's pooled
+    # output, so its last layer and final norm never get a gradient: leave them out (DDP
+    # would otherwise stop on unused parameters, and weight decay would shrink them for nothing).
+    if c.kind == "sdxl":
+        unused = {id(p) for p in _sdxl_unused_parameters(c.text_encoders[0])}
+        for g in groups:
+            g["params"] = [p for p in g["params"] if id(p) not in unused]
+        groups = [g for g in groups if g["params"]]
 
     trainable = {id(p) for g in groups for p in g["params"]}
     named: dict[str, nn.Parameter] = {}

@@ -137,7 +137,7 @@ def _batches(shard, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, 
         prefetch_batches=2,
     )
     for batch in it:
-        yield torch.from_numpy(np.ascontiguousarray(batch["pixel_values"])), [str(t) for t in batch["text"]]
+        yield torch.from_numpy(np.array(batch["pixel_values"], dtype=np.float32)), [str(t) for t in batch["text"]]
 
 
 def _drop_captions(captions: list[str], p: float, generator: torch.Generator) -> list[str]:
@@ -439,7 +439,7 @@ def _load_val_batches(cfg: TrialConfig, device) -> list[tuple[torch.Tensor, list
     batches = []
     for batch in shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy", drop_last=False):
         if len(batches) < cfg.train.eval_batches:
-            batches.append((torch.from_numpy(np.ascontiguousarray(batch["pixel_values"])), [str(x) for x in batch["text"]]))
+            batches.append((torch.from_numpy(np.array(batch["pixel_values"], dtype=np.float32)), [str(x) for x in batch["text"]]))
     return batches
 
 
@@ -487,14 +487,40 @@ def _finish(c: Components, applied: Applied, cfg: TrialConfig, out: Path, ema, d
 # --------------------------------------------------------------------------------------------
 
 
+def _probe(address: str, timeout: float = 3.0) -> None:
+    """Ray retries an unreachable GCS for minutes; a plain TCP connect answers in seconds."""
+    import socket
+
+    hostport = address.split("://", 1)[-1]
+    if hostport in ("auto", "local") or ":" not in hostport:
+        return
+    host, port = hostport.rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except (OSError, ValueError) as e:
+        raise RayConnectionError(
+            f"cannot connect to Ray at {address!r} ({e.__class__.__name__}: {e}); start a cluster with "
+            f"`ray start --head`, fix --address / RAY_ADDRESS, or unset them to run on a local Ray"
+        ) from None
+
+
 def connect_ray(address: str | None) -> None:
     """Use a running Ray (address or RAY_ADDRESS), else start a local one."""
+    import logging
+
+    # Ray Data prints a progress block per dataset execution; the trial has its own bar.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        _probe(address)
     try:
-        ray.init(address=address, log_to_driver=False, include_dashboard=False if not address else None,
-                 configure_logging=True, logging_level="ERROR")
+        ray.init(address=address, log_to_driver=False, configure_logging=True, logging_level="ERROR",
+                 **({} if address else {"include_dashboard": False}))
     except (ConnectionError, RuntimeError, ValueError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RayConnectionError(

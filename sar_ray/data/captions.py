@@ -75,7 +75,9 @@ def read_table(
                 f"{table}: no column {col!r} (columns: {', '.join(map(str, columns))}); rename "
                 f"it or set data.{key}"
             )
-    records = [_record(row, i, table, base, image_column, text_column) for i, row in enumerate(rows)]
+    records = [
+        _record(row, i, table, base, image_column, text_column) for i, row in enumerate(rows)
+    ]
     missing = [r.name for r in records if r.path is not None and not os.path.isfile(r.path)]
     if missing:
         shown = ", ".join(missing[:5])
@@ -105,7 +107,9 @@ def _find_table(root: Path, captions: str | os.PathLike | None) -> Path:
     meta = root / "metadata.jsonl"
     if meta.is_file():
         return meta
-    tables = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in TABLE_EXTENSIONS)
+    tables = sorted(
+        p for p in root.iterdir() if p.is_file() and p.suffix.lower() in TABLE_EXTENSIONS
+    )
     if len(tables) == 1:
         return tables[0]
     if len(tables) > 1:
@@ -138,7 +142,9 @@ def _load_rows(table: Path) -> tuple[list[dict[str, Any]], list[str]]:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise DataError(f"{table}:{n}: not valid JSON ({e.msg}); expected e.g. {_EXAMPLE}") from None
+                    raise DataError(
+                        f"{table}:{n}: not valid JSON ({e.msg}); expected e.g. {_EXAMPLE}"
+                    ) from None
                 if not isinstance(row, dict):
                     raise DataError(f"{table}:{n}: expected a JSON object, e.g. {_EXAMPLE}")
                 rows.append(row)

@@ -19,6 +19,7 @@ from PIL import Image, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF
 
 
@@ -63,6 +64,13 @@ def read_image_bytes(data: bytes | dict, name: str) -> np.ndarray:
 
 
 def _decode_pil(data: bytes) -> np.ndarray:
+    # PNG IHDR: byte 24 is the bit depth, 25 the colour type (2 RGB, 6 RGBA).
+    if data[:8] == _PNG_MAGIC and len(data) > 25 and data[24] == 16 and data[25] in (2, 6):
+        # PIL decodes 16-bit colour PNGs to 8 bits per channel: refuse rather than lose bits.
+        raise ImageReadError(
+            "16-bit colour PNG (PIL keeps only 8 bits of it); save single-channel 16-bit PNG "
+            "or a float TIFF"
+        )
     with Image.open(io.BytesIO(data)) as im:
         # load() decodes every pixel: a truncated JPEG/PNG fails here, not later in a worker.
         im.load()
@@ -88,7 +96,11 @@ def _decode_tiff(data: bytes) -> np.ndarray:
         arr = np.abs(arr)
     if arr.ndim == 3 and "S" in axes and arr.shape[axes.index("S")] in (3, 4):
         arr = np.moveaxis(arr, axes.index("S"), -1)[..., :3].astype(np.float32).mean(axis=-1)
-    arr = np.squeeze(arr)
+    # Drop length-1 page/band axes, but never the image's own (a 1-row image stays 2-D).
+    while arr.ndim > 2 and arr.shape[0] == 1:
+        arr = arr[0]
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
     if arr.ndim != 2:
         raise ImageReadError(
             f"TIFF with shape {tuple(arr.shape)} (axes {axes}); expected one 2-D band: "
@@ -112,7 +124,8 @@ def _check(arr: np.ndarray, name: str) -> np.ndarray:
 def write_amplitude_png(path: str | os.PathLike, img01: np.ndarray) -> None:
     """Write a [0, 1] float image as a 16-bit grayscale PNG (values clipped, 0..65535)."""
     arr = np.round(np.clip(np.asarray(img01, dtype=np.float64), 0.0, 1.0) * 65535.0)
-    Image.fromarray(arr.astype(np.uint16)).save(Path(path), format="PNG")
+    # compress_level=0: speckle does not compress (level 6 saves 2 %) and zlib doubles the time.
+    Image.fromarray(arr.astype(np.uint16)).save(Path(path), format="PNG", compress_level=0)
 
 
 def write_tiff(path: str | os.PathLike, arr: np.ndarray) -> None:

@@ -1,0 +1,302 @@
+"""Ray Data datasets of training examples: rows of ``pixel_values``, ``text``, ``path``.
+
+    data = build_datasets(cfg.data, seed=cfg.train.seed)
+    data.train   # ray.data.Dataset: pixel_values (3, R, R) float32 in [-1, 1], text, path
+
+On the driver: read the caption table, cap at ``max_images``, check every image decodes (a
+Ray Data pass that returns only failures, so it runs on the cluster's CPUs), split train/val
+by a hash of each image's name. In Ray Data workers: decode, normalise, resize, crop.
+
+Augmentations that must change every epoch (``flip``, ``caption_dropout``) are not applied
+here: rows are a deterministic function of (file, seed), so those belong in the training step.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+import os
+import socket
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image
+
+from sar_ray.config import DataConfig, NormalizationConfig
+from sar_ray.data.captions import TABLE_EXTENSIONS, DataError, Record, read_table
+from sar_ray.data.io import IMAGE_EXTENSIONS, ImageReadError, read_image, read_image_bytes
+from sar_ray.data.normalize import normalize, to_model_range, to_three_channels
+from sar_ray.data.synth import synthetic_path
+
+if TYPE_CHECKING:  # ray is imported only by build_datasets: metrics code needs no Ray
+    import ray.data
+
+ROWS_PER_BLOCK = 64  # input block size: 300k images -> ~5k blocks, 1000 -> 16
+
+
+@dataclass
+class TrainData:
+    """The datasets of one trial and what went into them."""
+
+    train: ray.data.Dataset
+    val: ray.data.Dataset | None
+    n_train: int
+    n_val: int
+    n_skipped: int = 0
+    skipped: list[str] = field(default_factory=list)  # sources of the corrupt images left out
+    source: str = ""  # the resolved data path
+
+
+def build_datasets(cfg: DataConfig, seed: int) -> TrainData:
+    """Train (and val) datasets for `cfg`; corrupt images fail or are skipped before training."""
+    import ray.data
+
+    # Row order must be the same every run: resuming skips the rows already consumed, and a
+    # seeded shuffle downstream only reproduces if its input order is fixed. from_items copies
+    # this context into the datasets; Ray Train's default DataConfig reads it when the trainer
+    # is built, so the training ingest keeps order too.
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+
+    if cfg.path == "synthetic":
+        source = synthetic_path(cfg.synthetic)
+        records = read_table(source)
+        # Embed the (small) encoded scenes: on a multi-node cluster the workers cannot see
+        # the driver's cache folder.
+        records = [replace(r, image_bytes=Path(r.path).read_bytes()) for r in records]
+    else:
+        source = Path(cfg.path).expanduser().absolute()
+        records = read_table(source, cfg.captions, cfg.image_column, cfg.text_column)
+    if cfg.max_images is not None:
+        records = records[: cfg.max_images]
+
+    bad = _find_unreadable(records)
+    if bad and cfg.on_corrupt == "error":
+        first = bad[min(bad)]  # the first in table order
+        raise ImageReadError(
+            f"{first} ({len(bad)} of {len(records)} images in {source} unreadable; set "
+            "data.on_corrupt=skip to leave them out)"
+        )
+    skipped = [records[i].source for i in sorted(bad)]
+    records = [r for i, r in enumerate(records) if i not in bad]
+    if not records:
+        why = f" (all {len(skipped)} unreadable, first: {bad[min(bad)]})" if skipped else ""
+        raise DataError(f"{source}: no usable images{why}")
+
+    train_recs, val_recs = split_records(records, cfg.val_fraction)
+    prep = functools.partial(
+        _prepare_batch, norm=cfg.normalization, resolution=cfg.resolution, seed=seed
+    )
+    train = _to_dataset(train_recs, cfg.caption_prefix).map_batches(
+        functools.partial(prep, crop=cfg.crop), batch_format="numpy",
+        batch_size=_batch_size(cfg.resolution),
+    )
+    val = None
+    if val_recs:
+        # Validation always center-crops: the val loss must compare across trials and steps.
+        val = _to_dataset(val_recs, cfg.caption_prefix).map_batches(
+            functools.partial(prep, crop="center"), batch_format="numpy",
+            batch_size=_batch_size(cfg.resolution),
+        )
+    return TrainData(train, val, len(train_recs), len(val_recs), len(skipped), skipped, str(source))
+
+
+def stable_hash(name: str) -> int:
+    """A 64-bit hash of `name`, the same in every process and Python version."""
+    return int.from_bytes(hashlib.blake2b(name.encode("utf-8"), digest_size=8).digest(), "big")
+
+
+def split_records(records: list[Record], val_fraction: float) -> tuple[list[Record], list[Record]]:
+    """(train, val) by the hash of each record's name; table order kept within each part.
+
+    A file stays on its side when images are added or removed, and the split does not depend
+    on the seed, so every trial of a study validates on the same images. With
+    val_fraction > 0 and at least 2 images, val holds at least one and train keeps one.
+    """
+    if val_fraction <= 0:
+        return list(records), []
+    u = [stable_hash(r.name) / 2**64 for r in records]
+    in_val = [x < val_fraction for x in u]
+    if len(records) >= 2 and not any(in_val):
+        in_val[min(range(len(u)), key=u.__getitem__)] = True
+    if all(in_val):
+        in_val[max(range(len(u)), key=u.__getitem__)] = False
+    train = [r for r, v in zip(records, in_val) if not v]
+    val = [r for r, v in zip(records, in_val) if v]
+    return train, val
+
+
+def with_prefix(text: str, prefix: str | None) -> str:
+    """`text` with `prefix` in front unless it already starts with it."""
+    if not prefix or text.startswith(prefix):
+        return text
+    return f"{prefix} {text}".rstrip()
+
+
+def load_folder_arrays(
+    path: str | os.PathLike,
+    cfg: NormalizationConfig | None = None,
+    resolution: int | None = None,
+) -> tuple[list[np.ndarray], list[Record]]:
+    """Every image of a small folder as (H, W) float32 [0, 1] arrays, without Ray.
+
+    The folder may have a caption table (then its rows, in order) or just images (sorted
+    paths, empty captions). `cfg` None: no SAR normalisation, only scaling to [0, 1] (method
+    `none`, right for generated samples); a config: what training applies. `resolution`: the
+    same shorter-side resize and center crop as training; None keeps the native size.
+    """
+    root = Path(path).expanduser().absolute()
+    if root.is_dir() and not _has_table(root):
+        files = sorted(
+            p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+        )
+        if not files:
+            raise DataError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
+        records = [Record(str(p), None, "", None, str(p.relative_to(root))) for p in files]
+    else:
+        records = read_table(root)
+    norm = cfg or NormalizationConfig(method="none")
+    arrays = [prepare_image(_decode(r), norm, resolution, "center", None) for r in records]
+    return arrays, records
+
+
+def prepare_image(
+    pixels: np.ndarray,
+    norm: NormalizationConfig,
+    resolution: int | None,
+    crop: str = "center",
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
+    """Linear pixels -> normalised [0, 1] (R, R): shorter side resized to R, then cropped."""
+    img = normalize(pixels, norm)  # per-scene statistics on the full image, before resizing
+    if resolution is None:
+        return img
+    h, w = img.shape
+    scale = resolution / min(h, w)
+    size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))  # PIL: (W, H)
+    if size != (w, h):
+        # PIL's filters widen with the scale factor when downsizing (antialiased); a float32
+        # array becomes mode "F", so no 8-bit rounding. Bicubic overshoots: clip to [0, 1].
+        img = np.asarray(Image.fromarray(img).resize(size, Image.Resampling.BICUBIC))
+        img = np.clip(img, 0.0, 1.0)
+    h, w = img.shape
+    if crop == "random":
+        if rng is None:
+            raise ValueError("crop='random' needs an rng")
+        top = int(rng.integers(0, h - resolution + 1))
+        left = int(rng.integers(0, w - resolution + 1))
+    else:
+        top, left = (h - resolution) // 2, (w - resolution) // 2
+    return np.ascontiguousarray(img[top : top + resolution, left : left + resolution], np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Ray Data pieces
+# --------------------------------------------------------------------------------------------
+
+
+def _to_dataset(records: list[Record], prefix: str | None) -> ray.data.Dataset:
+    import ray.data
+
+    items = [
+        {
+            "path": r.path,
+            "image_bytes": r.image_bytes,
+            "name": r.name,
+            "text": with_prefix(r.text, prefix),
+            # uint64 does not fit Arrow's int64 column; the crop RNG is seeded from this.
+            "key": stable_hash(r.name) >> 1,
+        }
+        for r in records
+    ]
+    return ray.data.from_items(items, override_num_blocks=_num_blocks(len(items)))
+
+
+def _num_blocks(n: int) -> int:
+    return max(1, math.ceil(n / ROWS_PER_BLOCK))
+
+
+def _batch_size(resolution: int) -> int:
+    # Keep an output batch near 64 MB: a (3, 1024, 1024) float32 row is 12 MB.
+    return int(np.clip((64 << 20) // (12 * resolution * resolution), 1, 64))
+
+
+def _decode(r: Record | dict) -> np.ndarray:
+    if isinstance(r, Record):
+        data, path, name = r.image_bytes, r.path, r.name
+    else:
+        data, path, name = _cell(r["image_bytes"], bytes), _cell(r["path"], str), r["name"]
+    if data is not None:
+        return read_image_bytes(data, path or name)
+    if not os.path.exists(path):
+        # read_table saw it on the driver: this worker runs on another machine.
+        raise ImageReadError(
+            f"{path}: not found on node {socket.gethostname()}; on a cluster data.path must be "
+            "on storage every node mounts (NFS, a shared disk)"
+        )
+    return read_image(path)
+
+
+def _cell(value, kind: type):
+    # Ray Data turns an all-null Arrow column into float NaN in numpy batches (and bytes(NaN)
+    # would be 4 bytes of garbage): anything not of the expected type is "absent".
+    return value if isinstance(value, kind) else None
+
+
+def _rows(batch: dict[str, np.ndarray]) -> list[dict]:
+    keys = list(batch)
+    return [dict(zip(keys, vals)) for vals in zip(*(batch[k] for k in keys))]
+
+
+def _check_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Decode each image; return only the failures as (index, error)."""
+    index, errors = [], []
+    for row in _rows(batch):
+        try:
+            _decode(row)
+        except ImageReadError as e:
+            index.append(int(row["index"]))
+            errors.append(str(e))
+    return {"index": np.asarray(index, np.int64), "error": np.asarray(errors, dtype=object)}
+
+
+def _find_unreadable(records: list[Record]) -> dict[int, str]:
+    """{record index: error} for every image that does not decode (one Ray Data pass)."""
+    import ray.data
+
+    items = [
+        {"index": i, "path": r.path, "image_bytes": r.image_bytes, "name": r.name}
+        for i, r in enumerate(records)
+    ]
+    ds = ray.data.from_items(items, override_num_blocks=_num_blocks(len(items)))
+    bad = ds.map_batches(_check_batch, batch_format="numpy", batch_size=ROWS_PER_BLOCK)
+    return {int(row["index"]): str(row["error"]) for row in bad.take_all()}
+
+
+def _prepare_batch(
+    batch: dict[str, np.ndarray],
+    norm: NormalizationConfig,
+    resolution: int,
+    seed: int,
+    crop: str,
+) -> dict[str, np.ndarray]:
+    pixels = []
+    for row in _rows(batch):
+        # The crop position depends on (seed, file) only: the same rows every run and epoch.
+        rng = np.random.default_rng([seed % 2**63, int(row["key"])]) if crop == "random" else None
+        img = prepare_image(_decode(row), norm, resolution, crop, rng)
+        pixels.append(to_three_channels(to_model_range(img)))  # (3, R, R)
+    names = [_cell(p, str) or n for p, n in zip(batch["path"], batch["name"])]
+    return {
+        "pixel_values": np.stack(pixels).astype(np.float32),  # (B, 3, R, R) in [-1, 1]
+        "text": np.asarray(batch["text"], dtype=object),
+        "path": np.asarray(names, dtype=object),
+    }
+
+
+def _has_table(folder: Path) -> bool:
+    return (folder / "metadata.jsonl").is_file() or any(
+        p.is_file() and p.suffix.lower() in TABLE_EXTENSIONS for p in folder.iterdir()
+    )

@@ -1,0 +1,182 @@
+"""build_datasets: the rows training sees, the split, corrupt images, and real MSTAR chips."""
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sar_ray.config import DataConfig, NormalizationConfig, SynthConfig
+from sar_ray.data import (
+    DataError,
+    ImageReadError,
+    build_datasets,
+    load_folder_arrays,
+    prepare_image,
+    read_image,
+    to_model_range,
+)
+from sar_ray.data import dataset
+
+MSTAR = Path(__file__).resolve().parents[3] / "shared" / "data" / "mstar-train"
+N = 12
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """N 16-bit PNGs of different shapes; captions alternate with/without the <SAR> prefix."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(N):
+        h, w = (40, 60) if i % 2 else (50, 50)
+        a = rng.integers(100, 60000, (h, w)).astype(np.uint16)
+        name = f"img/{i:02d}.png"
+        (tmp_path / "img").mkdir(exist_ok=True)
+        Image.fromarray(a).save(tmp_path / name)
+        text = f"<SAR> image {i}" if i % 2 else f"image {i}"
+        rows.append({"file_name": name, "text": text})
+    # One constant image: reference normalisation maps it to exactly 1 (-> +1 model range).
+    Image.fromarray(np.full((50, 50), 500, np.uint16)).save(tmp_path / "flat.png")
+    rows.append({"file_name": "flat.png", "text": "flat"})
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return tmp_path
+
+
+def _rows(ds):
+    return ds.take_all() if ds is not None else []
+
+
+def test_rows_shape_range_and_prefix(ray_local, folder):
+    cfg = DataConfig(path=str(folder), resolution=32, val_fraction=0.0)
+    data = build_datasets(cfg, seed=0)
+    assert (data.n_train, data.n_val, data.val, data.n_skipped) == (N + 1, 0, None, 0)
+    assert data.source == str(folder)
+    rows = _rows(data.train)
+    assert sorted(rows[0]) == ["path", "pixel_values", "text"]
+    for row in rows:
+        x = row["pixel_values"]
+        assert x.shape == (3, 32, 32) and x.dtype == np.float32
+        assert x.min() >= -1 and x.max() <= 1
+        assert (x[0] == x[1]).all() and (x[0] == x[2]).all()
+        assert row["text"].startswith("<SAR> ") and "<SAR> <SAR>" not in row["text"]
+    assert [r["text"] for r in rows[:2]] == ["<SAR> image 0", "<SAR> image 1"]
+    flat = next(r for r in rows if r["path"].endswith("flat.png"))
+    assert (flat["pixel_values"] == 1).all()
+    # The workers compute exactly what the plain helpers compute.
+    p = rows[1]["path"]
+    expect = to_model_range(prepare_image(read_image(p), NormalizationConfig(), 32))
+    np.testing.assert_allclose(rows[1]["pixel_values"][0], expect, atol=1e-6)
+
+    no_prefix = build_datasets(cfg.model_copy(update={"caption_prefix": None}), seed=0)
+    assert [r["text"] for r in _rows(no_prefix.train)][:2] == ["image 0", "<SAR> image 1"]
+
+
+def test_split_deterministic_disjoint_and_order_stable(ray_local, folder, monkeypatch):
+    import ray.data
+
+    # Many small blocks, so parallel tasks could finish out of order.
+    monkeypatch.setattr(dataset, "ROWS_PER_BLOCK", 1)
+    cfg = DataConfig(path=str(folder), resolution=16, val_fraction=0.3)
+    a, b = build_datasets(cfg, seed=0), build_datasets(cfg, seed=1)
+    assert ray.data.DataContext.get_current().execution_options.preserve_order
+    train_a, val_a = [r["path"] for r in _rows(a.train)], [r["path"] for r in _rows(a.val)]
+    train_b, val_b = [r["path"] for r in _rows(b.train)], [r["path"] for r in _rows(b.val)]
+    assert (train_a, val_a) == (train_b, val_b)  # same order every build, split ignores the seed
+    assert a.n_val == len(val_a) >= 1 and a.n_train == len(train_a)
+    assert not set(train_a) & set(val_a) and len(set(train_a) | set(val_a)) == N + 1
+    table = [str(folder / f"img/{i:02d}.png") for i in range(N)] + [str(folder / "flat.png")]
+    assert train_a == [p for p in table if p in train_a]  # table order kept
+    # At least one validation image even when the fraction rounds to none.
+    tiny = build_datasets(cfg.model_copy(update={"val_fraction": 0.01, "max_images": 3}), seed=0)
+    assert (tiny.n_train, tiny.n_val) == (2, 1)
+
+
+def test_random_crop_depends_on_seed_and_file_only(ray_local, folder):
+    cfg = DataConfig(path=str(folder), resolution=16, crop="random", val_fraction=0.0, max_images=4)
+    wide = lambda d: [r["pixel_values"] for r in _rows(d.train)][1]  # noqa: E731 - a 40x60 image
+    a0, a0_again, a1 = (wide(build_datasets(cfg, seed=s)) for s in (0, 0, 1))
+    assert np.array_equal(a0, a0_again)
+    assert not np.array_equal(a0, a1)
+
+
+def test_corrupt_images_skip_or_error(ray_local, folder):
+    data = (folder / "img" / "00.png").read_bytes()
+    (folder / "img" / "03.png").write_bytes(data[: len(data) // 3])  # truncated
+    (folder / "img" / "05.png").write_text("not an image")
+    cfg = DataConfig(path=str(folder), resolution=16, val_fraction=0.2)
+    out = build_datasets(cfg, seed=0)
+    bad = [str(folder / "img" / "03.png"), str(folder / "img" / "05.png")]
+    assert (out.n_skipped, out.skipped) == (2, bad)
+    assert out.n_train + out.n_val == N + 1 - 2
+    assert not {r["path"] for r in _rows(out.train) + _rows(out.val)} & set(bad)
+
+    with pytest.raises(ImageReadError, match=re.escape(bad[0]) + r".*2 of 13 images .*on_corrupt=skip"):
+        build_datasets(cfg.model_copy(update={"on_corrupt": "error"}), seed=0)
+
+
+def test_nothing_usable_and_bad_tables(ray_local, tmp_path):
+    (tmp_path / "a.png").write_text("junk")
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": "x"}) + "\n")
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path}: no usable images (all 1 unreadable")):
+        build_datasets(DataConfig(path=str(tmp_path)), seed=0)
+
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "b.png", "text": "x"}) + "\n")
+    with pytest.raises(DataError, match=r"1 of 1 rows name images that do not exist .*b\.png"):
+        build_datasets(DataConfig(path=str(tmp_path)), seed=0)
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match=re.escape(f"{empty}: folder is empty")):
+        build_datasets(DataConfig(path=str(empty)), seed=0)
+
+
+def test_synthetic_default(ray_local, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the cache folder is relative to the working directory
+    cfg = DataConfig(synthetic=SynthConfig(n=20, size=32), resolution=32, val_fraction=0.2)
+    data = build_datasets(cfg, seed=0)
+    assert data.source.startswith(str(tmp_path / ".sar-ray-cache"))
+    assert data.n_train + data.n_val == 20 and data.n_val >= 1
+    rows = _rows(data.train)
+    assert len(rows) == data.n_train and rows[0]["text"].startswith("<SAR> image of ")
+    assert all(r["path"].startswith(data.source) for r in rows)
+
+
+def test_load_folder_arrays_without_ray(folder, tmp_path):
+    arrays, records = load_folder_arrays(folder, NormalizationConfig(), resolution=20)
+    assert len(arrays) == N + 1 and all(a.shape == (20, 20) and a.dtype == np.float32 for a in arrays)
+    assert records[0].text == "image 0" and arrays[-1].min() == 1.0  # the flat image
+    # A folder with no captions (generated samples): sorted images, scaled only to [0, 1].
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    Image.fromarray(np.full((4, 6), 65535 // 5, np.uint16)).save(gen / "b.png")
+    Image.fromarray(np.full((4, 6), 65535, np.uint16)).save(gen / "a.png")
+    arrays, records = load_folder_arrays(gen)
+    assert [r.name for r in records] == ["a.png", "b.png"] and records[0].text == ""
+    assert arrays[0].shape == (4, 6) and arrays[0].max() == 1.0
+    assert arrays[1].max() == pytest.approx(0.2, abs=1e-6)
+
+
+@pytest.mark.skipif(not MSTAR.is_dir(), reason=f"{MSTAR} not present")
+def test_mstar_loads_as_is(ray_local):
+    cfg = DataConfig(path=str(MSTAR), resolution=64, val_fraction=0.1)
+    data = build_datasets(cfg, seed=0)
+    assert (data.n_train + data.n_val, data.n_skipped) == (1000, 0)
+    assert 60 <= data.n_val <= 140
+    rows = data.train.take(8)
+    assert all(r["pixel_values"].shape == (3, 64, 64) for r in rows)
+    assert all(r["text"].startswith("<SAR> image of ") and r["text"].count("<SAR>") == 1 for r in rows)
+    assert rows[0]["path"].startswith(str(MSTAR))
+
+
+def test_resize_is_antialiased_and_keeps_float_precision():
+    # A one-pixel checkerboard shrunk 4x must average to grey, not alias to black or white.
+    board = (np.indices((64, 96)).sum(axis=0) % 2).astype(np.float32)
+    small = prepare_image(board, NormalizationConfig(method="none"), 16)
+    assert small.shape == (16, 16)
+    assert np.abs(small - 0.5).max() < 0.05
+    # Values between 8-bit steps survive (float resize, no uint8 round trip).
+    ramp = np.tile(np.linspace(0.1, 0.1 + 1e-4, 32, dtype=np.float32), (32, 1))
+    out = prepare_image(ramp, NormalizationConfig(method="none"), 16)
+    assert 0 < np.ptp(out) < 2e-4

@@ -1,0 +1,74 @@
+"""SAR normalisation: the numbers each method gives on hand-checked inputs."""
+
+import numpy as np
+import pytest
+
+from sar_ray.config import NormalizationConfig
+from sar_ray.data import NORMALIZERS, normalize, to_model_range, to_three_channels
+
+
+def test_reference_divides_by_mean_plus_k_std():
+    a = np.array([[0.0, 1.0], [2.0, 3.0]], np.float32)
+    # mean 1.5, std sqrt(1.25): mean + 1*std = 2.618..., the 3 clips to 1.
+    out = normalize(a, NormalizationConfig(method="reference", k=1.0))
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out.ravel(), [0.0, 0.381966, 0.763932, 1.0], atol=1e-6)
+    # k = 3 (the reference study): 3 / (1.5 + 3 * 1.118034) = 0.618034
+    out3 = normalize(a, NormalizationConfig(method="reference"))
+    np.testing.assert_allclose(out3.ravel()[-1], 3 / (1.5 + 3 * 1.25**0.5), rtol=1e-6)
+
+
+def test_intensity_input_is_square_rooted_first():
+    amp = np.random.default_rng(0).rayleigh(1.0, (32, 32))
+    for method in NORMALIZERS:
+        a = normalize(amp, NormalizationConfig(method=method))
+        i = normalize(amp**2, NormalizationConfig(method=method, input="intensity"))
+        np.testing.assert_allclose(i, a, atol=1e-5, err_msg=method)
+
+
+def test_db_clips_and_rescales():
+    amp = np.array([0.0, 1e-3, 0.1, 1.0, 10.0])  # -inf, -60, -20, 0, +20 dB
+    out = normalize(amp, NormalizationConfig(method="db", db_min=-30, db_max=0))
+    np.testing.assert_allclose(out, [0.0, 0.0, 1 / 3, 1.0, 1.0], atol=1e-6)
+    # 10*log10 for intensity: I = 0.01 is -20 dB.
+    inten = normalize(np.array([0.01]), NormalizationConfig(method="db", input="intensity"))
+    np.testing.assert_allclose(inten, [1 / 3], atol=1e-6)
+
+
+def test_percentile_clips_to_percentiles():
+    a = np.arange(101, dtype=np.float32)
+    out = normalize(a, NormalizationConfig(method="percentile", p_low=10, p_high=90))
+    assert out[0] == 0 and out[10] == 0 and out[90] == 1 and out[100] == 1
+    assert out[50] == pytest.approx(0.5)
+
+
+def test_none_uses_the_stored_range():
+    cfg = NormalizationConfig(method="none")
+    assert normalize(np.array([0.0, 51.0, 255.0]), cfg).tolist() == pytest.approx([0, 0.2, 1])
+    assert normalize(np.array([0.0, 13107.0, 300.0]), cfg).tolist() == pytest.approx(
+        [0, 0.2, 300 / 65535]
+    )
+    assert normalize(np.array([0, 200], np.uint16), cfg).tolist() == pytest.approx([0, 200 / 65535])
+    assert normalize(np.array([0.1, 0.5]), cfg).tolist() == pytest.approx([0.1, 0.5])  # kept
+    assert normalize(np.array([0.5, 2.5]), cfg).tolist() == pytest.approx([0.2, 1.0])  # / max
+
+
+@pytest.mark.parametrize("method", list(NORMALIZERS))
+@pytest.mark.parametrize("value", [0.0, 7.0])
+def test_constant_image_gives_finite_unit_range(method, value):
+    out = normalize(np.full((8, 8), value, np.float32), NormalizationConfig(method=method))
+    assert np.isfinite(out).all() and out.min() >= 0 and out.max() <= 1
+    if value == 0.0:
+        assert (out == 0).all()
+    if method == "reference" and value:
+        assert (out == 1).all()  # c / (c + k * 0)
+
+
+def test_model_range_and_three_channels():
+    img = np.array([[0.0, 0.5], [1.0, 0.25]], np.float32)
+    x = to_three_channels(to_model_range(img))
+    assert x.shape == (3, 2, 2) and x.dtype == np.float32
+    assert x[2].tolist() == [[-1.0, 0.0], [1.0, -0.5]]
+    assert (x[0] == x[1]).all() and (x[1] == x[2]).all()
+    with pytest.raises(ValueError, match="grayscale"):
+        to_three_channels(x)
