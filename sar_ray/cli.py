@@ -86,7 +86,7 @@ def _cmd_trial(args: argparse.Namespace) -> int:
         overrides.append("tracking.enabled=false")
     cfg = config.load(args.config, overrides).trial()
     result = trial.run_trial(cfg, fresh=args.fresh, progress=not args.quiet, console=console)
-    console.print(trial.summary(result))
+    console.print(trial.summary(result), soft_wrap=True)
     return EXIT_OK
 
 
@@ -170,22 +170,152 @@ def _add_data(sub) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    raise UserError("sar-ray evaluate is not available yet")
+    from pydantic import ValidationError
+    from rich.table import Table
+
+    from . import config
+    from .evaluate import evaluate, metric_direction
+    from .metrics.clip import ClipError
+
+    # Base: the study's eval section (normalised like its training data) or the defaults;
+    # then the flags given on the command line.
+    raw: dict = {}
+    if args.config:
+        study = config.load(args.config, args.overrides)
+        raw = study.eval.model_dump()
+        if "normalization" not in study.eval.model_fields_set:
+            raw["normalization"] = study.data.normalization.model_dump()
+    elif args.overrides:
+        raise UserError("--set needs --config (the study file whose eval section it changes)")
+    flags = {
+        "metrics": [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None,
+        "clip": args.clip,
+        "size": args.size,
+        "max_images": args.max_images,
+        "glcm_levels": args.glcm_levels,
+        "batch_size": args.batch_size,
+    }
+    raw.update({k: v for k, v in flags.items() if v is not None})
+    if args.clip and args.metrics is None and "clip" not in raw.get("metrics", ["stats", "glcm"]):
+        raw["metrics"] = list(raw.get("metrics", ["stats", "glcm"])) + ["clip"]
+    if args.normalization:
+        raw["normalization"] = {**raw.get("normalization", {}), "method": args.normalization}
+    if args.normalize_generated:
+        raw["generated_normalized"] = False
+    try:
+        cfg = config.EvalConfig.model_validate(raw)
+    except ValidationError as e:
+        raise config.ConfigError(config.format_validation_error(e, "sar-ray evaluate", config.EvalConfig)) from None
+
+    try:
+        result = evaluate(args.generated, args.reference, cfg, out=args.out, progress=not args.quiet)
+    except ClipError as e:
+        raise UserError(str(e)) from None
+
+    table = Table(title=f"{result.n_generated} generated vs {result.n_reference} reference images "
+                  f"at {result.size[0]}x{result.size[1]}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("better", justify="center")
+    for name, value in result.metrics.items():
+        arrow = "lower" if metric_direction(name) == "min" else "higher"
+        table.add_row(name, f"{value:.6g}", arrow)
+    console.print(table)
+    for w in result.warnings:
+        console.print(f"[yellow]warning:[/yellow] {w}")
+    if result.metrics_path:
+        console.print(f"wrote {result.metrics_path} and {result.per_image_path}")
+    else:
+        console.print("not saved (use --out runs/x/metrics.json to write metrics.json + per-image Parquet)")
+    return EXIT_OK
 
 
 def _add_evaluate(sub) -> None:
-    p = sub.add_parser("evaluate", help="score generated SAR images against real ones")
+    p = sub.add_parser(
+        "evaluate",
+        help="score generated SAR images against real ones",
+        description="Amplitude statistics (KL, JS, Wasserstein, KS, ENL / CV / log-cumulant gaps), "
+        "GLCM texture distances and SAR-CLIP alignment of a generated set against a reference "
+        "set, computed with Ray Data. Prints a table; with --out writes metrics.json and a "
+        "per-image Parquet file. Sets are folders of images (with metadata.jsonl for prompts and "
+        "labels) or CSV/Parquet caption tables.",
+    )
+    p.add_argument("--generated", required=True, help="generated samples (folder with metadata.jsonl, or a table)")
+    p.add_argument("--reference", required=True, help="real SAR images (folder or caption table)")
+    p.add_argument("--out", help="metrics.json path (or a folder); the per-image Parquet goes next to it")
+    p.add_argument("--metrics", help="comma-separated families: stats,glcm,clip (default stats,glcm; "
+                   "clip added when --clip is given)")
+    p.add_argument("--clip", help="SAR-CLIP folder from `sar-ray clip train`")
+    p.add_argument("--config", help="study YAML: use its eval section and data.normalization")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a study value with --config, e.g. --set eval.glcm_levels=32")
+    p.add_argument("--normalization", choices=["reference", "db", "percentile", "none"],
+                   help="normalisation of the reference images (default: the study's, else reference)")
+    p.add_argument("--normalize-generated", action="store_true",
+                   help="normalise the generated images like the reference (they are not model "
+                   "output in [0, 1], e.g. a second folder of real SAR)")
+    p.add_argument("--size", type=int, help="compare at SIZE x SIZE (default: the first reference image's size)")
+    p.add_argument("--max-images", type=int, help="use at most this many images per set")
+    p.add_argument("--glcm-levels", type=int, help="GLCM grey levels (2..256, default 64)")
+    p.add_argument("--batch-size", type=int, help="images per Ray Data batch (default 32)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_evaluate)
 
 
 def _cmd_clip_train(args: argparse.Namespace) -> int:
-    raise UserError("sar-ray clip train is not available yet")
+    from .config import NormalizationConfig
+    from .metrics.clip import ClipError, train_clip
+
+    def on_epoch(epoch: int, loss: float) -> None:
+        if not args.quiet:
+            console.print(f"epoch {epoch}/{args.epochs}  contrastive loss {loss:.4f}")
+
+    try:
+        result = train_clip(
+            args.data, args.out, arch=args.arch, pretrained=args.pretrained, epochs=args.epochs,
+            batch_size=args.batch_size, lr=args.lr, seed=args.seed, val_fraction=args.val_fraction,
+            normalization=NormalizationConfig(method=args.normalization), max_images=args.max_images,
+            strip_prefix=None if args.keep_prefix else "<SAR>", num_workers=args.workers,
+            device=args.device, on_epoch=on_epoch,
+        )
+    except ClipError as e:
+        raise UserError(str(e)) from None
+    val = (f"held-out retrieval top-1 {result.val_retrieval_top1:.3f} (chance {result.val_chance:.3f}, "
+           f"{result.n_val} images)" if result.n_val and result.val_chance == result.val_chance
+           else "no held-out retrieval (fewer than 2 distinct held-out captions)")
+    console.print(f"[green]saved[/green] SAR-CLIP {result.arch} to {result.path}: {result.n_train} training "
+                  f"images, {result.steps} steps in {result.seconds:.0f} s; {val}")
+    return EXIT_OK
 
 
 def _add_clip(sub) -> None:
     p = sub.add_parser("clip", help="SAR-CLIP evaluator")
     csub = p.add_subparsers(dest="clip_cmd", required=True)
-    t = csub.add_parser("train", help="fine-tune an open_clip model on SAR image-caption pairs")
+    t = csub.add_parser(
+        "train",
+        help="fine-tune an open_clip model on SAR image-caption pairs",
+        description="Contrastive fine-tuning of any open_clip architecture (random init, or "
+        "--pretrained local weights; nothing is downloaded) on the same data readers and "
+        "normalisation as training. Saves open_clip_config.json + open_clip_model.safetensors "
+        "(loadable with open_clip.create_model('local-dir:OUT')) and reports held-out "
+        "prompt-retrieval accuracy.",
+    )
+    t.add_argument("--data", required=True, help="folder with metadata.jsonl, a CSV/Parquet caption table, or `synthetic`")
+    t.add_argument("--out", required=True, help="output folder")
+    t.add_argument("--arch", default="tiny", help="tiny, small, or an open_clip model name such as ViT-B-32 (default tiny)")
+    t.add_argument("--pretrained", help="local weights file (or folder) to start from")
+    t.add_argument("--epochs", type=int, default=10)
+    t.add_argument("--batch-size", type=int, default=64)
+    t.add_argument("--lr", type=float, default=5e-4)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--val-fraction", type=float, default=0.1, help="held-out fraction (by file hash, as training)")
+    t.add_argument("--max-images", type=int, help="use at most this many images")
+    t.add_argument("--normalization", choices=["reference", "db", "percentile", "none"], default="reference",
+                   help="SAR normalisation (use the study's data.normalization.method)")
+    t.add_argument("--keep-prefix", action="store_true", help="keep a leading <SAR> token in captions")
+    t.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    t.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    t.add_argument("-q", "--quiet", action="store_true", help="no per-epoch lines")
     t.set_defaults(func=_cmd_clip_train)
 
 
@@ -209,7 +339,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries() -> None:
+    """The CLI shows its own progress; silence the libraries' INFO chatter and bars."""
+    import logging
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # "Loading weights" bars of from_pretrained
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    for name in ("mlflow", "alembic", "ray.data", "ray.train", "ray.tune"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -132,6 +132,12 @@ class DataConfig(_Strict):
         0.1, ge=0, lt=1, description="Held-out fraction for the validation loss (by file hash)."
     )
     max_images: int | None = Field(None, gt=0, description="Use at most this many images.")
+    materialize: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="Keep the prepared images in Ray's object store before training starts "
+        "(`auto`: when they take under 2 GiB). Streaming (`never`) suits datasets larger than "
+        "memory but needs CPUs beyond those the training workers reserve.",
+    )
     on_corrupt: Literal["skip", "error"] = Field(
         "skip",
         description="A corrupt or unreadable image: `skip` it and count it, or `error` with its "
@@ -334,16 +340,66 @@ class TrackingConfig(_Strict):
 
 class EvalConfig(_Strict):
     metrics: list[Literal["stats", "glcm", "clip"]] = Field(
-        default_factory=lambda: ["stats", "glcm"], description="Metric families to compute."
+        default_factory=lambda: ["stats", "glcm"], min_length=1, description="Metric families to compute."
     )
-    clip: str | None = Field(None, description="Directory of a SAR-CLIP model from `sar-ray clip train`.")
-    hist_bins: int = Field(256, ge=8, description="Amplitude histogram bins.")
+    clip: str | None = Field(
+        None, description="Directory of a SAR-CLIP model from `sar-ray clip train` (needed by `clip`)."
+    )
+    normalization: NormalizationConfig = Field(
+        default_factory=NormalizationConfig,
+        description="Normalisation of the reference images; use the training's data.normalization "
+        "so that real and generated images are compared in the space the model learned.",
+    )
+    generated_normalized: bool = Field(
+        True,
+        description="Generated images are the model's [0, 1] amplitude (sampler PNG/TIFF): only "
+        "rescaled to [0, 1]. false: normalise them like the reference (two folders of real SAR).",
+    )
+    size: int | None = Field(
+        None, ge=8, description="Compare images at size x size (default: the first reference "
+        "image's size); other sizes are resized with a warning."
+    )
+    max_images: int | None = Field(None, gt=0, description="Use at most this many images per set.")
+    hist_bins: int = Field(256, ge=8, description="Amplitude histogram bins (KL, JS).")
+    hist_smoothing: float = Field(
+        0.5, ge=0, description="Pseudo-count added to every histogram bin before KL (0: none)."
+    )
+    per_class: bool = Field(
+        True, description="Also amplitude distances per class (label column, or generated "
+        "prompts equal to reference captions)."
+    )
+    enl_window: int | None = Field(
+        None, ge=4, description="ENL block side in pixels (default: min(side // 8, 16), >= 4)."
+    )
+    enl_fraction: float = Field(
+        0.25, gt=0, le=1, description="Fraction of the most homogeneous blocks used for ENL."
+    )
     glcm_levels: int = Field(64, ge=2, le=256, description="GLCM grey levels.")
-    glcm_distances: list[int] = Field(default_factory=lambda: [1, 2, 4], min_length=1)
+    glcm_distances: list[int] = Field(
+        default_factory=lambda: [1, 2, 4], min_length=1, description="GLCM pixel distances (> 0)."
+    )
     glcm_angles: list[float] = Field(
         default_factory=lambda: [0.0, 45.0, 90.0, 135.0], min_length=1, description="Degrees."
     )
-    batch_size: int = Field(32, gt=0, description="Images per Ray Data batch.")
+    glcm_symmetric: bool = Field(True, description="Count (i, j) and (j, i) pairs (skimage symmetric=True).")
+    batch_size: int = Field(32, gt=0, description="Images per Ray Data batch (CPU descriptors).")
+    clip_batch_size: int = Field(64, gt=0, description="Images per SAR-CLIP embedding batch.")
+    kid_subset_size: int = Field(1000, ge=2, description="KID subset size (capped at the set sizes).")
+    kid_subsets: int = Field(100, gt=0, description="KID random subsets.")
+    seed: int = Field(0, description="Seed of the KID subsets.")
+
+    @field_validator("glcm_distances")
+    @classmethod
+    def _positive_distances(cls, v: list[int]) -> list[int]:
+        if any(d <= 0 for d in v):
+            raise ValueError(f"GLCM distances must be > 0 (got {v})")
+        return v
+
+    @model_validator(mode="after")
+    def _clip_model_given(self) -> EvalConfig:
+        if "clip" in self.metrics and self.clip is None:
+            raise ValueError("metrics include clip: set eval.clip to a `sar-ray clip train` folder")
+        return self
 
 
 # --------------------------------------------------------------------------------------------

@@ -112,13 +112,17 @@ def _clip_bpe_dir() -> Path:
     target = _cache_dir()
     if (target / "vocab.json").is_file() and (target / "merges.txt").is_file():
         return target
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError:  # read-only home (some cluster workers): a per-user temp folder instead
+        target = Path(tempfile.gettempdir()) / f"sar-ray-clip-bpe-{os.getuid()}"
+        target.mkdir(parents=True, exist_ok=True)
     lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
     merges = lines[1 : 49152 - 256 - 2 + 1]  # line 0 is a version header
     vocab = list(bytes_to_unicode().values())
     vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m.split()) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     assert len(vocab) == 49408, len(vocab)
-    target.mkdir(parents=True, exist_ok=True)
     # Atomic: concurrent Ray workers may build the cache at once; each writes its own temp file
     # and renames it into place, so no reader ever sees half a file.
     for name, text in (
@@ -128,6 +132,7 @@ def _clip_bpe_dir() -> Path:
         fd, tmp = tempfile.mkstemp(dir=target, prefix=f".{name}.")
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        os.chmod(tmp, 0o644)  # a shared cache: readable by other users' workers
         os.replace(tmp, target / name)
     return target
 
@@ -318,7 +323,9 @@ def load_components(cfg: ModelConfig, keep_fp32: Iterable[str] = ()) -> Componen
     src = cfg.pretrained
     local = Path(src).is_dir()
     # A local folder never touches the network; a hub id uses the cache (and HF_HUB_OFFLINE).
-    hub = dict(revision=cfg.revision, local_files_only=local or None)
+    hub: dict = {"revision": cfg.revision}
+    if local:
+        hub["local_files_only"] = True
     try:
         index = DiffusionPipeline.load_config(src, **hub)
     except Exception as e:  # noqa: BLE001 - many hub/IO errors; the message says what to check

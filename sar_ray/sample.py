@@ -53,6 +53,9 @@ def generate(pipe, cfg: SampleConfig, resolution: int, out_dir: str | Path, devi
     """Every prompt x seed, one image each; deterministic for a given pipeline and config."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.eval()  # no dropout (LoRA dropout included) while sampling
     rows: list[list[np.ndarray]] = []
     images: list[Path] = []
     meta_lines = []

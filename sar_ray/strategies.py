@@ -237,11 +237,12 @@ def component_strategies(c: Components, s: StrategyConfig) -> dict[str, Componen
     return out
 
 
-def full_components(s: StrategyConfig, kind: str) -> set[str]:
-    """Components a strategy tunes fully: pass to `models.load_components(keep_fp32=...)`."""
+def full_components(s: StrategyConfig) -> set[str]:
+    """Components a strategy tunes fully: `models.load_components(cfg.model, keep_fp32=...)`
+    then loads them in fp32 instead of rounding them through weight_dtype first.
+    (Names the model lacks, such as text_encoder_2 of an SD 1.x model, are ignored there.)"""
     comps = {"unet": s.unet, "vae": s.vae}
-    names = ["text_encoder", "text_encoder_2"][: 2 if kind == "sdxl" else 1]
-    comps.update(zip(names, s.text_encoder_strategies(len(names))))
+    comps.update(zip(["text_encoder", "text_encoder_2"], s.text_encoder_strategies(2)))
     return {n for n, cs in comps.items() if cs.mode == "full"}
 
 

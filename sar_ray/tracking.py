@@ -60,9 +60,13 @@ class Tracker:
     """A thin wrapper around MlflowClient for one experiment."""
 
     def __init__(self, uri: str, experiment: str):
+        import logging
+
         import mlflow
         from mlflow.tracking import MlflowClient
 
+        # mlflow installs its own INFO handler on import ("Updating database tables", ...).
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
         check_reachable(uri)
         self.uri = uri
         mlflow.set_tracking_uri(uri)

@@ -37,7 +37,7 @@ from . import checkpoint as ckpt
 from .config import TrialConfig
 from .diffusion import compute_loss, validation_loss
 from .models import Components, load_components
-from .strategies import Applied, apply
+from .strategies import Applied, apply, full_components
 
 LOG_FILE = "train_log.jsonl"
 WEIGHTS_DIR = "weights"
@@ -282,7 +282,8 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
 
     # Same seed on every rank: identical initial weights and adapters (also broadcast below).
     torch.manual_seed(t.seed)
-    c = load_components(cfg.model)
+    # Fully tuned components load in fp32 straight away (a bf16 load then upcast loses bits).
+    c = load_components(cfg.model, keep_fp32=full_components(cfg.strategy))
     applied = apply(c, cfg.strategy, t.lr)
     _place(c, applied, device, cfg.model.weight_dtype, cfg.model.vae_force_upcast)
     if t.gradient_checkpointing and applied.modes.get("unet") != "frozen":
@@ -296,16 +297,20 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
     ema = _ema_for(c, applied, cfg)
     if ema is not None:
         ema.to(device)
+    # fp16 needs loss scaling (bf16 has fp32's range and does not).
+    scaler = torch.amp.GradScaler(device.type) if t.mixed_precision == "fp16" and device.type == "cuda" else None
     # Per-rank stream of every random draw (noise, timesteps, dropout, flips); saved in checkpoints.
     generator = torch.Generator().manual_seed(t.seed * 1000 + rank + 1)
 
-    pos = Position()
+    pos, meta = Position(), {}
     resume_from = ray.train.get_checkpoint()
     if resume_from is not None:
         with resume_from.as_directory() as d:
-            pos, _ = _load_resume_state(Path(d), applied, optimizer, lr_sched, generator, ema, c)
+            pos, meta = _load_resume_state(Path(d), applied, optimizer, lr_sched, generator, ema, c)
     elif local_mode and (newest := _newest_local_checkpoint(out)) is not None:
-        pos, _ = _load_resume_state(newest, applied, optimizer, lr_sched, generator, ema, c)
+        pos, meta = _load_resume_state(newest, applied, optimizer, lr_sched, generator, ema, c)
+    if pos.step and scaler is not None and meta.get("grad_scaler"):
+        scaler.load_state_dict(meta["grad_scaler"])
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         if pos.step:
@@ -338,16 +343,25 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
                 pixels = _flip(pixels, generator)
             captions = _drop_captions(captions, cfg.data.caption_dropout, generator)
             out_step = compute_loss(c, pixels, captions, t, generator, tune_vae, cfg.data.resolution)
-            (out_step.loss / t.grad_accum).backward()
+            scaled = out_step.loss / t.grad_accum
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
             micro += 1
             images_since += pixels.shape[0] * world
             if micro % t.grad_accum:
                 continue
 
+            # All-reduce before unscaling: every rank then sees the same inf/NaN and the
+            # GradScaler skips (or takes) the step on all of them alike.
             _allreduce_grads(params)
+            if scaler is not None:
+                scaler.unscale_(optimizer)
             if t.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
-            optimizer.step()
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
             lr_sched.step()
             optimizer.zero_grad(set_to_none=True)
             if ema is not None:
@@ -388,7 +402,8 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
             if rank == 0 and t.sample_every and pos.step % t.sample_every == 0 and not is_last:
                 _validation_samples(c, cfg, out / "samples" / f"step-{pos.step:06d}", device)
             if pos.step % t.checkpoint_every == 0 or is_last:
-                _report_with_checkpoint(metrics, out, local_mode, rank, cfg, applied, optimizer, lr_sched, generator, ema, c, pos)
+                extra = {"slug": cfg.strategy.slug, "keep": t.checkpoints_to_keep, "grad_scaler": scaler.state_dict() if scaler is not None else None}
+                _report_with_checkpoint(metrics, out, local_mode, rank, extra, applied, optimizer, lr_sched, generator, ema, c, pos)
             elif do_eval:
                 ray.train.report(metrics)
             if crash_at and pos.step == crash_at:
@@ -410,7 +425,7 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def _report_with_checkpoint(metrics, out, local_mode, rank, cfg, applied, optimizer, lr_sched, generator, ema, c, pos) -> None:
+def _report_with_checkpoint(metrics, out, local_mode, rank, extra, applied, optimizer, lr_sched, generator, ema, c, pos) -> None:
     """Every rank reports; rank 0 attaches the resume state. Local mode writes it straight
     into the trial folder (nothing else persists it); otherwise Ray Train copies it to storage
     and keeps the newest `checkpoints_to_keep`."""
@@ -419,14 +434,14 @@ def _report_with_checkpoint(metrics, out, local_mode, rank, cfg, applied, optimi
         return
     if local_mode:
         target = out / CHECKPOINTS_DIR / f"step-{pos.step:06d}"
-        _save_resume_state(target, applied, optimizer, lr_sched, generator, ema, c, pos, {"slug": cfg.strategy.slug})
+        _save_resume_state(target, applied, optimizer, lr_sched, generator, ema, c, pos, extra)
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(target)))
-        old = sorted((out / CHECKPOINTS_DIR).glob("step-*"))[: -cfg.train.checkpoints_to_keep]
+        old = sorted((out / CHECKPOINTS_DIR).glob("step-*"))[: -extra["keep"]]
         for p in old:
             shutil.rmtree(p, ignore_errors=True)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        _save_resume_state(Path(tmp), applied, optimizer, lr_sched, generator, ema, c, pos, {"slug": cfg.strategy.slug})
+        _save_resume_state(Path(tmp), applied, optimizer, lr_sched, generator, ema, c, pos, extra)
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
 
 
@@ -511,8 +526,6 @@ def connect_ray(address: str | None) -> None:
 
     # Ray Data prints a progress block per dataset execution; the trial has its own bar.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
@@ -528,6 +541,10 @@ def connect_ray(address: str | None) -> None:
             f"--address / RAY_ADDRESS, or unset them to run locally (for a token-authenticated cluster "
             f"set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN)"
         ) from None
+    # After ray.init, which configures Ray's loggers.
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "Progress bars disabled"
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
 
 
 def build_trainer(cfg: TrialConfig, datasets: dict, out: Path, callbacks: list | None = None) -> TorchTrainer:

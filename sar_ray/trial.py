@@ -106,6 +106,33 @@ def _clean(out: Path) -> None:
             p.unlink()
 
 
+def _absolute_paths(cfg: TrialConfig) -> TrialConfig:
+    """Workers may run in another directory (Ray Train changes it) or on another node: send
+    them absolute paths."""
+    model = cfg.model
+    if Path(model.pretrained).exists():
+        model = model.model_copy(update={"pretrained": str(Path(model.pretrained).resolve())})
+    return cfg.model_copy(update={"model": model, "out": str(cfg.out_dir.resolve())})
+
+
+def _check_ingest_cpus(cfg: TrialConfig, materialized: bool) -> None:
+    """A streaming ingest needs CPUs that the training workers do not reserve; without them
+    Ray Data waits for ever. Say so instead of hanging."""
+    import ray
+
+    s = cfg.scaling
+    if materialized or s.num_workers == 0:
+        return
+    total = ray.cluster_resources().get("CPU", 0)
+    reserved = s.num_workers * s.cpus_per_worker
+    if total - reserved < 1:
+        raise config_mod.ConfigError(
+            f"scaling: {s.num_workers} workers x {s.cpus_per_worker} CPUs reserve {reserved:g} of the cluster's "
+            f"{total:g} CPUs, leaving none for streaming the data; lower scaling.cpus_per_worker, add CPUs, or set "
+            f"data.materialize=always"
+        )
+
+
 def _failure_message(e: BaseException) -> str:
     """One line from a (possibly Ray-wrapped) training failure."""
     text = str(e)
@@ -134,6 +161,7 @@ def run_trial(
     from .data import build_datasets
 
     started = time.time()
+    cfg = _absolute_paths(cfg)
     out = cfg.out_dir
     if fresh:
         _clean(out)
@@ -146,6 +174,7 @@ def run_trial(
         tracker = Tracker(uri, cfg.tracking.experiment)  # fails fast when unreachable
     connect_ray(cfg.scaling.address)
     data = build_datasets(cfg.data, cfg.train.seed)
+    _check_ingest_cpus(cfg, data.materialized)
     (out / "config.yaml").write_text(config_mod.dump_yaml(cfg))
 
     run_id = None

@@ -144,6 +144,12 @@ def test_load_components_rejects_a_folder_without_pipeline(tmp_path):
         models.load_components(ModelConfig(pretrained=str(tmp_path)))
 
 
+def test_load_components_never_downloads_an_unknown_hub_id():
+    # conftest sets HF_HUB_OFFLINE=1: an id that is not cached fails fast with a clear message.
+    with pytest.raises(ValueError, match="model.pretrained='someone/not-cached-model'"):
+        models.load_components(ModelConfig(pretrained="someone/not-cached-model"))
+
+
 def test_detect_kind():
     assert models.detect_kind({"_class_name": "StableDiffusionPipeline", "text_encoder": ["transformers", "CLIPTextModel"]}) == "sd"
     assert models.detect_kind({"_class_name": "StableDiffusionXLPipeline", "text_encoder_2": ["x", "y"], "text_encoder": ["a", "b"]}) == "sdxl"

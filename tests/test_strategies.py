@@ -235,7 +235,8 @@ def test_learning_rates_per_component_and_token():
 def test_low_precision_frozen_parts_fp32_trainables():
     model_cfg = load(None, ["model.pretrained=tiny-sd", "model.weight_dtype=bf16"]).model
     s = strategy(unet="lora", te="full", token="learn")
-    c = models.load_components(model_cfg, keep_fp32=strategies.full_components(s, "sd"))
+    c = models.load_components(model_cfg, keep_fp32=strategies.full_components(s))
+    assert strategies.full_components(s) == {"text_encoder", "text_encoder_2"}
     assert c.text_encoders[0].dtype == torch.float32 and c.unet.dtype == torch.bfloat16
     applied = apply(c, s, default_lr=1e-3)
     assert all(p.dtype == torch.float32 for p in applied.trainable_parameters())

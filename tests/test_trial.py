@@ -65,7 +65,7 @@ def test_trial_writes_loadable_outputs_samples_and_one_mlflow_run(in_tmp):
 
 def test_resume_after_a_crash_reproduces_the_uninterrupted_losses(in_tmp, monkeypatch):
     sets = ("strategy.unet.mode=full", "strategy.text_encoder.mode=lora", "strategy.token=learn",
-            "train.max_steps=6", "tracking.enabled=false", "data.flip=true", "data.caption_dropout=0.3")
+            "train.max_steps=6", "train.ema.enabled=true", "tracking.enabled=false", "data.flip=true", "data.caption_dropout=0.3")
     straight = run_trial(small_cfg(in_tmp, *sets, out="straight"), progress=False)
 
     cfg = small_cfg(in_tmp, *sets, out="resumed")
@@ -82,3 +82,28 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_losses(in_tmp, monkey
     b = {rec["step"]: rec["loss"] for rec in log if "loss" in rec}
     assert sorted(b) == [1, 2, 3, 4, 5, 6]
     assert [b[s] for s in range(3, 7)] == [a[s] for s in range(3, 7)]  # bit-identical on CPU
+
+
+def _safetensors_layout(folder: Path) -> dict[str, dict[str, tuple]]:
+    from safetensors import safe_open
+
+    layout = {}
+    for f in sorted(folder.rglob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            layout[str(f.relative_to(folder))] = {k: tuple(st.get_slice(k).get_shape()) for k in st.keys()}
+    return layout
+
+
+def test_zero_and_two_ddp_workers_train_and_save_the_same_things(in_tmp):
+    sets = ("strategy.unet.mode=lora", "strategy.text_encoder.mode=lora", "strategy.token=learn",
+            "tracking.enabled=false", "train.max_steps=2", "sample.seeds=[0]")
+    local = run_trial(small_cfg(in_tmp, *sets, out="w0"), progress=False)
+    ddp = run_trial(small_cfg(in_tmp, *sets, "scaling.num_workers=2", out="w2"), progress=False)
+    assert local.step == ddp.step == 2 and np.isfinite(ddp.loss)
+    start = [r for r in read_log(ddp.out / "train_log.jsonl") if r.get("event") == "start"][0]
+    assert start["world_size"] == 2
+    assert _safetensors_layout(local.weights) == _safetensors_layout(ddp.weights)
+    assert sorted(p.name for p in local.samples.iterdir()) == sorted(p.name for p in ddp.samples.iterdir())
+    # DDP checkpoints live in Ray Train's storage, local-mode ones in the trial folder.
+    assert list((ddp.out / "ray").rglob("state.safetensors"))
+    assert list((local.out / "checkpoints").rglob("state.safetensors"))

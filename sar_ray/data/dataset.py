@@ -48,11 +48,16 @@ class TrainData:
     n_skipped: int = 0
     skipped: list[str] = field(default_factory=list)  # sources of the corrupt images left out
     source: str = ""  # the resolved data path
+    materialized: bool = False  # prepared rows already in the object store (no ingest CPUs needed)
+
+
+MATERIALIZE_BUDGET = 2 * 1024**3  # data.materialize=auto keeps prepared sets under this in memory
 
 
 def build_datasets(cfg: DataConfig, seed: int) -> TrainData:
     """Train (and val) datasets for `cfg`; corrupt images fail or are skipped before training."""
     import ray.data
+    from ray.data.dataset import MaterializedDataset
 
     # Row order must be the same every run: resuming skips the rows already consumed, and a
     # seeded shuffle downstream only reproduces if its input order is fixed. from_items copies
@@ -100,7 +105,15 @@ def build_datasets(cfg: DataConfig, seed: int) -> TrainData:
             functools.partial(prep, crop="center"), batch_format="numpy",
             batch_size=_batch_size(cfg.resolution),
         )
-    return TrainData(train, val, len(train_recs), len(val_recs), len(skipped), skipped, str(source))
+    prepared_bytes = (len(train_recs) + len(val_recs)) * 3 * cfg.resolution**2 * 4  # float32 (3, R, R)
+    if cfg.materialize == "always" or (cfg.materialize == "auto" and prepared_bytes <= MATERIALIZE_BUDGET):
+        # Prepare once, now, while every CPU is free: training workers reserve their CPUs, and
+        # a streaming ingest on a small machine (2 CPUs, 2 workers) would have none left.
+        # It also spares re-decoding every image each epoch.
+        train = train.materialize()
+        val = val.materialize() if val is not None else None
+    return TrainData(train, val, len(train_recs), len(val_recs), len(skipped), skipped, str(source),
+                     materialized=isinstance(train, MaterializedDataset))
 
 
 def stable_hash(name: str) -> int:

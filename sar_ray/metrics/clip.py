@@ -23,6 +23,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,10 +33,10 @@ import torch
 import torch.nn.functional as F
 
 from sar_ray.config import NormalizationConfig
+from sar_ray.metrics import DEFAULT_PREFIX, caption_for_clip
 
 CONFIG_NAME = "open_clip_config.json"
 WEIGHTS_NAME = "open_clip_model.safetensors"
-DEFAULT_PREFIX = "<SAR>"
 
 #: Small configurations built in code (no download). `tiny` trains on a CPU in seconds.
 ARCHS: dict[str, dict] = {
@@ -198,14 +199,6 @@ def load_clip(path: str | os.PathLike, device: str | None = None) -> SarClip:
     return SarClip(model, tokenizer, preprocess, device, info.get("strip_prefix", DEFAULT_PREFIX), info)
 
 
-def caption_for_clip(text: str, strip_prefix: str | None = DEFAULT_PREFIX) -> str:
-    """`text` without a leading `strip_prefix` token (and surrounding spaces)."""
-    text = str(text).strip()
-    if strip_prefix and text.startswith(strip_prefix):
-        text = text[len(strip_prefix):].strip()
-    return text
-
-
 def to_clip_input(images, size: int, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """(N, H, W) [0, 1] grayscale -> (N, 3, size, size) standardised float32 (CPU)."""
     x = torch.as_tensor(np.asarray(images, dtype=np.float32) if not torch.is_tensor(images) else images)
@@ -261,7 +254,7 @@ def embedding_distances(
     kid_subsets: int = 100,
     seed: int = 0,
 ) -> dict[str, float]:
-    """``{fd, kid, kid_std}`` between two sets of (N, D) SAR-CLIP image embeddings.
+    """``{fd, kid, kid_raw, kid_std}`` between two sets of (N, D) SAR-CLIP image embeddings.
 
     Frechet distance and kernel inception distance from torchmetrics, with the embeddings as
     features. KID draws `kid_subsets` random subsets of min(`kid_subset_size`, N, M) images
@@ -273,19 +266,29 @@ def embedding_distances(
     ref = torch.as_tensor(np.asarray(reference, np.float64))
     gen = torch.as_tensor(np.asarray(generated, np.float64))
     if len(ref) < 2 or len(gen) < 2:
-        return {"fd": float("nan"), "kid": float("nan"), "kid_std": float("nan")}
+        return {k: float("nan") for k in ("fd", "kid", "kid_raw", "kid_std")}
     dim = ref.shape[1]
     fid = FrechetInceptionDistance(feature=_Features(dim), reset_real_features=False)
     fid.update(ref, real=True)
     fid.update(gen, real=False)
     subset = int(min(kid_subset_size, len(ref), len(gen)))
-    kid = KernelInceptionDistance(feature=_Features(dim), subsets=kid_subsets, subset_size=subset)
+    with warnings.catch_warnings():  # "KID keeps all features": they are (N, D) embeddings
+        warnings.simplefilter("ignore", UserWarning)
+        kid = KernelInceptionDistance(feature=_Features(dim), subsets=kid_subsets, subset_size=subset)
     kid.update(ref, real=True)
     kid.update(gen, real=False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         kid_mean, kid_std = kid.compute()
-    return {"fd": float(max(fid.compute().item(), 0.0)), "kid": float(kid_mean), "kid_std": float(kid_std)}
+    # KID is an unbiased MMD^2 estimate: around 0 it scatters to either sign, and a set against
+    # itself (every pair also a "cross" pair) gives a clearly negative value. Negative means
+    # "indistinguishable"; report 0 for it, and keep the raw estimate.
+    return {
+        "fd": float(max(fid.compute().item(), 0.0)),
+        "kid": float(max(kid_mean.item(), 0.0)),
+        "kid_raw": float(kid_mean),
+        "kid_std": float(kid_std),
+    }
 
 
 # ------------------------------------------------------------------------------- training
@@ -431,7 +434,7 @@ def train_clip(
             sched.step()
             with torch.no_grad():  # open_clip clamps the temperature at 100
                 model.logit_scale.clamp_(0, math.log(100))
-            run += float(loss) * len(texts)
+            run += loss.item() * len(texts)
             n += len(texts)
             step += 1
         losses.append(run / max(n, 1))

@@ -31,6 +31,7 @@ GLCM_PROPS = ("contrast", "dissimilarity", "homogeneity", "energy", "ASM", "corr
 # Bins of one bincount call; keeps the count table in L2 cache (a batch of images at 256
 # levels is done one image at a time).
 _MAX_BINS = 1 << 17
+_MAX_PIXELS = 1 << 16
 
 
 def quantize(images: np.ndarray, levels: int) -> np.ndarray:
@@ -123,7 +124,9 @@ def glcm_props(
         raise ValueError(f"levels must be in [2, 256] (got {levels})")
     if q.size and (q.min() < 0 or q.max() >= levels):
         raise ValueError(f"grey levels must be in [0, {levels}) (got {q.min()}..{q.max()})")
-    chunk = max(1, _MAX_BINS // (levels * levels + levels))
+    # Chunks small enough that the pair indices (~8 bytes per pixel) and the count table stay
+    # in cache: a 256 x 256 image is done alone, 32 x 32 ones 64 at a time.
+    chunk = max(1, min(_MAX_BINS // (levels * levels + levels), _MAX_PIXELS // max(q[0].size, 1)))
     out = [
         _glcm_props_chunk(q[i : i + chunk].astype(np.uint16), levels, distances, angles, symmetric)
         for i in range(0, len(q), chunk)
@@ -157,6 +160,8 @@ def _glcm_props_chunk(q, levels, distances, angles, symmetric) -> np.ndarray:
     diff_hist = np.zeros((n_img, k_off, L), np.int64)  # pairs with |i - j| = t
     sum_sq = np.zeros((n_img, k_off))  # sum of squared GLCM counts
     sum_xlogx = np.zeros((n_img, k_off))  # sum of c * log(c) over GLCM counts
+    fbuf = np.empty((n_img, table))  # reused: c * log(c) of every bin
+    diags = np.zeros((n_img, k_off, L), np.int64)  # U's diagonal (pairs of equal levels)
 
     for k, (dr, dc) in enumerate(offsets):
         r0, r1 = max(0, -dr), min(h, h - dr)
@@ -167,11 +172,14 @@ def _glcm_props_chunk(q, levels, distances, angles, symmetric) -> np.ndarray:
         a = q[:, r0:r1, c0:c1]  # (N, h', w') reference pixels
         b = q[:, r0 + dr : r1 + dr, c0 + dc : c1 + dc]  # their neighbours at the offset
 
-        lo, hi = np.minimum(a, b), np.maximum(a, b)
+        # In place on uint16 (L*L <= 65536 fits), then one cast: temporaries of a fresh
+        # array per operation cost more than the arithmetic (page faults).
         if symmetric:
-            idx = lo * np.uint16(L) + hi  # unordered pair; < L*L <= 65536 fits uint16
+            idx, hi = np.minimum(a, b), np.maximum(a, b)  # unordered pair (lo, hi)
         else:
-            idx = a * np.uint16(L) + b
+            idx, hi = a.copy(), b
+        idx *= np.uint16(L)
+        idx += hi
         idx = idx.astype(np.intp)  # bincount on intp is ~3x faster than on uint16
         if n_img > 1:
             idx += base
@@ -183,20 +191,20 @@ def _glcm_props_chunk(q, levels, distances, angles, symmetric) -> np.ndarray:
             # (np.ndarray rather than as_strided: the latter costs ~50 us a call)
             diag_view = np.ndarray((n_img, L, L), np.int64, counts, 0, (s[0], (L + 1) * s[1], s[1]))
             diff_hist[:, k] = diag_view.sum(axis=1)
-            diag = counts[:, 0 : L * L : L + 1]
-            # S = U + U^T off the diagonal, 2 U on it: sum S^2 = 2 sum U^2 + 2 sum diag^2.
-            sum_sq[:, k] = 2 * np.einsum("ij,ij->i", counts, counts) + 2 * np.einsum("ij,ij->i", diag, diag)
-            sum_xlogx[:, k] = (
-                2 * np.take(xlogx, counts).sum(axis=1)
-                - 2 * np.take(xlogx, diag).sum(axis=1)
-                + np.take(xlogx, 2 * diag).sum(axis=1)
-            )
+            diags[:, k] = counts[:, 0 : L * L : L + 1]
+            sum_sq[:, k] = np.einsum("ij,ij->i", counts, counts)
+            sum_xlogx[:, k] = np.take(xlogx, counts, out=fbuf, mode="clip").sum(axis=1)
         else:
-            d = (hi - lo).astype(np.intp) + (np.arange(n_img, dtype=np.intp) * L)[:, None, None]
+            d = np.abs(a.astype(np.intp) - b) + (np.arange(n_img, dtype=np.intp) * L)[:, None, None]
             diff_hist[:, k] = np.bincount(d.ravel(), minlength=n_img * L).reshape(n_img, L)
             sum_sq[:, k] = np.einsum("ij,ij->i", counts, counts)
-            sum_xlogx[:, k] = np.take(xlogx, counts).sum(axis=1)
+            sum_xlogx[:, k] = np.take(xlogx, counts, out=fbuf, mode="clip").sum(axis=1)
 
+    if symmetric:
+        # S = U + U^T off the diagonal and 2 U on it, so with D = diag(U):
+        # sum S^2 = 2 sum U^2 + 2 sum D^2,  sum S log S = 2 sum U log U - 2 sum D log D + sum 2D log 2D.
+        sum_sq = 2 * sum_sq + 2 * np.einsum("nkl,nkl->nk", diags, diags)
+        sum_xlogx = 2 * sum_xlogx - 2 * np.take(xlogx, diags).sum(axis=2) + np.take(xlogx, 2 * diags).sum(axis=2)
     return _props_from_sums(pairs, s_a, s_b, s_a2, s_b2, diff_hist, sum_sq, sum_xlogx, symmetric).reshape(
         n_img, len(GLCM_PROPS), len(distances), len(angles)
     )
@@ -284,3 +292,48 @@ def glcm_descriptors(
     """
     props = glcm_props(quantize(images, levels), levels, distances, angles, symmetric)
     return props.mean(axis=3).reshape(len(props), -1)
+
+
+# ------------------------------------------------------------------------------- set level
+
+
+def set_distances(reference: np.ndarray, generated: np.ndarray, names: Sequence[str]) -> dict[str, float]:
+    """Distances between two sets of descriptor rows ((N, F) and (M, F), columns `names`).
+
+    - ``rel_mean_diff[/<prop>]``: |mu_g - mu_r| / ((|mu_g| + |mu_r|) / 2) per descriptor (in
+      [0, 2], symmetric; 0 when both means are 0), averaged over all descriptors or over one
+      property's distances;
+    - ``wasserstein[/<prop>]``: 1-D Wasserstein distance of each descriptor's values, in units
+      of the reference's standard deviation, averaged likewise;
+    - ``frechet``: Frechet distance of the descriptor vectors after z-scoring both sets with the
+      reference's mean and std (so contrast in the hundreds does not drown ASM near 1e-3).
+      Needs >= 2 images per set (nan otherwise).
+    """
+    from scipy.stats import wasserstein_distance
+
+    from sar_ray.metrics.statistics import frechet_distance
+
+    ref, gen = np.asarray(reference, np.float64), np.asarray(generated, np.float64)
+    if ref.ndim != 2 or gen.ndim != 2 or ref.shape[1] != gen.shape[1] or ref.shape[1] != len(names):
+        raise ValueError(f"expected (N, {len(names)}) and (M, {len(names)}) descriptors, got {ref.shape} and {gen.shape}")
+    if len(ref) == 0 or len(gen) == 0:
+        raise ValueError("both sets need at least one image")
+    mu_r, mu_g = ref.mean(axis=0), gen.mean(axis=0)
+    denom = (np.abs(mu_r) + np.abs(mu_g)) / 2
+    rmd = np.where(denom > 0, np.abs(mu_g - mu_r) / np.where(denom > 0, denom, 1.0), 0.0)
+    sd = ref.std(axis=0, ddof=1) if len(ref) > 1 else np.zeros(ref.shape[1])
+    # A descriptor constant over the reference (e.g. correlation 1 of flat images): unit scale.
+    unit = np.where(sd > 1e-12 * np.maximum(np.abs(mu_r), 1.0), sd, 1.0)
+    w1 = np.array([wasserstein_distance(ref[:, j], gen[:, j]) for j in range(ref.shape[1])]) / unit
+    out = {"rel_mean_diff": float(rmd.mean()), "wasserstein": float(w1.mean())}
+    if len(ref) >= 2 and len(gen) >= 2:
+        zr, zg = (ref - mu_r) / unit, (gen - mu_r) / unit
+        out["frechet"] = frechet_distance(zr.mean(0), np.cov(zr, rowvar=False), zg.mean(0), np.cov(zg, rowvar=False))
+    else:
+        out["frechet"] = float("nan")
+    props = [n.rsplit("_d", 1)[0] for n in names]
+    for p in dict.fromkeys(props):
+        cols = [j for j, q in enumerate(props) if q == p]
+        out[f"rel_mean_diff/{p}"] = float(rmd[cols].mean())
+        out[f"wasserstein/{p}"] = float(w1[cols].mean())
+    return out

@@ -1,0 +1,127 @@
+"""SAR-CLIP: the evaluator learns SAR classes from captions; save/load round-trips."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sar_ray.config import NormalizationConfig
+from sar_ray.data.io import write_amplitude_png
+from sar_ray.metrics import clip as sc
+
+CLASSES = {"water": "open water", "fields": "agricultural fields", "forest": "a forest", "urban": "an urban area"}
+
+
+def scene(rng, label, size=32):
+    """Amplitude of a 4-look scene whose layout tells the class apart."""
+    y, x = np.mgrid[:size, :size]
+    if label == "water":
+        s0 = np.full((size, size), 0.02)
+    elif label == "fields":  # parcels in stripes
+        p = int(rng.integers(6, 10))
+        s0 = np.where(((x + rng.integers(p)) // (p // 2)) % 2 == 0, 0.3, 0.05)
+    elif label == "forest":  # K-distributed texture
+        s0 = 0.15 * rng.gamma(2.0, 0.5, (size, size))
+    else:  # street grid of bright walls
+        o = int(rng.integers(8))
+        s0 = np.full((size, size), 0.03)
+        s0[((y + o) % 8 < 2) | ((x + o) % 8 < 2)] = 1.0
+    return np.sqrt(s0 * rng.gamma(4, 1 / 4, (size, size)))
+
+
+def write_class_set(out, n, seed):
+    """An imagefolder of n scenes cycling through the four classes, one caption per class."""
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        label = list(CLASSES)[i % 4]
+        write_amplitude_png(out / f"{i:04d}.png", scene(rng, label) / 1.5)
+        rows.append({"file_name": f"{i:04d}.png", "text": f"<SAR> image of {CLASSES[label]}", "label": label})
+    (out / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
+def held_out_retrieval(clip: sc.SarClip, folder) -> float:
+    from sar_ray.data.captions import read_table
+
+    records = read_table(folder)
+    images = np.stack([sc.load_record_image(r, NormalizationConfig(), None) for r in records])
+    prompts = sorted({r.text for r in records})
+    index = np.array([prompts.index(r.text) for r in records])
+    return float(sc.retrieval_hits(clip.encode_images(images), clip.encode_texts(prompts), index).mean())
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sarclip")
+    train = write_class_set(root / "train", 96, seed=0)
+    held = write_class_set(root / "held", 40, seed=1)
+    torch.set_num_threads(2)
+    result = sc.train_clip(train, root / "model", epochs=10, batch_size=24, lr=1e-3, seed=0, val_fraction=0.1)
+    return result, held
+
+
+def test_trained_clip_retrieves_held_out_classes_untrained_is_chance(trained):
+    result, held = trained
+    assert result.losses[-1] < result.losses[0]
+    clip = sc.load_clip(result.path, device="cpu")
+    assert held_out_retrieval(clip, held) >= 0.8  # chance: 1 / 4
+    assert result.n_val > 0 and result.val_retrieval_top1 > result.val_chance  # its own split
+    import open_clip
+
+    untrained = sc.SarClip(sc.build_clip("tiny", seed=0), open_clip.SimpleTokenizer(), sc._preprocess_cfg(sc.model_config("tiny")))
+    assert abs(held_out_retrieval(untrained, held) - 0.25) <= 0.15
+
+
+def test_saved_model_is_an_open_clip_local_dir_and_round_trips(trained):
+    import open_clip
+
+    result, held = trained
+    meta = json.loads((result.path / sc.CONFIG_NAME).read_text())
+    assert meta["model_cfg"] == sc.model_config("tiny") and meta["sar_ray"]["arch"] == "tiny"
+    assert (result.path / sc.WEIGHTS_NAME).is_file()
+    plain = open_clip.create_model(f"local-dir:{result.path}")  # no sar-ray needed to load it
+    clip = sc.load_clip(result.path, device="cpu")
+    for a, b in zip(plain.state_dict().values(), clip.model.state_dict().values()):
+        assert torch.equal(a, b)
+    # --pretrained from the saved folder starts from exactly these weights.
+    again = sc.build_clip("tiny", pretrained=result.path, seed=123)
+    for a, b in zip(again.state_dict().values(), clip.model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_prefix_is_stripped_for_the_evaluator(trained):
+    clip = sc.load_clip(trained[0].path, device="cpu")
+    a = clip.encode_texts(["<SAR> image of a forest"])
+    b = clip.encode_texts(["image of a forest"])
+    np.testing.assert_array_equal(a, b)
+
+
+def test_clip_score_and_retrieval_on_known_vectors():
+    img = np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    txt = np.array([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0]])
+    np.testing.assert_allclose(sc.clip_scores(img, txt), [100.0, 0.0, 80.0])  # negative cos -> 0
+    prompts = np.array([[1.0, 0.0], [0.0, 1.0]])
+    assert sc.retrieval_hits(img, prompts, np.array([0, 1, 0])).tolist() == [True, True, False]
+
+
+def test_embedding_distances_zero_against_itself_and_fd_symmetric():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(40, 8)), rng.normal(0.5, 1.0, size=(30, 8))
+    same = sc.embedding_distances(a, a, kid_subsets=10)
+    assert same["fd"] == pytest.approx(0.0, abs=1e-6) and same["kid"] == 0.0
+    assert same["kid_raw"] < 0  # the unbiased estimate of a set against itself; reported as 0
+    ab, ba = sc.embedding_distances(a, b, kid_subsets=10), sc.embedding_distances(b, a, kid_subsets=10)
+    assert ab["fd"] == pytest.approx(ba["fd"], rel=1e-6) and ab["fd"] > 1.0
+    assert ab["kid"] > same["kid"]
+
+
+def test_bad_arch_and_weights_are_clear_errors(tmp_path):
+    with pytest.raises(sc.ClipError, match="unknown CLIP architecture 'nope'.*tiny"):
+        sc.build_clip("nope")
+    with pytest.raises(sc.ClipError, match="not found"):
+        sc.build_clip("tiny", pretrained=tmp_path / "missing.safetensors")
+    with pytest.raises(sc.ClipError, match="not a SAR-CLIP folder"):
+        sc.load_clip(tmp_path)

@@ -1,0 +1,231 @@
+"""`sar-ray evaluate` / `evaluate.score`: Ray Data pipelines over image folders, and bad input."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from sar_ray.cli import main
+from sar_ray.config import EvalConfig, NormalizationConfig
+from sar_ray.data.dataset import load_folder_arrays
+from sar_ray.data.io import write_amplitude_png, write_tiff
+from sar_ray.data.synth import write_synthetic
+from sar_ray.evaluate import METRIC_DIRECTION, evaluate, metric_direction, score, score_arrays
+
+N, SIZE = 12, 32
+
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    a = write_synthetic(root / "a", n=N, size=SIZE, seed=0)
+    b = write_synthetic(root / "b", n=N, size=SIZE, seed=1)
+    return root, a, b
+
+
+def sampler_folder(out, images, prompts):
+    """What the sampler writes: [0, 1] amplitude as 16-bit PNG + metadata.jsonl with prompts."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, (img, text) in enumerate(zip(images, prompts)):
+        write_amplitude_png(out / f"{i:05d}.png", img)
+        rows.append({"file_name": f"{i:05d}.png", "text": text, "seed": i})
+    (out / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
+def test_set_against_itself_every_distance_is_zero_and_files_are_written(ray_local, sets, tmp_path):
+    _, a, _ = sets
+    cfg = EvalConfig(generated_normalized=False)  # both sets real SAR: normalise both
+    result = evaluate(a, a, cfg, out=tmp_path / "m" / "metrics.json", progress=False)
+    assert result.n_generated == result.n_reference == N
+    assert {"stats/kl", "stats/js", "stats/wasserstein", "stats/ks", "stats/enl_gap",
+            "glcm/frechet", "glcm/rel_mean_diff", "glcm/wasserstein"} <= set(result.metrics)
+    assert any(k.startswith("stats/kl/") for k in result.metrics)  # per class, from the labels
+    assert all(v == 0 for v in result.metrics.values()), {k: v for k, v in result.metrics.items() if v}
+    doc = json.loads(result.metrics_path.read_text())
+    assert doc["metrics"] == result.metrics and doc["n_reference"] == N
+    assert doc["direction"]["stats/kl"] == "min"
+    table = pd.read_parquet(result.per_image_path)
+    assert len(table) == 2 * N and {"set", "name", "enl", "cv", "glcm_contrast_d1"} <= set(table.columns)
+    assert result.per_image_path.name == "metrics_per_image.parquet"
+
+
+def test_parquet_table_with_embedded_images(ray_local, sets, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    _, a, _ = sets
+    rows = [json.loads(line) for line in (a / "metadata.jsonl").read_text().splitlines()]
+    table = pa.table({
+        "file_name": [(a / r["file_name"]).read_bytes() for r in rows],  # the encoded PNGs
+        "text": [r["text"] for r in rows],
+        "label": [r["label"] for r in rows],
+    })
+    pq.write_table(table, tmp_path / "set.parquet")
+    cfg = EvalConfig(generated_normalized=False)
+    m = score(tmp_path / "set.parquet", a, cfg)
+    assert all(v == 0 for v in m.values()) and "stats/kl" in m
+
+
+def test_every_metric_has_a_direction():
+    assert metric_direction("stats/kl/water") == "min"
+    assert metric_direction("glcm/rel_mean_diff/contrast") == "min"
+    assert metric_direction("clip/score") == "max" and metric_direction("clip/retrieval_top1") == "max"
+    with pytest.raises(KeyError):
+        metric_direction("nope/x")
+    assert set(METRIC_DIRECTION.values()) == {"min", "max"}
+
+
+def test_pipeline_equals_in_memory_scoring_and_is_symmetric(ray_local, sets):
+    _, a, b = sets
+    cfg = EvalConfig(generated_normalized=False, per_class=False)
+    ab, ba = score(a, b, cfg), score(b, a, cfg)
+    ref_imgs, _ = load_folder_arrays(b, cfg.normalization)
+    gen_imgs, _ = load_folder_arrays(a, cfg.normalization)
+    direct = score_arrays(gen_imgs, ref_imgs, cfg)
+    assert set(direct) == set(ab)
+    for k, v in direct.items():
+        assert ab[k] == pytest.approx(v, rel=1e-9, abs=1e-12), k
+    for k in ("stats/js", "stats/wasserstein", "stats/ks", "glcm/rel_mean_diff"):
+        assert ab[k] == pytest.approx(ba[k], rel=1e-9) and ab[k] > 0
+
+
+def test_sampler_output_is_compared_in_the_training_normalisation(ray_local, sets, tmp_path):
+    # A "generator" that returns the reference images exactly as training saw them: the sampler
+    # folder holds [0, 1] normalised amplitude, the reference raw SAR. Distances ~ 0 only if
+    # the reference is normalised and the samples are not normalised a second time.
+    _, a, _ = sets
+    norm = NormalizationConfig()
+    images, records = load_folder_arrays(a, norm)
+    gen = sampler_folder(tmp_path / "samples", images, [r.text for r in records])
+    m = score(gen, a, EvalConfig(normalization=norm, per_class=False))
+    assert m["stats/ks"] < 1e-3 and m["stats/wasserstein"] < 1e-4  # 16-bit rounding only
+    assert m["glcm/rel_mean_diff"] < 1e-3
+    wrong = score(gen, a, EvalConfig(normalization=norm, per_class=False, generated_normalized=False))
+    assert wrong["stats/ks"] > 10 * m["stats/ks"]  # normalising the samples again is detectably off
+
+
+def test_clip_family_in_the_pipeline(ray_local, sets, tmp_path):
+    from sar_ray.metrics.clip import build_clip, save_clip
+
+    _, a, _ = sets
+    clip_dir = save_clip(build_clip("tiny", seed=0), tmp_path / "clip", "tiny")
+    images, records = load_folder_arrays(a, NormalizationConfig())
+    gen = sampler_folder(tmp_path / "samples", images, [r.text for r in records])
+    cfg = EvalConfig(metrics=["stats", "glcm", "clip"], clip=str(clip_dir), clip_batch_size=5, kid_subsets=5)
+    result = evaluate(gen, a, cfg, out=tmp_path / "out", progress=False)
+    m = result.metrics
+    assert 0 <= m["clip/score"] <= 100 and 0 <= m["clip/retrieval_top1"] <= 1
+    assert m["clip/fd"] == pytest.approx(0, abs=1e-3) and m["clip/kid"] == pytest.approx(0, abs=1e-3)
+    table = pd.read_parquet(result.per_image_path)
+    assert table.loc[table.set == "generated", "clip_score"].notna().all()
+    assert result.summary["clip"]["prompts"] == len({r.text for r in records})
+
+
+# ------------------------------------------------------------------------------- CLI
+
+
+def run(args, capsys):
+    code = main(args)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_prints_a_table_and_writes_metrics(ray_local, sets, tmp_path, capsys):
+    _, a, b = sets
+    code, out, err = run(["evaluate", "--generated", str(a), "--reference", str(b), "--normalize-generated",
+                          "--out", str(tmp_path / "metrics.json"), "-q", "--glcm-levels", "16"], capsys)
+    assert code == 0, err
+    assert "stats/kl" in out and "glcm/frechet" in out and "lower" in out
+    doc = json.loads((tmp_path / "metrics.json").read_text())
+    assert doc["config"]["glcm_levels"] == 16 and (tmp_path / "metrics_per_image.parquet").is_file()
+
+
+def test_cli_bad_input_is_a_clear_error(ray_local, sets, tmp_path, capsys):
+    _, a, _ = sets
+    ref = str(a)
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = run(["evaluate", "--generated", str(empty), "--reference", ref, "-q"], capsys)
+    assert code == 2 and "no images" in err
+
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    (texts / "notes.txt").write_text("hello")
+    (texts / "run.log").write_text("x")
+    code, _, err = run(["evaluate", "--generated", str(texts), "--reference", ref, "-q"], capsys)
+    assert code == 2 and "no images" in err and "notes.txt" in err
+
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "0.png").write_text("not a png")
+    code, _, err = run(["evaluate", "--generated", str(fake), "--reference", ref, "-q"], capsys)
+    assert code == 2 and "0.png" in err
+
+    nan = tmp_path / "nan"
+    nan.mkdir()
+    img = np.full((SIZE, SIZE), 0.5, np.float32)
+    write_tiff(nan / "0.tif", img)
+    img[3, 4] = np.nan
+    write_tiff(nan / "1.tif", img)
+    code, _, err = run(["evaluate", "--generated", str(nan), "--reference", ref, "-q"], capsys)
+    assert code == 2 and "1.tif" in err and "NaN" in err
+
+    code, _, err = run(["evaluate", "--generated", str(tmp_path / "missing"), "--reference", ref, "-q"], capsys)
+    assert code == 2 and "not found" in err
+
+    code, _, err = run(["evaluate", "--generated", ref, "--reference", ref, "--metrics", "stats,clip", "-q"], capsys)
+    assert code == 2 and "clip" in err
+
+    code, _, err = run(["evaluate", "--generated", ref, "--reference", ref, "--metrics", "stats,colour", "-q"], capsys)
+    assert code == 2 and "metrics" in err
+
+
+def test_cli_prompts_missing(ray_local, sets, tmp_path, capsys):
+    from sar_ray.metrics.clip import build_clip, save_clip
+
+    _, a, _ = sets
+    clip_dir = save_clip(build_clip("tiny"), tmp_path / "clip", "tiny")
+    plain = tmp_path / "plain"  # images without metadata.jsonl: no prompts
+    plain.mkdir()
+    for i in range(3):
+        write_amplitude_png(plain / f"{i}.png", np.full((SIZE, SIZE), 0.3))
+    code, _, err = run(["evaluate", "--generated", str(plain), "--reference", str(a), "--clip", str(clip_dir), "-q"], capsys)
+    assert code == 2 and "no prompt" in err and "metadata.jsonl" in err
+    # Without CLIP metrics a plain folder is fine (per-class statistics are skipped).
+    code, out, err = run(["evaluate", "--generated", str(plain), "--reference", str(a), "-q"], capsys)
+    assert code == 0, err
+
+    broken = tmp_path / "broken"  # a metadata row without its prompt
+    broken.mkdir()
+    for i in range(2):
+        write_amplitude_png(broken / f"{i}.png", np.full((SIZE, SIZE), 0.3))
+    (broken / "metadata.jsonl").write_text('{"file_name": "0.png", "text": "a"}\n{"file_name": "1.png"}\n')
+    code, _, err = run(["evaluate", "--generated", str(broken), "--reference", str(a), "-q"], capsys)
+    assert code == 2 and "row 1" in err
+
+
+def test_cli_mixed_sizes_are_resized_with_a_warning(ray_local, sets, tmp_path, capsys):
+    _, a, _ = sets
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    rng = np.random.default_rng(0)
+    for i, side in enumerate([SIZE, 48, 20, SIZE]):
+        write_amplitude_png(mixed / f"{i}.png", rng.random((side, side)))
+    code, out, err = run(["evaluate", "--generated", str(mixed), "--reference", str(a), "-q"], capsys)
+    assert code == 0, err
+    assert "2 images were not 32x32 and were resized" in out
+
+
+def test_cli_clip_train(tmp_path, capsys):
+    data = write_synthetic(tmp_path / "data", n=16, size=32, seed=0)
+    code, out, err = run(["clip", "train", "--data", str(data), "--out", str(tmp_path / "clip"),
+                          "--epochs", "1", "--batch-size", "8", "--val-fraction", "0.25"], capsys)
+    assert code == 0, err
+    assert "epoch 1/1" in out and "saved" in out
+    assert (tmp_path / "clip" / "open_clip_model.safetensors").is_file()
+    code, _, err = run(["clip", "train", "--data", str(data), "--out", str(tmp_path / "x"), "--arch", "nope"], capsys)
+    assert code == 2 and "unknown CLIP architecture" in err
