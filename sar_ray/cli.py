@@ -107,6 +107,81 @@ def _add_trial(sub) -> None:
     p.set_defaults(func=_cmd_trial)
 
 
+# ------------------------------------------------------------------------------------ sweep
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from . import config, sweep
+
+    overrides = list(args.overrides)
+    if args.out:
+        overrides.append(f"out={args.out}")
+    if args.tracking_uri:
+        overrides.append(f"tracking.uri={args.tracking_uri}")
+    if args.address:
+        overrides.append(f"scaling.address={args.address}")
+    study = config.load(args.config, overrides)
+    result = sweep.run_sweep(study, resume=args.resume, console=console, progress=not args.quiet)
+    objective = study.search.objectives[0].metric
+    console.print(sweep.summary(result, objective), soft_wrap=True)
+    if result.report and (result.report / "report.md").is_file():
+        console.print((result.report / "report.md").read_text(), markup=False, soft_wrap=True)
+    uri = study.tracking.resolved_uri()
+    if not uri.startswith("http"):
+        console.print(f"open the MLflow UI:  mlflow ui --backend-store-uri {uri}", markup=False, soft_wrap=True)
+    failed = [t for t in result.trials if t["status"] == "ERROR"]
+    return EXIT_FAILED if failed and len(failed) == len(result.trials) else EXIT_OK
+
+
+def _add_sweep(sub) -> None:
+    p = sub.add_parser(
+        "sweep",
+        help="run a study: Ray Tune over Ray Train trials, tracked in MLflow",
+        description="Search the study's `search.space` (Optuna TPE, grid or random; ASHA early stopping), "
+        "train each trial like `sar-ray trial`, score its samples, log a parent MLflow run with one child "
+        "per trial, and write the strategy comparison report.",
+    )
+    _add_config_args(p)
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray); e.g. auto")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep (finished trials are kept)")
+    p.add_argument("--out", help="sweep folder (default: runs/<name>)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no live trial table")
+    p.set_defaults(func=_cmd_sweep)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .config import ObjectiveConfig
+    from .report import build_report
+    from .tracking import Tracker, default_uri
+
+    tracker = Tracker(default_uri(args.tracking_uri), args.experiment)
+    try:
+        out = build_report(tracker, args.run_id, args.out,
+                           objective=ObjectiveConfig(metric=args.metric, mode=args.mode))
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    console.print((out / "report.md").read_text(), markup=False, soft_wrap=True)
+    console.print(f"report written to {out} and logged to the sweep's MLflow run", markup=False)
+    return EXIT_OK
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser(
+        "report",
+        help="strategy comparison table and plots of a sweep",
+        description="One row per strategy combination (its best trial), Markdown + CSV + plots, from the "
+        "MLflow runs of a sweep; logged to the sweep's parent run.",
+    )
+    p.add_argument("--experiment", required=True, help="MLflow experiment of the sweep (tracking.experiment)")
+    p.add_argument("--run-id", help="the sweep's parent run (default: the experiment's latest sweep)")
+    p.add_argument("--out", default="report", help="output folder (default: report/)")
+    p.add_argument("--metric", default="val_loss", help="objective that picks each strategy's best trial")
+    p.add_argument("--mode", choices=["min", "max"], default="min")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    p.set_defaults(func=_cmd_report)
+
+
 # ------------------------------------------------------------------------------------ validate
 
 
@@ -332,6 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sar-ray {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_trial(sub)
+    _add_sweep(sub)
+    _add_report(sub)
     _add_validate(sub)
     _add_data(sub)
     _add_evaluate(sub)
@@ -350,6 +427,7 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: Tune prints nothing; we show our table
     for name in ("mlflow", "alembic", "ray.data", "ray.train", "ray.tune"):
         logging.getLogger(name).setLevel(logging.ERROR)
 

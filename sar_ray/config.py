@@ -11,6 +11,7 @@ whole namespace, so a function's signature says what it depends on.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import os
 import re
@@ -383,7 +384,9 @@ class EvalConfig(_Strict):
     )
     glcm_symmetric: bool = Field(True, description="Count (i, j) and (j, i) pairs (skimage symmetric=True).")
     batch_size: int = Field(32, gt=0, description="Images per Ray Data batch (CPU descriptors).")
-    clip_batch_size: int = Field(64, gt=0, description="Images per SAR-CLIP embedding batch.")
+    clip_batch_size: int = Field(
+        64, gt=0, description="Images per SAR-CLIP embedding batch on a GPU (on CPUs: batch_size)."
+    )
     kid_subset_size: int = Field(1000, ge=2, description="KID subset size (capped at the set sizes).")
     kid_subsets: int = Field(100, gt=0, description="KID random subsets.")
     seed: int = Field(0, description="Seed of the KID subsets.")
@@ -438,12 +441,100 @@ class TrialConfig(_Strict):
         return self.sample.resolution or self.data.resolution
 
 
+class ParamSpec(_Strict):
+    """One axis of the search space; exactly one of the keys."""
+
+    grid: list[Any] | None = Field(None, description="Every value (a grid axis; categorical for optuna/random).")
+    choice: list[Any] | None = Field(None, description="Categorical choice.")
+    loguniform: tuple[float, float] | None = Field(None, description="Log-uniform range [low, high].")
+    uniform: tuple[float, float] | None = Field(None, description="Uniform range [low, high].")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ParamSpec:
+        given = [k for k in ("grid", "choice", "loguniform", "uniform") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of grid, choice, loguniform, uniform (got {given or 'none'})")
+        rng = self.loguniform or self.uniform
+        if rng is not None and not (rng[0] < rng[1] and (self.uniform is not None or rng[0] > 0)):
+            raise ValueError(f"range must be low < high{' and low > 0' if self.loguniform else ''} (got {list(rng)})")
+        if (self.grid is not None and not self.grid) or (self.choice is not None and not self.choice):
+            raise ValueError("a grid or choice needs at least one value")
+        return self
+
+    @property
+    def values(self) -> list[Any] | None:
+        return self.grid if self.grid is not None else self.choice
+
+
+class ObjectiveConfig(_Strict):
+    metric: str = Field("val_loss", description="A metric the trial reports: val_loss, or an evaluation "
+                        "metric such as stats/js, glcm/frechet, clip/score.")
+    mode: Literal["min", "max"] = Field("min", description="Minimise or maximise it.")
+
+
+class SchedulerConfig(_Strict):
+    type: Literal["asha", "none"] = Field("asha", description="ASHA early stopping on the validation loss, or none.")
+    metric: str = Field("val_loss", description="Intermediate metric ASHA compares (reported every train.eval_every).")
+    mode: Literal["min", "max"] = Field("min")
+    grace_period: int = Field(20, gt=0, description="Training steps before a trial may be stopped.")
+    reduction_factor: float = Field(2.0, gt=1, description="Keep the best 1/reduction_factor at each rung.")
+
+
+class SearchConfig(_Strict):
+    algorithm: Literal["optuna", "grid", "random"] = Field(
+        "optuna", description="optuna (TPE, seeded), grid (every combination), random."
+    )
+    seed: int = Field(0, description="Seed of the search algorithm.")
+    num_samples: int = Field(1, gt=0, description="optuna/random: trials; grid: repeats of the whole grid.")
+    space: dict[str, ParamSpec] = Field(
+        default_factory=dict,
+        description="Dotted config keys -> axis. strategy.<component>.rank|alpha|dropout are sampled only "
+        "where that component is LoRA.",
+    )
+    objectives: list[ObjectiveConfig] = Field(
+        default_factory=lambda: [ObjectiveConfig()], min_length=1,
+        description="The objective; several make a multi-objective Optuna study (Pareto front in the report).",
+    )
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    max_concurrent_trials: int | None = Field(None, gt=0, description="Default: what the cluster's resources fit.")
+    max_failures: int = Field(1, ge=0, description="Retries of a failed trial (resumes from its last checkpoint).")
+    evaluate: bool = Field(True, description="Score each trial's final samples with the `eval` metrics.")
+    reference: str | None = Field(
+        None, description="Real SAR images the samples are scored against (default: the training data)."
+    )
+
+    @model_validator(mode="after")
+    def _coherent(self) -> SearchConfig:
+        if self.algorithm == "grid":
+            ranged = [k for k, v in self.space.items() if v.values is None]
+            if ranged:
+                raise ValueError(f"algorithm grid needs grid/choice axes; use optuna or random for {ranged}")
+        if len(self.objectives) > 1 and self.algorithm != "optuna":
+            raise ValueError("several objectives need algorithm optuna (multi-objective TPE)")
+        if len(self.objectives) > 1 and self.scheduler.type == "asha":
+            raise ValueError("ASHA stops trials on one metric: set search.scheduler.type=none for a multi-objective study")
+        return self
+
+
 class StudyConfig(TrialConfig):
     """A study file: the base trial plus (for sweeps) a `search` section."""
 
-    search: dict[str, Any] | None = Field(
+    search: SearchConfig | None = Field(
         None, description="Sweep search space and scheduler (used by `sar-ray sweep`)."
     )
+
+    @model_validator(mode="after")
+    def _space_keys_exist(self) -> StudyConfig:
+        if self.search is None:
+            return self
+        for key in self.search.space:
+            parts = key.split(".")
+            valid = _model_fields(TrialConfig, tuple(parts))
+            if parts[-1] not in valid:
+                close = difflib.get_close_matches(parts[-1], valid, n=1)
+                hint = f" (did you mean {'.'.join(parts[:-1] + [close[0]])!r}?)" if close else ""
+                raise ValueError(f"search.space: {key!r} is not a trial setting{hint}")
+        return self
 
     def trial(self, **updates: Any) -> TrialConfig:
         """The base trial of this study, with dotted-path updates applied and re-validated."""
@@ -499,7 +590,7 @@ def format_validation_error(err: ValidationError, source: str, model: type[BaseM
             msg = e["msg"].removeprefix("Value error, ")
             if "input" in e and e["type"] not in ("missing",) and not isinstance(e["input"], dict):
                 msg += f" (got {e['input']!r})"
-        lines.append(f"{source}: {path}: {msg}")
+        lines.append(f"{source}: {path}: {msg}" if loc else f"{source}: {msg}")
     return "\n".join(lines)
 
 

@@ -134,35 +134,14 @@ def evaluate(
         ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
     items = [it.row() for it in gen_items + ref_items]
     with _quiet_ray_data():
-        ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / cfg.batch_size)))
-        ds = ds.map_batches(
-            _describe_batch,
-            fn_kwargs={"cfg": cfg, "size": size, "keep_images": clip_path is not None},
-            batch_size=cfg.batch_size,
-            batch_format="numpy",
-            num_cpus=1,
-        )
-        if clip_path is not None:
-            gpus = int(ray.cluster_resources().get("GPU", 0))
-            ds = ds.map_batches(
-                _ClipEmbedder,
-                fn_constructor_kwargs={"path": str(clip_path), "device": "cuda" if gpus else "cpu"},
-                batch_size=cfg.clip_batch_size,
-                batch_format="numpy",
-                concurrency=max(1, gpus),
-                num_gpus=1 if gpus else 0,
-                num_cpus=0 if gpus else 1,
-            )
+        ds = _pipeline(items, cfg, size, clip_path)
         accs = {s: _SetAccumulator(cfg.hist_bins) for s in SETS}
         with _progress(len(items), progress) as advance:
-            try:
-                for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                    _raise_unreadable(batch)
-                    for s in SETS:
-                        accs[s].add(batch, batch["set"] == s)
-                    advance(len(batch["set"]))
-            except Exception as e:  # noqa: BLE001 - re-raised as the user's error when it is one
-                raise _user_error(e) from None
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                _raise_unreadable(batch)  # the first unreadable image stops the run
+                for s in SETS:
+                    accs[s].add(batch, batch["set"] == s)
+                advance(len(batch["set"]))
 
     resized = sum(a.resized for a in accs.values())
     if resized:
@@ -182,6 +161,37 @@ def evaluate(
     if out is not None:
         _write(result, per_image, Path(out), generated, reference, cfg)
     return result
+
+
+def _pipeline(items: list[dict], cfg: EvalConfig, size: tuple[int, int], clip_path: Path | None):
+    """The lazy Ray Data dataset of per-image descriptor (and embedding) rows."""
+    import ray
+
+    ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / cfg.batch_size)))
+    gpus = int(ray.cluster_resources().get("GPU", 0)) if clip_path is not None else 0
+    if clip_path is not None and not gpus:
+        # CPU only: describe and embed in the same actors, as many as there are CPUs (two
+        # operators would be fused by Ray Data into one actor anyway, i.e. run serially).
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        return ds.map_batches(
+            _DescribeAndEmbed,
+            fn_constructor_kwargs={"path": str(clip_path), "cfg": cfg, "size": size},
+            batch_size=cfg.batch_size, batch_format="numpy", concurrency=(1, cpus), num_cpus=1,
+        )
+    ds = ds.map_batches(
+        _describe_batch,
+        fn_kwargs={"cfg": cfg, "size": size, "keep_images": clip_path is not None},
+        batch_size=cfg.batch_size, batch_format="numpy", num_cpus=1,
+    )
+    if clip_path is not None:
+        # One actor per GPU, loading the model once; the CPU step above stays tasks.
+        ds = ds.map_batches(
+            _ClipEmbedder,
+            fn_constructor_kwargs={"path": str(clip_path), "device": "cuda"},
+            batch_size=cfg.clip_batch_size, batch_format="numpy",
+            concurrency=gpus, num_gpus=1, num_cpus=0,
+        )
+    return ds
 
 
 def score_arrays(
@@ -429,12 +439,27 @@ class _ClipEmbedder:
     def __init__(self, path: str, device: str):
         from sar_ray.metrics.clip import load_clip
 
+        if device == "cpu":
+            import torch
+
+            torch.set_num_threads(1)  # one CPU per actor, as Ray reserved
         self.clip = load_clip(path, device=device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         batch = dict(batch)
         batch["clip_embedding"] = self.clip.encode_images(batch.pop("image"))
         return batch
+
+
+class _DescribeAndEmbed(_ClipEmbedder):
+    """CPU-only Ray Data actor: the descriptors of :func:`_describe_batch`, then embeddings."""
+
+    def __init__(self, path: str, cfg: EvalConfig, size: tuple[int, int]):
+        super().__init__(path, "cpu")
+        self.cfg, self.size = cfg, size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return super().__call__(_describe_batch(batch, self.cfg, self.size, keep_images=True))
 
 
 # ------------------------------------------------------------------------------- driver
@@ -613,6 +638,7 @@ def _json_float(v):
 
 
 def _raise_unreadable(batch: dict[str, np.ndarray]) -> None:
+    """Raise, on the driver, the error a worker returned for an unreadable image."""
     from sar_ray.data.captions import DataError
     from sar_ray.data.io import ImageReadError
 
@@ -621,27 +647,6 @@ def _raise_unreadable(batch: dict[str, np.ndarray]) -> None:
         kind, _, msg = bad[0].partition(": ")
         more = f" (and {len(bad) - 1} more images in the same batch)" if len(bad) > 1 else ""
         raise (DataError if kind == "DataError" else ImageReadError)(msg + more)
-
-
-def _user_error(e: BaseException) -> BaseException:
-    """The DataError / ImageReadError inside a Ray task failure, else `e` itself."""
-    from sar_ray.data.captions import DataError
-    from sar_ray.data.io import ImageReadError
-
-    seen, stack = set(), [e]
-    while stack:
-        cur = stack.pop()
-        if cur is None or id(cur) in seen:
-            continue
-        seen.add(id(cur))
-        for kind in (ImageReadError, DataError):
-            if isinstance(cur, kind):
-                msg = str(cur).strip().splitlines()[-1] if str(cur).strip() else str(cur)
-                # Ray's wrappers repeat the traceback in str(); keep the one-line message.
-                text = msg.split(": ", 1)[1] if msg.startswith(kind.__name__ + ": ") else msg
-                return kind(text)
-        stack += [cur.__cause__, cur.__context__, getattr(cur, "cause", None)]
-    return e
 
 
 class _quiet_ray_data:

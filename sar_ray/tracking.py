@@ -28,6 +28,13 @@ def default_uri(uri: str | None) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
 
 
+def absolute_uri(uri: str) -> str:
+    """`sqlite:///mlflow.db` is relative to the current directory; Tune trials run elsewhere."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    return uri
+
+
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """Fail fast, before any training, when the tracking store cannot be reached."""
     fix = ("start one with `mlflow server --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///mlflow.db`, "

@@ -46,6 +46,34 @@ CHECKPOINTS_DIR = "checkpoints"
 CRASH_ENV = "SAR_RAY_CRASH_AT_STEP"
 
 
+# In local mode (num_workers=0) Ray Train runs no callbacks, so Tune's TuneReportCallback never
+# sees the reports; a sweep's trial driver, which runs the loop in its own process, sets this
+# to forward them (sweep.py owns the Tune side).
+local_report_hook = None
+
+
+class _TrainAPI:
+    """Ray Train's per-worker functions. Inside a Tune trial, the public `ray.train.report`,
+    `get_context` and `get_checkpoint` refuse to run (they expect `ray.tune`'s), yet local mode
+    runs the loop right there; so local mode calls the utilities object they wrap."""
+
+    def __init__(self, local_mode: bool):
+        self.local_mode = local_mode
+        if local_mode:
+            from ray.train.v2._internal.execution.train_fn_utils import get_train_fn_utils
+
+            u = get_train_fn_utils()
+            self.context, self._report, self.get_checkpoint = u.get_context(), u.report, u.get_checkpoint
+        else:
+            self.context, self._report, self.get_checkpoint = (
+                ray.train.get_context(), ray.train.report, ray.train.get_checkpoint)
+
+    def report(self, metrics: dict, checkpoint: Checkpoint | None = None) -> None:
+        self._report(metrics, checkpoint=checkpoint)
+        if self.local_mode and local_report_hook is not None:
+            local_report_hook(dict(metrics))
+
+
 class TrainingError(RuntimeError):
     """The training run itself failed (diverged, crashed); exit code 1."""
 
@@ -275,8 +303,8 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
     out = Path(config["out"])
     local_mode = bool(config.get("local_mode"))
     t = cfg.train
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    api = _TrainAPI(local_mode)
+    rank, world = api.context.get_world_rank(), api.context.get_world_size()
     device = _device(cfg, local_mode)
     log_path = out / LOG_FILE
 
@@ -303,7 +331,7 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(t.seed * 1000 + rank + 1)
 
     pos, meta = Position(), {}
-    resume_from = ray.train.get_checkpoint()
+    resume_from = api.get_checkpoint()
     if resume_from is not None:
         with resume_from.as_directory() as d:
             pos, meta = _load_resume_state(Path(d), applied, optimizer, lr_sched, generator, ema, c)
@@ -403,9 +431,9 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
                 _validation_samples(c, cfg, out / "samples" / f"step-{pos.step:06d}", device)
             if pos.step % t.checkpoint_every == 0 or is_last:
                 extra = {"slug": cfg.strategy.slug, "keep": t.checkpoints_to_keep, "grad_scaler": scaler.state_dict() if scaler is not None else None}
-                _report_with_checkpoint(metrics, out, local_mode, rank, extra, applied, optimizer, lr_sched, generator, ema, c, pos)
+                _report_with_checkpoint(api, metrics, out, rank, extra, applied, optimizer, lr_sched, generator, ema, c, pos)
             elif do_eval:
-                ray.train.report(metrics)
+                api.report(metrics)
             if crash_at and pos.step == crash_at:
                 raise RuntimeError(f"simulated crash after step {pos.step} ({CRASH_ENV})")
             if is_last:
@@ -422,27 +450,37 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
     result = {"step": pos.step, "loss": last_loss, "val_loss": last_val}
     if rank == 0:
         _finish(c, applied, cfg, out, ema, device)
+        _append_log(log_path, {"event": "end", "step": pos.step, "peak_memory_mb": _peak_memory_mb(device),
+                               "time": time.time()})
     return result
 
 
-def _report_with_checkpoint(metrics, out, local_mode, rank, extra, applied, optimizer, lr_sched, generator, ema, c, pos) -> None:
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _report_with_checkpoint(api, metrics, out, rank, extra, applied, optimizer, lr_sched, generator, ema, c, pos) -> None:
     """Every rank reports; rank 0 attaches the resume state. Local mode writes it straight
     into the trial folder (nothing else persists it); otherwise Ray Train copies it to storage
     and keeps the newest `checkpoints_to_keep`."""
     if rank != 0:
-        ray.train.report(metrics)
+        api.report(metrics)
         return
-    if local_mode:
+    if api.local_mode:
         target = out / CHECKPOINTS_DIR / f"step-{pos.step:06d}"
         _save_resume_state(target, applied, optimizer, lr_sched, generator, ema, c, pos, extra)
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(target)))
+        api.report(metrics, Checkpoint.from_directory(str(target)))
         old = sorted((out / CHECKPOINTS_DIR).glob("step-*"))[: -extra["keep"]]
         for p in old:
             shutil.rmtree(p, ignore_errors=True)
         return
     with tempfile.TemporaryDirectory() as tmp:
         _save_resume_state(Path(tmp), applied, optimizer, lr_sched, generator, ema, c, pos, extra)
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+        api.report(metrics, Checkpoint.from_directory(tmp))
 
 
 def _load_val_batches(cfg: TrialConfig, device) -> list[tuple[torch.Tensor, list[str]]]:

@@ -35,9 +35,20 @@ class TrialResult:
     n_val: int
     n_skipped: int
     trainable_params: int | None = None
+    peak_memory_mb: float | None = None
+    gpu_hours: float = 0.0
     run_id: str | None = None
     run_url: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def cost(self) -> dict[str, float]:
+        """What the trial cost: wall time, GPU-hours, peak memory, trainable parameters."""
+        out = {"wall_s": self.wall_s, "gpu_hours": self.gpu_hours}
+        if self.peak_memory_mb is not None:
+            out["peak_memory_mb"] = self.peak_memory_mb
+        if self.trainable_params is not None:
+            out["trainable_params"] = float(self.trainable_params)
+        return out
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -106,6 +117,13 @@ def _clean(out: Path) -> None:
             p.unlink()
 
 
+def _gpu_hours(cfg: TrialConfig, wall_s: float) -> float:
+    s = cfg.scaling
+    if not s.use_gpu:
+        return 0.0
+    return wall_s * max(s.num_workers, 1) * (s.gpus_per_worker if s.num_workers else 1) / 3600
+
+
 def _absolute_paths(cfg: TrialConfig) -> TrialConfig:
     """Workers may run in another directory (Ray Train changes it) or on another node: send
     them absolute paths."""
@@ -155,9 +173,12 @@ def run_trial(
     callbacks: list | None = None,
     parent_run_id: str | None = None,
     tracker=None,
+    tags: dict[str, str] | None = None,
+    data=None,
 ) -> TrialResult:
     """Train `cfg`'s strategy, save its weights and samples, log it; resumes from the newest
-    checkpoint in the output folder unless `fresh`."""
+    checkpoint in the output folder unless `fresh`. `data`: datasets already built for
+    `cfg.data` (a sweep builds them once for all its trials)."""
     from .data import build_datasets
 
     started = time.time()
@@ -173,7 +194,8 @@ def run_trial(
         uri = default_uri(cfg.tracking.uri)
         tracker = Tracker(uri, cfg.tracking.experiment)  # fails fast when unreachable
     connect_ray(cfg.scaling.address)
-    data = build_datasets(cfg.data, cfg.train.seed)
+    if data is None:
+        data = build_datasets(cfg.data, cfg.train.seed)
     _check_ingest_cpus(cfg, data.materialized)
     (out / "config.yaml").write_text(config_mod.dump_yaml(cfg))
 
@@ -184,7 +206,7 @@ def run_trial(
         run_id = tracker.start_run(
             run_name=f"{cfg.name}/{cfg.strategy.slug}",
             tags={"sar_ray.strategy": cfg.strategy.slug, "sar_ray.out": str(out.resolve()),
-                  "sar_ray.model": cfg.model.pretrained},
+                  "sar_ray.model": cfg.model.pretrained, **(tags or {})},
             parent_run_id=parent_run_id,
             resume_run_id=remembered_run(out, tracker.uri),
         )
@@ -193,7 +215,8 @@ def run_trial(
         tracker.log_params(run_id, {"data.n_train": data.n_train, "data.n_val": data.n_val,
                                     "data.n_skipped": data.n_skipped, "data.source": data.source})
 
-    state: dict[str, Any] = {"step": 0, "loss": None, "val_loss": None, "trainable_params": None}
+    state: dict[str, Any] = {"step": 0, "loss": None, "val_loss": None, "trainable_params": None,
+                             "peak_memory_mb": None}
     pending: list[tuple[str, float, int]] = []
     lock = threading.Lock()
 
@@ -202,6 +225,9 @@ def run_trial(
     def on_record(rec: dict) -> None:
         if rec.get("event") == "start":
             state["trainable_params"] = rec.get("trainable_params")
+            return
+        if rec.get("event") == "end":
+            state["peak_memory_mb"] = rec.get("peak_memory_mb")
             return
         if rec.get("event") == "resumed" and bar is not None:
             bar.note(f"resumed from checkpoint at step {rec['step']}")
@@ -285,6 +311,8 @@ def run_trial(
         n_val=data.n_val,
         n_skipped=data.n_skipped,
         trainable_params=state["trainable_params"],
+        peak_memory_mb=state["peak_memory_mb"],
+        gpu_hours=_gpu_hours(cfg, time.time() - started),
         run_id=run_id,
         run_url=tracker.run_url(run_id) if tracker is not None else None,
     )
@@ -292,7 +320,7 @@ def run_trial(
     if tracker is not None:
         if result.trainable_params is not None:
             tracker.log_params(run_id, {"trainable_params": result.trainable_params})
-        tracker.log_metrics(run_id, [("final/wall_s", result.wall_s, result.step)])
+        tracker.log_metrics(run_id, [(f"cost/{k}", v, result.step) for k, v in result.cost().items()])
         tracker.log_artifacts(run_id, result.weights, "weights")
         tracker.log_artifacts(run_id, out / "samples", "samples")
         for name in ("config.yaml", LOG_FILE, "summary.json"):

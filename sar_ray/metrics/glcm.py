@@ -192,13 +192,11 @@ def _glcm_props_chunk(q, levels, distances, angles, symmetric) -> np.ndarray:
             diag_view = np.ndarray((n_img, L, L), np.int64, counts, 0, (s[0], (L + 1) * s[1], s[1]))
             diff_hist[:, k] = diag_view.sum(axis=1)
             diags[:, k] = counts[:, 0 : L * L : L + 1]
-            sum_sq[:, k] = np.einsum("ij,ij->i", counts, counts)
-            sum_xlogx[:, k] = np.take(xlogx, counts, out=fbuf, mode="clip").sum(axis=1)
         else:
             d = np.abs(a.astype(np.intp) - b) + (np.arange(n_img, dtype=np.intp) * L)[:, None, None]
             diff_hist[:, k] = np.bincount(d.ravel(), minlength=n_img * L).reshape(n_img, L)
-            sum_sq[:, k] = np.einsum("ij,ij->i", counts, counts)
-            sum_xlogx[:, k] = np.take(xlogx, counts, out=fbuf, mode="clip").sum(axis=1)
+        sum_sq[:, k] = np.einsum("ij,ij->i", counts, counts)
+        sum_xlogx[:, k] = np.take(xlogx, counts, out=fbuf, mode="clip").sum(axis=1)
 
     if symmetric:
         # S = U + U^T off the diagonal and 2 U on it, so with D = diag(U):

@@ -1,0 +1,531 @@
+"""Sweeps: Ray Tune over Ray Train trials, Optuna / grid / random search, ASHA, MLflow.
+
+The only module that imports `ray.tune`. A Tune trial is a function (`_trial_driver`) that
+resolves the study's base trial with the sampled parameters and calls `trial.run_trial`, the
+same path `sar-ray trial` takes, with Tune's report callback; then it scores the trial's
+samples with `evaluate.score` and reports the final metrics.
+
+Layout of a sweep (`runs/<name>/` unless `out` is set):
+    tune/<name>/        Ray Tune experiment state (what --resume restores)
+    trials/<trial id>/  one trial folder each (weights, samples, checkpoints, train_log.jsonl)
+    report/             the comparison report
+    mlflow_run.json     the parent MLflow run (a resumed sweep logs to the same one)
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ray.tune import Callback
+
+from . import config as config_mod
+from .config import ConfigError, ParamSpec, SearchConfig, StudyConfig, TrialConfig
+
+# What the driver-side trial table uses after Tune unpickles it (restore): console, tracker.
+_DRIVER: dict[str, Any] = {}
+
+DATA_CPUS = 1  # CPUs a sweep leaves to Ray Data
+
+# Keys that only mean something for a LoRA component: sampled only where it is LoRA.
+LORA_ONLY = ("rank", "alpha", "dropout", "target_modules")
+
+
+@dataclass
+class SweepResult:
+    name: str
+    folder: Path
+    trials: list[dict[str, Any]]  # one row per trial: params, status, metrics
+    best: dict[str, Any] | None
+    parent_run_id: str | None
+    run_url: str | None
+    report: Path | None
+    wall_s: float
+
+
+# --------------------------------------------------------------------------------------------
+# search space
+# --------------------------------------------------------------------------------------------
+
+
+def _condition(key: str) -> str | None:
+    """`strategy.unet.rank` -> `strategy.unet.mode` (the key deciding whether it is active)."""
+    parts = key.split(".")
+    if len(parts) == 3 and parts[0] == "strategy" and parts[2] in LORA_ONLY:
+        return f"strategy.{parts[1]}.mode"
+    return None
+
+
+def _ordered(space: dict[str, ParamSpec]) -> list[str]:
+    """Mode keys before the keys that depend on them."""
+    return sorted(space, key=lambda k: (_condition(k) is not None, list(space).index(k)))
+
+
+def _active(key: str, params: dict[str, Any], base: TrialConfig) -> bool:
+    cond = _condition(key)
+    if cond is None:
+        return True
+    mode = params.get(cond)
+    if mode is None:
+        node: Any = base
+        for part in cond.split("."):
+            node = getattr(node, part)
+        mode = node
+    return mode == "lora"
+
+
+def grid_points(search: SearchConfig, base: TrialConfig) -> list[dict[str, Any]]:
+    """Every combination of the grid/choice axes, conditional keys expanded only where active
+    (no duplicate trials that differ only in the rank of a frozen component)."""
+    points: list[dict[str, Any]] = [{}]
+    for key in _ordered(search.space):
+        values = search.space[key].values
+        nxt = []
+        for p in points:
+            if _active(key, p, base):
+                nxt.extend({**p, key: v} for v in values)
+            else:
+                nxt.append(p)
+        points = nxt
+    return points
+
+
+def _define_by_run(search: SearchConfig, base: TrialConfig):
+    """Optuna define-by-run space: conditional parameters are suggested only when active."""
+
+    def define(trial) -> dict[str, Any]:
+        params: dict[str, Any] = {}
+        for key in _ordered(search.space):
+            spec = search.space[key]
+            if not _active(key, params, base):
+                continue
+            if spec.values is not None:
+                params[key] = trial.suggest_categorical(key, spec.values)
+            elif spec.loguniform is not None:
+                params[key] = trial.suggest_float(key, *spec.loguniform, log=True)
+            else:
+                params[key] = trial.suggest_float(key, *spec.uniform)
+        return {}  # Tune reads the suggested values from the trial itself
+
+    return define
+
+
+def trial_config(study: StudyConfig, params: dict[str, Any], out: Path, name: str) -> TrialConfig:
+    """The study's base trial with sampled `params` (dotted keys), re-validated."""
+    updates = {k: v for k, v in params.items() if not k.startswith("_")}
+    try:
+        return study.trial(**updates, out=str(out), name=name)
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - pydantic ValidationError: name the params
+        raise ConfigError(f"search point {updates} gives an invalid trial: {e}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# resources
+# --------------------------------------------------------------------------------------------
+
+
+def trial_resources(cfg: TrialConfig) -> dict[str, float]:
+    """What the trial function itself reserves. In local mode it trains in its own process, so
+    it takes the worker's CPU (and GPU); otherwise the Ray Train workers ask for theirs and
+    the driver needs only a sliver."""
+    s = cfg.scaling
+    if s.num_workers == 0:
+        res = {"CPU": s.cpus_per_worker}
+        if s.use_gpu:
+            res["GPU"] = 1
+        return res
+    return {"CPU": 0.1}
+
+
+def concurrent_trials(cfg: TrialConfig, search: SearchConfig, cluster: dict[str, float]) -> int:
+    """How many trials the cluster fits at once (unless search.max_concurrent_trials says).
+    One CPU stays free for Ray Data (data checks, evaluation): trials that hold every CPU would
+    wait for ever on the tasks they start."""
+    if search.max_concurrent_trials:
+        return search.max_concurrent_trials
+    s = cfg.scaling
+    workers = max(s.num_workers, 1)
+    cpu_per_trial = trial_resources(cfg)["CPU"] + (s.num_workers * s.cpus_per_worker)
+    fits = [math.floor((cluster.get("CPU", 1) - DATA_CPUS) / cpu_per_trial)]
+    if s.use_gpu:
+        fits.append(math.floor(cluster.get("GPU", 0) / (workers * (s.gpus_per_worker if s.num_workers else 1))))
+    return max(1, min(fits))
+
+
+# --------------------------------------------------------------------------------------------
+# the Tune trial
+# --------------------------------------------------------------------------------------------
+
+
+def _trial_driver(config: dict[str, Any], *, study_raw: dict, folder: str, tracking: dict | None,
+                  reference: str | None, data=None) -> None:
+    """One Tune trial: train through `run_trial` (as `sar-ray trial` does), score, report."""
+    import ray.tune as tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from . import train as train_mod
+    from .trial import run_trial
+
+    study = StudyConfig.model_validate(study_raw)
+    params = config.get("params", config)
+    trial_id = tune.get_context().get_trial_id()
+    cfg = trial_config(study, params, Path(folder) / "trials" / trial_id, study.name)
+
+    tracker = None
+    if tracking is not None:
+        from .tracking import Tracker
+
+        tracker = Tracker(tracking["uri"], tracking["experiment"])
+    callbacks = None
+    if cfg.scaling.num_workers > 0:
+        callbacks = [TuneReportCallback()]
+    else:
+        # Local mode runs the loop right here and runs no Ray Train callbacks.
+        train_mod.local_report_hook = tune.report
+    try:
+        result = run_trial(cfg, progress=False, callbacks=callbacks, tracker=tracker,
+                           parent_run_id=tracking["parent_run_id"] if tracking else None,
+                           tags={"sar_ray.trial_id": trial_id, "sar_ray.params": json.dumps(params, sort_keys=True)},
+                           data=data)
+    finally:
+        train_mod.local_report_hook = None
+
+    final: dict[str, Any] = {"step": result.step, "loss": result.loss, "val_loss": result.val_loss, "done": True,
+                             **{f"cost/{k}": v for k, v in result.cost().items()}}
+    if study.search is not None and study.search.evaluate and reference:
+        from .evaluate import score
+
+        # Real images are compared in the space the model learned: the training normalisation.
+        scores = score(result.samples, reference, cfg.eval.model_copy(update={"normalization": cfg.data.normalization}))
+        final.update(scores)
+        if tracker is not None:
+            tracker.log_metrics(result.run_id, [(k, v, result.step) for k, v in scores.items()
+                                                if v is not None and math.isfinite(v)])
+    tune.report(final)
+
+
+# --------------------------------------------------------------------------------------------
+# the sweep
+# --------------------------------------------------------------------------------------------
+
+
+def _tune_pieces(study: StudyConfig, base: TrialConfig):
+    """(param_space, search_alg, scheduler, num_samples) for the Tuner."""
+    import ray.tune as tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    search = study.search
+    objective = search.objectives[0]
+    scheduler = None
+    if search.scheduler.type == "asha":
+        sc = search.scheduler
+        scheduler = ASHAScheduler(time_attr="step", metric=sc.metric, mode=sc.mode, max_t=base.train.max_steps,
+                                  grace_period=min(sc.grace_period, base.train.max_steps),
+                                  reduction_factor=sc.reduction_factor)
+    if search.algorithm == "grid":
+        points = grid_points(search, base)
+        return {"params": tune.grid_search(points)}, None, scheduler, search.num_samples
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    sampler = (optuna.samplers.TPESampler(seed=search.seed) if search.algorithm == "optuna"
+               else optuna.samplers.RandomSampler(seed=search.seed))
+    metrics = [o.metric for o in search.objectives]
+    modes = [o.mode for o in search.objectives]
+    if search.algorithm == "optuna" and len(metrics) > 1:
+        sampler = optuna.samplers.TPESampler(seed=search.seed)
+    alg = OptunaSearch(space=_define_by_run(search, base), sampler=sampler,
+                       metric=metrics if len(metrics) > 1 else objective.metric,
+                       mode=modes if len(modes) > 1 else objective.mode)
+    return {}, alg, scheduler, search.num_samples
+
+
+def sweep_folder(study: StudyConfig) -> Path:
+    return (Path(study.out) if study.out else Path("runs") / study.name).resolve()
+
+
+def run_sweep(study: StudyConfig, *, resume: bool = False, console=None, progress: bool = True) -> SweepResult:
+    """Run (or with `resume`, continue) the study's sweep; return every trial and the best."""
+    import ray
+    import ray.tune as tune
+
+    from .train import connect_ray
+
+    if study.search is None:
+        raise ConfigError("this study file has no `search` section; run it with `sar-ray trial`, or add search.space")
+    started = time.time()
+    base = study.trial()
+    folder = sweep_folder(study)
+    tune_root = folder / "tune"
+    exp_dir = tune_root / study.name
+    if resume and not tune.Tuner.can_restore(str(exp_dir)):
+        raise ConfigError(f"--resume: no interrupted sweep at {exp_dir}; run without --resume to start it")
+    if not resume and exp_dir.exists():
+        raise ConfigError(f"{exp_dir} holds an earlier sweep: add --resume to continue it, or set out= / name= "
+                          f"(or delete the folder) to start a new one")
+    folder.mkdir(parents=True, exist_ok=True)
+
+    tracker, parent_run_id, tracking = None, None, None
+    if base.tracking.enabled:
+        from .tracking import Tracker, absolute_uri, default_uri, remember_run, remembered_run
+
+        uri = absolute_uri(default_uri(base.tracking.uri))
+        tracker = Tracker(uri, base.tracking.experiment)
+        parent_run_id = tracker.start_run(
+            f"sweep/{study.name}", tags={"sar_ray.kind": "sweep", "sar_ray.folder": str(folder)},
+            resume_run_id=remembered_run(folder, uri),
+        )
+        remember_run(folder, uri, parent_run_id)
+        (folder / "sweep.yaml").write_text(config_mod.dump_yaml(study))
+        tracker.log_artifact(parent_run_id, folder / "sweep.yaml")
+        tracker.log_params(parent_run_id, {"search.algorithm": study.search.algorithm,
+                                           "search.num_samples": study.search.num_samples,
+                                           "search.space": json.dumps({k: v.model_dump(exclude_none=True)
+                                                                       for k, v in study.search.space.items()})})
+        tracking = {"uri": uri, "experiment": base.tracking.experiment, "parent_run_id": parent_run_id}
+
+    connect_ray(base.scaling.address)
+    reference = _reference(study, base)
+    study_raw = study.model_dump(mode="json")
+    shared = None
+    if not any(k.startswith(("data.", "train.seed")) for k in study.search.space):
+        from .data import build_datasets
+
+        # Every trial reads the same images: check and prepare them once, here, while the
+        # cluster's CPUs are free, instead of once per trial.
+        shared = build_datasets(base.data, base.train.seed)
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial_driver, study_raw=study_raw, folder=str(folder), tracking=tracking,
+                             reference=reference, data=shared),
+        trial_resources(base),
+    )
+    _DRIVER.update(console=console if progress else None, tracker=tracker)
+    table = _TrialTable(study, _DRIVER["console"], tracker)
+    run_config = tune.RunConfig(
+        name=study.name,
+        storage_path=str(tune_root),
+        failure_config=tune.FailureConfig(max_failures=study.search.max_failures),
+        callbacks=[table],
+        verbose=0,
+    )
+    objective = study.search.objectives[0]
+    if resume:
+        tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=True)
+    else:
+        param_space, alg, scheduler, num_samples = _tune_pieces(study, base)
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(
+                search_alg=alg,
+                scheduler=scheduler,
+                num_samples=num_samples,
+                max_concurrent_trials=concurrent_trials(base, study.search, ray.cluster_resources()),
+            ),
+            run_config=run_config,
+        )
+    table.start()
+    try:
+        grid = tuner.fit()
+    finally:
+        table.stop()
+
+    rows = _rows(grid, study)
+    best = _best(rows, study.search)
+    report_dir = None
+    if tracker is not None:
+        from .report import build_report
+
+        report_dir = build_report(tracker, parent_run_id, folder / "report", objective=objective,
+                                  objectives=study.search.objectives)
+        if best is not None:
+            tracker.set_tags(parent_run_id, {"sar_ray.best_trial": best["trial_id"],
+                                             "sar_ray.best_strategy": best["strategy"]})
+            tracker.log_metrics(parent_run_id, [(f"best/{objective.metric}", best["metrics"].get(objective.metric), 0)])
+        tracker.end_run(parent_run_id, "FINISHED")
+    (folder / "trials.json").write_text(json.dumps(rows, indent=2, default=str))
+    return SweepResult(study.name, folder, rows, best, parent_run_id,
+                       tracker.run_url(parent_run_id) if tracker else None, report_dir, time.time() - started)
+
+
+def _reference(study: StudyConfig, base: TrialConfig) -> str | None:
+    if study.search is None or not study.search.evaluate:
+        return None
+    if study.search.reference:
+        return str(Path(study.search.reference).resolve())
+    if base.data.path == "synthetic":
+        from .data.synth import synthetic_path
+
+        return str(synthetic_path(base.data.synthetic))
+    return str(Path(base.data.path).resolve())
+
+
+def _rows(grid, study: StudyConfig) -> list[dict[str, Any]]:
+    rows = []
+    for r in grid:
+        cfg_params = r.config.get("params", r.config) if r.config else {}
+        metrics = {k: v for k, v in (r.metrics or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        trial_id = (r.metrics or {}).get("trial_id") or Path(r.path).name
+        strategy = None
+        try:
+            strategy = study.trial(**{k: v for k, v in cfg_params.items()}).strategy.slug
+        except Exception:  # noqa: BLE001 - a point that failed validation still gets a row
+            pass
+        rows.append({
+            "trial_id": trial_id,
+            "params": cfg_params,
+            "strategy": strategy,
+            "status": "ERROR" if r.error else ("DONE" if (r.metrics or {}).get("done") else "STOPPED"),
+            "error": str(r.error).splitlines()[0] if r.error else None,
+            "metrics": metrics,
+        })
+    return rows
+
+
+def _best(rows: list[dict[str, Any]], search: SearchConfig) -> dict[str, Any] | None:
+    o = search.objectives[0]
+    done = [r for r in rows if r["status"] == "DONE" and isinstance(r["metrics"].get(o.metric), (int, float))
+            and math.isfinite(r["metrics"][o.metric])]
+    if not done:
+        return None
+    return (min if o.mode == "min" else max)(done, key=lambda r: r["metrics"][o.metric])
+
+
+# --------------------------------------------------------------------------------------------
+# live trial table
+# --------------------------------------------------------------------------------------------
+
+
+class _TrialTable(Callback):
+    """Tune callback on the driver: a live table of the trials (status, strategy, rank, lr,
+    latest loss and metric), and MLflow status for trials Tune stops or loses."""
+
+    def __init__(self, study: StudyConfig, console, tracker):
+        self.study, self.console, self.tracker = study, console, tracker
+        self.rows: dict[str, dict[str, Any]] = {}
+        self.live = None
+
+    # Tune pickles its run config (callbacks included) into the experiment state; the console,
+    # the MLflow client and the live display stay with the driver that runs the sweep.
+    def __getstate__(self) -> dict[str, Any]:
+        return {"study": self.study.model_dump(mode="json")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(StudyConfig.model_validate(state["study"]), _DRIVER.get("console"), _DRIVER.get("tracker"))
+
+    # -- rendering
+    def _render(self):
+        from rich.table import Table
+
+        metric = self.study.search.objectives[0].metric
+        t = Table(title=f"sweep {self.study.name}", expand=False)
+        for col in ("trial", "status", "strategy", "lr", "step", "loss", "val loss", metric):
+            t.add_column(col)
+        for tid, r in sorted(self.rows.items()):
+            t.add_row(tid, r.get("status", ""), r.get("strategy", ""), r.get("lr", ""), str(r.get("step", "")),
+                      _f(r.get("loss")), _f(r.get("val_loss")), _f(r.get(metric)))
+        return t
+
+    def start(self) -> None:
+        if self.console is not None:
+            from rich.live import Live
+
+            self.live = Live(self._render(), console=self.console, refresh_per_second=2, transient=False)
+            self.live.start()
+
+    def stop(self) -> None:
+        if self.live is not None:
+            self.live.update(self._render())
+            self.live.stop()
+
+    def _row(self, trial) -> dict[str, Any]:
+        row = self.rows.setdefault(trial.trial_id, {})
+        params = trial.config.get("params", trial.config) if trial.config else {}
+        if "strategy" not in row:
+            try:
+                cfg = self.study.trial(**params)
+                row["strategy"] = cfg.strategy.slug
+                row["lr"] = f"{cfg.train.lr:.1e}"
+            except Exception:  # noqa: BLE001
+                row["strategy"] = "?"
+        return row
+
+    def _refresh(self) -> None:
+        if self.live is not None:
+            self.live.update(self._render())
+
+    # -- Tune hooks
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._row(trial)["status"] = "RUNNING"
+        self._refresh()
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        row = self._row(trial)
+        row["status"] = "RUNNING"
+        for k, v in result.items():
+            if isinstance(v, (int, float)):
+                row[k] = v
+        self._refresh()
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        row = self._row(trial)
+        done = bool((trial.last_result or {}).get("done"))
+        row["status"] = "DONE" if done else "STOPPED"
+        if not done:
+            self._close_child(trial, "KILLED", "stopped early by the scheduler")
+        self._refresh()
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._row(trial)["status"] = "ERROR"
+        self._close_child(trial, "FAILED", None)
+        self._refresh()
+
+    def _close_child(self, trial, status: str, note: str | None) -> None:
+        """A trial Tune stopped (ASHA) or lost never ended its MLflow run itself."""
+        if self.tracker is None:
+            return
+        from .tracking import remembered_run
+
+        out = sweep_folder(self.study) / "trials" / trial.trial_id
+        run_id = remembered_run(out, self.tracker.uri)
+        if not run_id:
+            return
+        try:
+            run = self.tracker.client.get_run(run_id)
+            if run.info.status == "RUNNING":
+                if note:
+                    self.tracker.set_tags(run_id, {"sar_ray.stopped": note})
+                self.tracker.end_run(run_id, status)
+        except Exception:  # noqa: BLE001 - bookkeeping must not break the sweep
+            pass
+
+
+def _f(x) -> str:
+    return "" if x is None else (f"{x:.4g}" if isinstance(x, float) else str(x))
+
+
+def summary(r: SweepResult, objective: str) -> str:
+    from rich.markup import escape
+
+    done = sum(1 for t in r.trials if t["status"] == "DONE")
+    stopped = sum(1 for t in r.trials if t["status"] == "STOPPED")
+    failed = sum(1 for t in r.trials if t["status"] == "ERROR")
+    lines = [f"[bold]sweep {r.name}[/bold]: {len(r.trials)} trials ({done} done, {stopped} stopped early, "
+             f"{failed} failed) in {r.wall_s:.0f} s"]
+    if r.best:
+        lines.append(f"  best      {escape(str(r.best['strategy']))} (trial {r.best['trial_id']}): "
+                     f"{objective} = {r.best['metrics'].get(objective):.4g}")
+    lines.append(f"  trials    {r.folder / 'trials'}")
+    if r.report:
+        lines.append(f"  report    {r.report / 'report.md'}")
+    if r.run_url:
+        lines.append(f"  mlflow    {escape(r.run_url)}")
+    return "\n".join(lines)
