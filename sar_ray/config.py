@@ -607,11 +607,7 @@ def parse_override(item: str) -> tuple[str, Any]:
     except yaml.YAMLError:
         parsed = value
     # yaml reads `1e-4` as a string (YAML 1.1 needs a dot); users mean the number.
-    if isinstance(parsed, str):
-        try:
-            parsed = float(parsed) if re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", parsed) else parsed
-        except ValueError:
-            pass
+    parsed = _fix_floats(parsed)
     return key, parsed
 
 

@@ -27,11 +27,15 @@ from ray.tune import Callback
 
 from . import config as config_mod
 from .config import ConfigError, ParamSpec, SearchConfig, StudyConfig, TrialConfig
+from .trial import failure_message
 
 # What the driver-side trial table uses after Tune unpickles it (restore): console, tracker.
 _DRIVER: dict[str, Any] = {}
 
 DATA_CPUS = 1  # CPUs a sweep leaves to Ray Data
+# Set in a trial's last report when it trained, sampled and scored to the end. (Tune's own
+# `done` is also true for trials its scheduler stopped.)
+FINISHED_KEY = "trial_finished"
 
 # Keys that only mean something for a LoRA component: sampled only where it is LoRA.
 LORA_ONLY = ("rank", "alpha", "dropout", "target_modules")
@@ -96,10 +100,15 @@ def grid_points(search: SearchConfig, base: TrialConfig) -> list[dict[str, Any]]
     return points
 
 
-def _define_by_run(search: SearchConfig, base: TrialConfig):
-    """Optuna define-by-run space: conditional parameters are suggested only when active."""
+class _DefineByRun:
+    """Optuna define-by-run space: conditional parameters are suggested only when active.
+    A class rather than a closure: Tune pickles the searcher into its experiment state."""
 
-    def define(trial) -> dict[str, Any]:
+    def __init__(self, search: SearchConfig, base: TrialConfig):
+        self.search_raw, self.base_raw = search.model_dump(mode="json"), base.model_dump(mode="json")
+
+    def __call__(self, trial) -> dict[str, Any]:
+        search, base = SearchConfig.model_validate(self.search_raw), TrialConfig.model_validate(self.base_raw)
         params: dict[str, Any] = {}
         for key in _ordered(search.space):
             spec = search.space[key]
@@ -113,7 +122,9 @@ def _define_by_run(search: SearchConfig, base: TrialConfig):
                 params[key] = trial.suggest_float(key, *spec.uniform)
         return {}  # Tune reads the suggested values from the trial itself
 
-    return define
+
+def _define_by_run(search: SearchConfig, base: TrialConfig) -> _DefineByRun:
+    return _DefineByRun(search, base)
 
 
 def trial_config(study: StudyConfig, params: dict[str, Any], out: Path, name: str) -> TrialConfig:
@@ -198,7 +209,7 @@ def _trial_driver(config: dict[str, Any], *, study_raw: dict, folder: str, track
     finally:
         train_mod.local_report_hook = None
 
-    final: dict[str, Any] = {"step": result.step, "loss": result.loss, "val_loss": result.val_loss, "done": True,
+    final: dict[str, Any] = {"step": result.step, "loss": result.loss, "val_loss": result.val_loss, FINISHED_KEY: True,
                              **{f"cost/{k}": v for k, v in result.cost().items()}}
     if study.search is not None and study.search.evaluate and reference:
         from .evaluate import score
@@ -383,8 +394,8 @@ def _rows(grid, study: StudyConfig) -> list[dict[str, Any]]:
             "trial_id": trial_id,
             "params": cfg_params,
             "strategy": strategy,
-            "status": "ERROR" if r.error else ("DONE" if (r.metrics or {}).get("done") else "STOPPED"),
-            "error": str(r.error).splitlines()[0] if r.error else None,
+            "status": "ERROR" if r.error else ("DONE" if (r.metrics or {}).get(FINISHED_KEY) else "STOPPED"),
+            "error": failure_message(r.error) if r.error else None,
             "metrics": metrics,
         })
     return rows
@@ -477,7 +488,7 @@ class _TrialTable(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         row = self._row(trial)
-        done = bool((trial.last_result or {}).get("done"))
+        done = bool((trial.last_result or {}).get(FINISHED_KEY))
         row["status"] = "DONE" if done else "STOPPED"
         if not done:
             self._close_child(trial, "KILLED", "stopped early by the scheduler")

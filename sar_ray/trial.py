@@ -151,12 +151,12 @@ def _check_ingest_cpus(cfg: TrialConfig, materialized: bool) -> None:
         )
 
 
-def _failure_message(e: BaseException) -> str:
+def failure_message(e: BaseException) -> str:
     """One line from a (possibly Ray-wrapped) training failure."""
     text = str(e)
     for line in text.splitlines():
-        if "TrainingError" in line or "loss is" in line:
-            return line.split("TrainingError:", 1)[-1].strip()
+        if "TrainingError: " in line:  # our own message, inside Ray's wrapping
+            return line.split("TrainingError: ", 1)[-1].strip()
     for line in reversed(text.splitlines()):  # the innermost exception is printed last
         line = line.strip()
         if line and not line.startswith(("File ", "^", "~", "Traceback", "The above")):
@@ -277,7 +277,7 @@ def run_trial(
         error = e
     except Exception as e:  # noqa: BLE001 - Ray wraps worker errors; keep one line
         error = TrainingError(
-            f"{_failure_message(e)} (trial {cfg.strategy.slug}; rerun the same command to resume from the newest "
+            f"{failure_message(e)} (trial {cfg.strategy.slug}; rerun the same command to resume from the newest "
             f"checkpoint in {out / CHECKPOINTS_DIR if cfg.scaling.num_workers == 0 else out / 'ray'})"
         )
     finally:

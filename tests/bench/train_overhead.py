@@ -49,7 +49,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -166,7 +166,6 @@ class Run:
     step_times: dict[int, float]  # step -> time.time() at its end (after the optimizer step)
     t_model: float | None = None  # model built ("start" event of the worker)
     t_end: float | None = None  # run_trial returned
-    notes: list[str] = field(default_factory=list)
 
     def deltas(self, first: int, last: int) -> list[float]:
         """Durations of steps first..last (each the gap to the previous step's end)."""

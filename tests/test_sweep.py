@@ -1,0 +1,140 @@
+"""Sweeps: the search space, resources, and whole sweeps through Ray Tune and MLflow."""
+
+import json
+from pathlib import Path
+
+import optuna
+import pytest
+
+from sar_ray import config
+from sar_ray.config import ConfigError
+from sar_ray.sweep import _define_by_run, concurrent_trials, grid_points, run_sweep
+
+PROMPT = '["<SAR> image of a forest"]'
+
+
+def study(tmp_path: Path, space: dict, *sets: str, name: str = "s"):
+    return config.load(None, [
+        "model.pretrained=tiny-sd", f"name={name}", f"out={tmp_path / name}",
+        "data.synthetic.n=16", "data.synthetic.size=32", "data.resolution=32", "data.val_fraction=0.25",
+        "train.max_steps=2", "train.batch_size=2", "train.eval_every=1", "train.checkpoint_every=2",
+        "train.eval_batches=1", f"sample.prompts={PROMPT}", "sample.seeds=[0]", "sample.steps=1",
+        "scaling.cpus_per_worker=0.5", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "tracking.experiment=sw",
+        f"search={json.dumps({'space': space, **{}})}", *sets,
+    ])
+
+
+def test_grid_expands_lora_only_keys_only_where_the_component_is_lora(tmp_path):
+    s = study(tmp_path, {"strategy.unet.mode": {"grid": ["full", "lora"]}, "strategy.unet.rank": {"grid": [4, 8]},
+                         "strategy.token": {"grid": ["none", "learn"]}}, "search.algorithm=grid")
+    points = grid_points(s.search, s.trial())
+    assert len(points) == 6  # (full, lora4, lora8) x (none, learn): no rank copies of the full UNet
+    assert sum(1 for p in points if p["strategy.unet.mode"] == "full" and "strategy.unet.rank" in p) == 0
+    slugs = {s.trial(**p).strategy.slug for p in points}
+    assert len(slugs) == 6
+
+
+def test_optuna_space_suggests_rank_only_for_lora(tmp_path):
+    s = study(tmp_path, {"strategy.unet.mode": {"choice": ["full", "lora"]}, "strategy.unet.rank": {"choice": [4, 16]},
+                         "strategy.unet.lr": {"loguniform": [1e-5, 1e-3]}})
+    define = _define_by_run(s.search, s.trial())
+    st = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(20):
+        t = st.ask()
+        define(t)
+        assert ("strategy.unet.rank" in t.params) == (t.params["strategy.unet.mode"] == "lora")
+        assert 1e-5 <= t.params["strategy.unet.lr"] <= 1e-3
+        seen.add(t.params["strategy.unet.mode"])
+    assert seen == {"full", "lora"}
+
+
+def test_search_section_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="'strategy.unet.rnak' is not a trial setting"):
+        study(tmp_path, {"strategy.unet.rnak": {"choice": [4]}})
+    with pytest.raises(ConfigError, match="exactly one of"):
+        study(tmp_path, {"train.lr": {"choice": [1e-4], "loguniform": [1e-5, 1e-3]}})
+    with pytest.raises(ConfigError, match="grid needs grid/choice axes"):
+        study(tmp_path, {"train.lr": {"loguniform": [1e-5, 1e-3]}}, "search.algorithm=grid")
+    with pytest.raises(ConfigError, match="multi-objective"):
+        study(tmp_path, {}, 'search.objectives=[{"metric": "val_loss"}, {"metric": "stats/js"}]')
+
+
+def test_concurrency_follows_cluster_resources_and_leaves_a_cpu_for_data(tmp_path):
+    s = study(tmp_path, {})
+    assert concurrent_trials(s.trial(), s.search, {"CPU": 2}) == 2  # 0.5 CPU per trial, 1 CPU kept
+    gpu = s.trial(**{"scaling.num_workers": 2, "scaling.use_gpu": True, "scaling.cpus_per_worker": 4})
+    assert concurrent_trials(gpu, s.search, {"CPU": 64, "GPU": 8}) == 4  # 2 GPUs per trial
+    pinned = study(tmp_path, {}, "search.max_concurrent_trials=3")
+    assert concurrent_trials(pinned.trial(), pinned.search, {"CPU": 2}) == 3
+
+
+def _client(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    return c, c.get_experiment_by_name("sw").experiment_id
+
+
+def test_grid_sweep_logs_parent_and_children_and_resume_adds_no_duplicates(tmp_path, monkeypatch, ray_local):
+    monkeypatch.chdir(tmp_path)
+    s = study(tmp_path, {"strategy.unet.mode": {"grid": ["full", "lora"]}}, "search.algorithm=grid",
+              "search.scheduler.type=none", 'search.objectives=[{"metric": "stats/wasserstein"}]')
+    r = run_sweep(s, progress=False)
+    assert [t["status"] for t in r.trials] == ["DONE", "DONE"]
+    assert r.best is not None and "stats/wasserstein" in r.best["metrics"]
+    client, exp = _client(tmp_path)
+    parent = client.get_run(r.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["sar_ray.best_trial"] == r.best["trial_id"]
+    children = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{r.parent_run_id}'")
+    assert len(children) == 2
+    for ch in children:
+        assert ch.info.status == "FINISHED"
+        assert {"train/loss", "val/loss", "stats/wasserstein", "cost/wall_s", "cost/trainable_params"} <= set(ch.data.metrics)
+        grid = [a.path for a in client.list_artifacts(ch.info.run_id, "samples/final")]
+        assert "samples/final/grid.png" in grid
+    reports = {a.path for a in client.list_artifacts(r.parent_run_id, "report")}
+    assert {"report/report.md", "report/report.csv"} <= reports
+    assert (r.folder / "report" / "report.md").read_text().count("| unet-") == 2
+
+    with pytest.raises(ConfigError, match="--resume"):
+        run_sweep(s, progress=False)  # the folder holds this sweep: refuse to overwrite it
+    again = run_sweep(s, resume=True, progress=False)
+    assert sorted(t["trial_id"] for t in again.trials) == sorted(t["trial_id"] for t in r.trials)
+    assert again.parent_run_id == r.parent_run_id
+    assert len(client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{r.parent_run_id}'")) == 2
+    assert len(client.search_runs([exp], "tags.`sar_ray.kind` = 'sweep'")) == 1
+
+
+def test_a_failing_trial_does_not_stop_the_others(tmp_path, monkeypatch, ray_local):
+    monkeypatch.chdir(tmp_path)
+    s = study(tmp_path, {"train.lr": {"grid": [1e-4, 1e30]}}, "search.algorithm=grid", "search.scheduler.type=none",
+              "search.max_failures=0", "search.evaluate=false", "train.max_grad_norm=null",
+              "strategy.unet.mode=full", "train.max_steps=6", "train.checkpoint_every=6", name="f")
+    r = run_sweep(s, progress=False)
+    status = {t["params"]["train.lr"]: t["status"] for t in r.trials}
+    assert status == {1e-4: "DONE", 1e30: "ERROR"}
+    bad = next(t for t in r.trials if t["status"] == "ERROR")
+    assert "loss is" in bad["error"]
+    client, exp = _client(tmp_path)
+    statuses = sorted(ch.info.status for ch in client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{r.parent_run_id}'"))
+    assert statuses == ["FAILED", "FINISHED"]
+
+
+@pytest.mark.slow
+def test_asha_stops_trials_and_they_release_their_resources(tmp_path, monkeypatch, ray_local):
+    monkeypatch.chdir(tmp_path)
+    s = study(tmp_path, {"train.lr": {"choice": [1e-6, 1e-5, 1e-4, 1e-3]}, "strategy.unet.rank": {"choice": [4, 8]}},
+              "search.algorithm=optuna", "search.num_samples=6", "search.scheduler.type=asha",
+              "search.scheduler.grace_period=2", "search.evaluate=false", "train.max_steps=8",
+              "train.eval_every=2", "train.checkpoint_every=8", name="asha")
+    r = run_sweep(s, progress=False)
+    assert len(r.trials) == 6
+    assert {t["status"] for t in r.trials} <= {"DONE", "STOPPED"}
+    assert any(t["status"] == "STOPPED" for t in r.trials), "ASHA stopped no trial"
+    # Stopped trials gave their CPUs back: every later trial could start, and nothing is held now.
+    avail, total = ray_local.available_resources(), ray_local.cluster_resources()
+    assert avail.get("CPU", 0) == pytest.approx(total["CPU"])
+    client, exp = _client(tmp_path)
+    runs = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{r.parent_run_id}'")
+    assert len(runs) == 6 and all(x.info.status in ("FINISHED", "KILLED") for x in runs)
