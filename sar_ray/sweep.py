@@ -190,6 +190,12 @@ def _trial_driver(config: dict[str, Any], *, study_raw: dict, folder: str, track
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(study, params, Path(folder) / "trials" / trial_id, study.name)
 
+    final_path = cfg.out_dir / "final.json"
+    if final_path.is_file():
+        # Finished before the driver died, but Tune had not recorded it yet: report, don't rerun.
+        tune.report(json.loads(final_path.read_text()))
+        return
+
     tracker = None
     if tracking is not None:
         from .tracking import Tracker
@@ -220,6 +226,7 @@ def _trial_driver(config: dict[str, Any], *, study_raw: dict, folder: str, track
         if tracker is not None:
             tracker.log_metrics(result.run_id, [(k, v, result.step) for k, v in scores.items()
                                                 if v is not None and math.isfinite(v)])
+    final_path.write_text(json.dumps(final))
     tune.report(final)
 
 

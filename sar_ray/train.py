@@ -352,7 +352,8 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
     train_shard = ray.train.get_dataset_shard("train")
     val_batches = _load_val_batches(cfg, device)
     tune_vae = applied.modes.get("vae", "frozen") != "frozen"
-    crash_at = int(os.environ.get(CRASH_ENV, "0") or 0)
+    # Only a fresh start crashes: the retry that resumes from the checkpoint then goes through.
+    crash_at = int(os.environ.get(CRASH_ENV, "0") or 0) if pos.step == 0 else 0
 
     last_loss = float("nan")
     last_val: float | None = None

@@ -54,6 +54,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import logging
 import os
 import shutil
 import statistics
@@ -99,6 +100,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=None,
                    help="search.max_concurrent_trials (default: what sar_ray fits on the cluster)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0, help="scaling.cpus_per_worker (default 1)")
+    p.add_argument("--cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
     p.add_argument("--seed", type=int, default=0, help="Optuna sampler seed")
     p.add_argument("--project-s", type=float, default=180.0,
                    help="training seconds per trial to project the fixed overhead onto (default 180)")
@@ -393,7 +395,14 @@ def main(argv: list[str] | None = None) -> int:
           f"(grace {args.grace}, rf 2); workdir {work}")
 
     t = time.time()
-    connect_ray(None)
+    # A private local Ray (address="local"): ray.init() with no address would join any Ray that
+    # another process started on this machine with `ray start`.
+    ray.init(address="local", num_cpus=args.cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False,
+             configure_logging=True, logging_level="ERROR")
+    connect_ray(None)  # sar_ray's Ray Data settings (returns early: Ray is up)
+    for name, level in (("ray.data", logging.WARNING), ("ray.data._internal.progress", logging.ERROR),
+                        ("ray.train", logging.WARNING)):
+        logging.getLogger(name).setLevel(level)
     t_init = time.time() - t
     conc = concurrent_trials(grid.trial(), grid.search, ray.cluster_resources())
     print(f"ray.init {t_init:.1f} s (once, outside both sweeps); cluster CPUs {ray.cluster_resources().get('CPU')}, "
