@@ -321,6 +321,10 @@ class ScalingSection(_Strict):
     address: str | None = Field(
         None, description="Ray address (default: RAY_ADDRESS, else a local Ray)."
     )
+    max_failures: int = Field(
+        0, ge=0, description="Worker-group restarts after a worker dies (Ray Train FailureConfig); each "
+        "restart resumes from the newest checkpoint. A NaN loss fails again after its restart."
+    )
     storage_path: str | None = Field(
         None, description="Ray Train storage for checkpoints (default: <out>/ray). Shared "
         "storage (s3://, gs://, NFS) on a cluster."

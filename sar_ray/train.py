@@ -571,8 +571,9 @@ def connect_ray(address: str | None) -> None:
     if address:
         _probe(address)
     try:
-        ray.init(address=address, log_to_driver=False, configure_logging=True, logging_level="ERROR",
-                 **({} if address else {"include_dashboard": False}))
+        # A local Ray keeps its dashboard (on 127.0.0.1): Ray Train's placement-group cleaner
+        # asks the state API, served by the dashboard, whether the controller is alive.
+        ray.init(address=address, log_to_driver=False, configure_logging=True, logging_level="ERROR")
     except (ConnectionError, RuntimeError, ValueError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RayConnectionError(
@@ -602,7 +603,7 @@ def build_trainer(cfg: TrialConfig, datasets: dict, out: Path, callbacks: list |
             name=f"trial-{cfg.strategy.slug}",
             storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
-            failure_config=FailureConfig(max_failures=0),
+            failure_config=FailureConfig(max_failures=s.max_failures),
             callbacks=callbacks or None,
         ),
         datasets=datasets,

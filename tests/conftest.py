@@ -15,5 +15,19 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        # With its dashboard: Ray Train's placement-group cleaner asks the state API (served by
+        # the dashboard) whether a trainer's controller is alive.
+        ray.init(num_cpus=2, log_to_driver=False)
     yield ray
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """Tiny models: thread start-up costs more than it saves, and on a shared 2-core CI box
+    extra threads contend with other jobs (a 3-4x slowdown measured). Restored afterwards."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

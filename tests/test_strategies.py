@@ -16,14 +16,7 @@ from sar_ray.strategies import STRATEGIES, LearnedTokenEmbedding, apply
 CAPTIONS = ["<SAR> image of open water with a ship", "<SAR> image of a forest"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny models: thread start-up costs more than it saves, and on a shared CI box extra
-    # threads contend with other jobs (a 3-4x slowdown measured). Restored after the module.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def strategy(**modes: str):

@@ -98,7 +98,8 @@ def test_zero_and_two_ddp_workers_train_and_save_the_same_things(in_tmp):
     sets = ("strategy.unet.mode=lora", "strategy.text_encoder.mode=lora", "strategy.token=learn",
             "tracking.enabled=false", "train.max_steps=2", "sample.seeds=[0]")
     local = run_trial(small_cfg(in_tmp, *sets, out="w0"), progress=False)
-    ddp = run_trial(small_cfg(in_tmp, *sets, "scaling.num_workers=2", out="w2"), progress=False)
+    ddp = run_trial(small_cfg(in_tmp, *sets, "scaling.num_workers=2", "scaling.max_failures=1", out="w2"),
+                    progress=False)
     assert local.step == ddp.step == 2 and np.isfinite(ddp.loss)
     start = [r for r in read_log(ddp.out / "train_log.jsonl") if r.get("event") == "start"][0]
     assert start["world_size"] == 2

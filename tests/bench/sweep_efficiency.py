@@ -155,46 +155,6 @@ def study_config(args, out: Path, search: dict):
     return StudyConfig.model_validate(raw)
 
 
-class _PicklableDefineByRun:
-    """The same Optuna define-by-run space as `sar_ray.sweep._define_by_run`, as a picklable
-    object. Tune pickles the searcher into its experiment state (OptunaSearch.save); the
-    library's closure cannot be pickled, so an Optuna sweep fails at its first experiment
-    checkpoint. Used only when that is still the case (see `patch_define_by_run`)."""
-
-    def __init__(self, search, base):
-        self.search, self.base = search, base
-
-    def __call__(self, trial) -> dict:
-        from sar_ray.sweep import _active, _ordered
-
-        params: dict = {}
-        for key in _ordered(self.search.space):
-            spec = self.search.space[key]
-            if not _active(key, params, self.base):
-                continue
-            if spec.values is not None:
-                params[key] = trial.suggest_categorical(key, spec.values)
-            elif spec.loguniform is not None:
-                params[key] = trial.suggest_float(key, *spec.loguniform, log=True)
-            else:
-                params[key] = trial.suggest_float(key, *spec.uniform)
-        return {}
-
-
-def patch_define_by_run(study) -> bool:
-    """Swap in `_PicklableDefineByRun` if sar_ray's define-by-run space cannot be pickled."""
-    import pickle
-
-    from sar_ray import sweep
-
-    try:
-        pickle.dumps(sweep._define_by_run(study.search, study.trial()))
-        return False
-    except (AttributeError, pickle.PicklingError, TypeError):
-        sweep._define_by_run = _PicklableDefineByRun
-        return True
-
-
 def probe_actor_start() -> tuple[float, float]:
     """(seconds until a new 1-CPU actor answers, seconds to import the trial's modules in it):
     what every Tune trial pays again when Tune starts a fresh actor for it."""
@@ -241,8 +201,9 @@ class TrialTimes:
 
     @property
     def finished(self) -> bool:
-        """Trained to train.max_steps (its val_loss is comparable with the grid's)."""
-        return self.steps >= ARGS.max_steps and self.t_end is not None
+        """Trained to train.max_steps: its val_loss is comparable with the grid's. (Whether it
+        then saved its weights and samples is `t_end`; sar_ray's own status is `status`.)"""
+        return self.steps >= ARGS.max_steps
 
     @property
     def busy(self) -> tuple[float, float] | None:
@@ -330,8 +291,10 @@ def print_trials(s: SweepRun) -> None:
     print(f"\n[{s.label}] {len(s.trials)} trials, wall {s.result.wall_s:.1f} s, concurrency {s.concurrency}")
     for t in sorted(s.trials, key=lambda t: t.t_enter or 0):
         busy = t.busy
-        mine = "finished" if t.finished else f"stopped@{t.steps}"
-        flag = "" if (t.status == "DONE") == t.finished else f"  <- sar_ray says {t.status}"
+        mine = ("finished" if t.t_end else "trained") if t.finished else f"stopped@{t.steps}"
+        flag = "" if (t.status == "DONE") == bool(t.finished and t.t_end) else f"  <- sar_ray says {t.status}"
+        if t.finished and not t.t_end:
+            flag += ", no final weights/samples"
         print(f"  {t.trial_id:<18} {_p(t.params):<18} {mine:<11} val_loss "
               f"{t.val_loss if t.val_loss is not None else float('nan'):.5f}  "
               f"busy {busy[1] - busy[0] if busy else float('nan'):5.1f} s{flag}")
@@ -408,9 +371,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ray.init {t_init:.1f} s (once, outside both sweeps); cluster CPUs {ray.cluster_resources().get('CPU')}, "
           f"concurrent trials {conc}")
 
-    if args.only in ("search", "both") and patch_define_by_run(search):
-        print("NOTE: sar_ray.sweep._define_by_run returns a closure that Tune cannot pickle (OptunaSearch.save "
-              "at the first experiment checkpoint fails); this run uses a picklable copy of it")
     if args.reuse_actors:
         import ray.tune
 
@@ -446,7 +406,10 @@ def main(argv: list[str] | None = None) -> int:
                       f"optuna+asha {sv:.5f} ({_p(sbest.params)}); relative {rel:+.2%}; within {BEST_TOL:.0%}: "
                       f"{'yes' if rel <= BEST_TOL else 'NO'}")
                 lib = s.result.best
-                if lib is not None and lib["trial_id"] != sbest.trial_id:
+                if lib is None:
+                    print(f"  NOTE: SweepResult.best is None: no search trial has sar_ray status DONE "
+                          f"({sum(t.finished for t in s.trials)} trained to step {args.max_steps})")
+                elif lib["trial_id"] != sbest.trial_id:
                     lt = next(t for t in s.trials if t.trial_id == lib["trial_id"])
                     print(f"  NOTE: SweepResult.best is {lib['trial_id']} ({_p(lt.params)}, val_loss "
                           f"{lib['metrics'].get('val_loss'):.5f} at step {lt.steps}), not a finished trial")
