@@ -14,16 +14,16 @@ Layout of a sweep (`runs/<name>/` unless `out` is set):
 
 from __future__ import annotations
 
-import copy
-import itertools
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
+from ray.tune.search.optuna import OptunaSearch
 
 from . import config as config_mod
 from .config import ConfigError, ParamSpec, SearchConfig, StudyConfig, TrialConfig
@@ -97,7 +97,19 @@ def grid_points(search: SearchConfig, base: TrialConfig) -> list[dict[str, Any]]
             else:
                 nxt.append(p)
         points = nxt
-    return points
+    # A full grid over modes includes "everything frozen, no token", which cannot train.
+    return [p for p in points if _valid(base, p)]
+
+
+def _valid(base: TrialConfig, params: dict[str, Any]) -> bool:
+    raw = base.model_dump()
+    for key, value in params.items():
+        config_mod._set_path(raw, key.split("."), value)
+    try:
+        TrialConfig.model_validate(raw)
+        return True
+    except Exception:  # noqa: BLE001 - pydantic ValidationError
+        return False
 
 
 class _DefineByRun:
@@ -245,14 +257,15 @@ def _tune_pieces(study: StudyConfig, base: TrialConfig):
     scheduler = None
     if search.scheduler.type == "asha":
         sc = search.scheduler
+        # stop_last_trials=False: a trial reaching max_t must go on to save, sample and score;
+        # ASHA would otherwise stop it at its last report.
         scheduler = ASHAScheduler(time_attr="step", metric=sc.metric, mode=sc.mode, max_t=base.train.max_steps,
                                   grace_period=min(sc.grace_period, base.train.max_steps),
-                                  reduction_factor=sc.reduction_factor)
+                                  reduction_factor=sc.reduction_factor, stop_last_trials=False)
     if search.algorithm == "grid":
         points = grid_points(search, base)
         return {"params": tune.grid_search(points)}, None, scheduler, search.num_samples
     import optuna
-    from ray.tune.search.optuna import OptunaSearch
 
     sampler = (optuna.samplers.TPESampler(seed=search.seed) if search.algorithm == "optuna"
                else optuna.samplers.RandomSampler(seed=search.seed))
@@ -260,10 +273,20 @@ def _tune_pieces(study: StudyConfig, base: TrialConfig):
     modes = [o.mode for o in search.objectives]
     if search.algorithm == "optuna" and len(metrics) > 1:
         sampler = optuna.samplers.TPESampler(seed=search.seed)
-    alg = OptunaSearch(space=_define_by_run(search, base), sampler=sampler,
+    alg = _FinalMetricOptuna(space=_define_by_run(search, base), sampler=sampler,
                        metric=metrics if len(metrics) > 1 else objective.metric,
                        mode=modes if len(modes) > 1 else objective.mode)
     return {}, alg, scheduler, search.num_samples
+
+
+class _FinalMetricOptuna(OptunaSearch):
+    """Evaluation metrics (stats/js, clip/score, ...) exist only in a trial's last report;
+    intermediate reports without the objective are not passed to Optuna."""
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if isinstance(self.metric, str) and self.metric not in result:
+            return
+        super().on_trial_result(trial_id, result)
 
 
 def sweep_folder(study: StudyConfig) -> Path:
@@ -279,6 +302,10 @@ def run_sweep(study: StudyConfig, *, resume: bool = False, console=None, progres
 
     if study.search is None:
         raise ConfigError("this study file has no `search` section; run it with `sar-ray trial`, or add search.space")
+    # Objectives such as stats/js arrive only in a trial's last report (after scoring); Tune's
+    # strict check would refuse the intermediate ones that carry only the loss.
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    study = absolute_paths(study)
     started = time.time()
     base = study.trial()
     folder = sweep_folder(study)
@@ -372,6 +399,21 @@ def run_sweep(study: StudyConfig, *, resume: bool = False, console=None, progres
     (folder / "trials.json").write_text(json.dumps(rows, indent=2, default=str))
     return SweepResult(study.name, folder, rows, best, parent_run_id,
                        tracker.run_url(parent_run_id) if tracker else None, report_dir, time.time() - started)
+
+
+def absolute_paths(study: StudyConfig) -> StudyConfig:
+    """Tune runs each trial in its own folder, maybe on another node: resolve the study's
+    relative paths (data, SAR-CLIP, a local model, the output) against the current directory."""
+
+    def resolve(p: str | None) -> str | None:
+        return str(Path(p).resolve()) if p and Path(p).exists() else p
+
+    updates: dict = {"out": str(sweep_folder(study))}
+    if study.data.path != "synthetic":
+        updates["data"] = study.data.model_copy(update={"path": str(Path(study.data.path).resolve())})
+    updates["model"] = study.model.model_copy(update={"pretrained": resolve(study.model.pretrained)})
+    updates["eval"] = study.eval.model_copy(update={"clip": resolve(study.eval.clip)})
+    return study.model_copy(update=updates)
 
 
 def _reference(study: StudyConfig, base: TrialConfig) -> str | None:

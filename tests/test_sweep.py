@@ -49,6 +49,27 @@ def test_optuna_space_suggests_rank_only_for_lora(tmp_path):
     assert seen == {"full", "lora"}
 
 
+def test_grid_leaves_out_points_that_cannot_train(tmp_path):
+    s = study(tmp_path, {"strategy.unet.mode": {"grid": ["frozen", "lora"]},
+                         "strategy.token": {"grid": ["none", "learn"]}}, "search.algorithm=grid")
+    points = grid_points(s.search, s.trial())
+    assert {"strategy.unet.mode": "frozen", "strategy.token": "none"} not in points
+    assert len(points) == 3
+
+
+def test_optuna_objective_from_the_final_report_only(tmp_path, monkeypatch, ray_local):
+    # stats/wasserstein exists only after scoring, in the last report; intermediate reports
+    # carry val_loss alone. The search must still rank trials by it.
+    monkeypatch.chdir(tmp_path)
+    s = study(tmp_path, {"strategy.unet.rank": {"choice": [4, 8]}}, "search.algorithm=optuna",
+              "search.num_samples=2", "search.scheduler.type=none",
+              'search.objectives=[{"metric": "stats/wasserstein", "mode": "min"}]', name="o")
+    r = run_sweep(s, progress=False)
+    assert [t["status"] for t in r.trials] == ["DONE", "DONE"]
+    assert r.best is not None and r.best["metrics"]["stats/wasserstein"] == min(
+        t["metrics"]["stats/wasserstein"] for t in r.trials)
+
+
 def test_search_section_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="'strategy.unet.rnak' is not a trial setting"):
         study(tmp_path, {"strategy.unet.rnak": {"choice": [4]}})
@@ -132,6 +153,9 @@ def test_asha_stops_trials_and_they_release_their_resources(tmp_path, monkeypatc
     assert len(r.trials) == 6
     assert {t["status"] for t in r.trials} <= {"DONE", "STOPPED"}
     assert any(t["status"] == "STOPPED" for t in r.trials), "ASHA stopped no trial"
+    done = [t for t in r.trials if t["status"] == "DONE"]
+    assert done and all(t["metrics"]["step"] == 8 for t in done)  # survivors train, save and sample to the end
+    assert all((r.folder / "trials" / t["trial_id"] / "weights").is_dir() for t in done)
     # Stopped trials gave their CPUs back: every later trial could start, and nothing is held now.
     avail, total = ray_local.available_resources(), ray_local.cluster_resources()
     assert avail.get("CPU", 0) == pytest.approx(total["CPU"])

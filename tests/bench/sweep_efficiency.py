@@ -1,9 +1,10 @@
 """Sweep efficiency: a full grid against Optuna + ASHA over the same space, and the sweep's
 time outside trial training, on tiny models.
 
-    python tests/bench/sweep_efficiency.py            # 12-point grid + 8 Optuna/ASHA trials: ~6-10 min on 2 cores
-    python tests/bench/sweep_efficiency.py --quick    # 8-point grid + 5 trials, 20 steps: ~3-4 min
+    python tests/bench/sweep_efficiency.py            # 12-point grid + 8 Optuna/ASHA trials: ~5-6 min on 2 cores
+    python tests/bench/sweep_efficiency.py --quick    # 8-point grid + 5 trials, 20 steps: ~3 min
     python tests/bench/sweep_efficiency.py --num-samples 6 --max-steps 60 --workdir /tmp/se   # keep outputs
+    python tests/bench/sweep_efficiency.py --quick --only grid --reuse-actors   # experiment: Tune reuses actors
 
 In one process and one Ray (started once, before both sweeps, and timed apart), two sweeps of
 the same study run one after the other through `sar_ray.sweep.run_sweep`:
@@ -378,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
         print("EXPERIMENT: Tune reuses trial actors (TuneConfig(reuse_actors=True) patched in)")
     ready, imp = probe_actor_start()
     print(f"probe: a new 1-CPU actor answers in {ready:.1f} s; importing sar_ray.train + sar_ray.trial in it "
-          f"takes {imp:.1f} s (paid again by every trial: Tune starts a fresh actor per trial)")
+          f"takes {imp:.1f} s" + ("" if args.reuse_actors else " (paid again by every trial: Tune starts a fresh actor "
+                                  "per trial)"))
 
     runs: dict[str, SweepRun] = {}
     try:
