@@ -168,7 +168,7 @@ def trial_resources(cfg: TrialConfig) -> dict[str, float]:
     return {"CPU": 0.1}
 
 
-def concurrent_trials(cfg: TrialConfig, search: SearchConfig, cluster: dict[str, float]) -> int:
+def concurrent_trials(cfg: TrialConfig, search: SearchConfig, cluster: dict[str, float]) -> int | None:
     """How many trials the cluster fits at once (unless search.max_concurrent_trials says).
     One CPU stays free for Ray Data (data checks, evaluation): trials that hold every CPU would
     wait for ever on the tasks they start."""
@@ -179,6 +179,10 @@ def concurrent_trials(cfg: TrialConfig, search: SearchConfig, cluster: dict[str,
     cpu_per_trial = trial_resources(cfg)["CPU"] + (s.num_workers * s.cpus_per_worker)
     fits = [math.floor((cluster.get("CPU", 1) - DATA_CPUS) / cpu_per_trial)]
     if s.use_gpu:
+        if not cluster.get("GPU"):
+            # An autoscaling cluster starts without GPU nodes: leave the limit to the
+            # autoscaler, which adds nodes for the trials Tune queues.
+            return None
         fits.append(math.floor(cluster.get("GPU", 0) / (workers * (s.gpus_per_worker if s.num_workers else 1))))
     return max(1, min(fits))
 

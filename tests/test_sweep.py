@@ -86,6 +86,7 @@ def test_concurrency_follows_cluster_resources_and_leaves_a_cpu_for_data(tmp_pat
     assert concurrent_trials(s.trial(), s.search, {"CPU": 2}) == 2  # 0.5 CPU per trial, 1 CPU kept
     gpu = s.trial(**{"scaling.num_workers": 2, "scaling.use_gpu": True, "scaling.cpus_per_worker": 4})
     assert concurrent_trials(gpu, s.search, {"CPU": 64, "GPU": 8}) == 4  # 2 GPUs per trial
+    assert concurrent_trials(gpu, s.search, {"CPU": 16}) is None  # no GPU node yet: the autoscaler decides
     pinned = study(tmp_path, {}, "search.max_concurrent_trials=3")
     assert concurrent_trials(pinned.trial(), pinned.search, {"CPU": 2}) == 3
 
