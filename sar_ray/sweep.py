@@ -263,8 +263,11 @@ def _tune_pieces(study: StudyConfig, base: TrialConfig):
         sc = search.scheduler
         # stop_last_trials=False: a trial reaching max_t must go on to save, sample and score;
         # ASHA would otherwise stop it at its last report.
-        scheduler = ASHAScheduler(time_attr="step", metric=sc.metric, mode=sc.mode, max_t=base.train.max_steps,
-                                  grace_period=min(sc.grace_period, base.train.max_steps),
+        # max_t one step short of the end: ASHA puts a rung at max_t, and a trial judged there
+        # would be stopped on its very last report.
+        max_t = max(base.train.max_steps - 1, 1)
+        scheduler = ASHAScheduler(time_attr="step", metric=sc.metric, mode=sc.mode, max_t=max_t,
+                                  grace_period=min(sc.grace_period, max_t),
                                   reduction_factor=sc.reduction_factor, stop_last_trials=False)
     if search.algorithm == "grid":
         points = grid_points(search, base)
@@ -378,6 +381,9 @@ def run_sweep(study: StudyConfig, *, resume: bool = False, console=None, progres
                 scheduler=scheduler,
                 num_samples=num_samples,
                 max_concurrent_trials=concurrent_trials(base, study.search, ray.cluster_resources()),
+                # One process runs trial after trial: no re-import of torch/diffusers per trial
+                # (measured: 9 s -> 0.1 s between trials on 2 CPUs).
+                reuse_actors=True,
             ),
             run_config=run_config,
         )

@@ -17,7 +17,7 @@ def ray_local():
     if not ray.is_initialized():
         # With its dashboard: Ray Train's placement-group cleaner asks the state API (served by
         # the dashboard) whether a trainer's controller is alive.
-        ray.init(num_cpus=2, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, log_to_driver=False)  # private, never a running cluster
     yield ray
 
 

@@ -7,15 +7,18 @@
 `glcm_props` returns, for the same quantised input, what ``skimage.feature.graycomatrix`` +
 ``graycoprops`` return (to ~1e-12; :func:`glcm_props_skimage` is that per-image reference
 loop, kept for tests and the benchmark). How it is fast: one ``np.bincount`` per offset counts
-every pair of a batch of images at once, and nothing else walks over the levels x levels
-matrices more than twice:
+every pair of a batch of images at once, and nothing else walks over the count tables more
+than twice:
 
-- symmetric GLCMs are counted as *unordered* pairs U[min, max] (half the work of P + P^T);
-- contrast, dissimilarity and homogeneity depend on i - j only: they come from the diagonal
-  sums of U (one strided view, no copy);
+- symmetric GLCMs are counted as *unordered* pairs U[min, max] (half the work of P + P^T),
+  in a table laid out by |i - j| (:func:`_pair_bins`; packed to L (L + 1) / 2 bins at many
+  levels, so that the bincount, and the scans after it, touch half the memory);
+- contrast, dissimilarity and homogeneity depend on i - j only: they come from the sums of
+  U's |i - j| blocks (one ``np.add.reduceat``);
 - correlation needs only the means, second moments and sum of i*j of the pairs, which are
   sums over image rectangles (from row and column sums) and sum((i - j)^2);
-- ASM and entropy are sums over the counts of c^2 and c*log(c) (a lookup table).
+- ASM and entropy are sums over the counts of c^2 and c*log(c): one gather from a complex
+  lookup table c*log(c) + 1j*c^2 gives both.
 """
 
 from __future__ import annotations
@@ -59,26 +62,36 @@ def glcm_offsets(distances: Sequence[float], angles: Sequence[float]) -> list[tu
     ]
 
 
+@functools.lru_cache(maxsize=64)
+def _offsets(distances: tuple, angles: tuple) -> list[tuple[int, int]]:
+    return glcm_offsets(distances, angles)
+
+
 @functools.lru_cache(maxsize=8)
 def _xlogx_table(n: int) -> np.ndarray:
     v = np.arange(n + 1, dtype=np.float64)
     return v * np.log(np.maximum(v, 1.0))
 
 
-@functools.lru_cache(maxsize=8)
-def _packed_codes(levels: int) -> tuple[np.ndarray, np.ndarray]:
-    """Unordered pair (i, j) -> bin of a table of the L (L + 1) / 2 unordered pairs.
+# Above this many levels the unordered-pair table is packed (see _pair_bins): the table work
+# it halves outweighs the 4 extra uint16 passes that computing the packed bin costs.
+_PACK_LEVELS = 128
 
-    Bins are |i - j|-major: the pairs with |i - j| = t are the contiguous block
-    starts[t] + min(i, j), min(i, j) in [0, L - t); block 0 is the diagonal. Returns the
-    lookup table indexed by i * L + j (intp) and `starts`.
+
+def _pair_bins(levels: int) -> tuple[bool, np.ndarray, int]:
+    """Layout of the unordered-pair count table U: (packed, starts, size).
+
+    The pairs with |i - j| = t, lo = min(i, j) are the contiguous block starts[t] + lo, lo in
+    [0, L - t). Dense: starts[t] = t L (L x L bins, the tail of each block unused); packed:
+    blocks back to back in decreasing t, starts[t] = u (u + 1) / 2 with u = L - 1 - t
+    (L (L + 1) / 2 bins; the diagonal, t = 0, is the last block).
     """
     L = levels
     t = np.arange(L, dtype=np.intp)
-    starts = t * L - t * (t - 1) // 2
-    i, j = t[:, None], t[None, :]
-    lut = (starts[np.abs(i - j)] + np.minimum(i, j)).ravel()
-    return lut, starts
+    packed = L > _PACK_LEVELS
+    u = L - 1 - t
+    starts = u * (u + 1) // 2 if packed else t * L
+    return packed, starts, L * (L + 1) // 2 if packed else L * L
 
 
 @functools.lru_cache(maxsize=8)
@@ -159,12 +172,10 @@ def glcm_props(
 def _glcm_props_chunk(q, levels, distances, angles, symmetric) -> np.ndarray:
     n_img, h, w = q.shape
     L = levels
-    offsets = glcm_offsets(distances, angles)
+    offsets = _offsets(tuple(distances), tuple(angles))
     k_off = len(offsets)
     if symmetric:
-        # Unordered pairs in a packed, |i - j|-major table (half of L x L; see _packed_codes).
-        lut, starts = _packed_codes(L)
-        table = L * (L + 1) // 2
+        packed, starts, table = _pair_bins(L)
     else:
         table = L * L
     base = (np.arange(n_img, dtype=np.intp) * table)[:, None, None]
@@ -175,12 +186,12 @@ def _glcm_props_chunk(q, levels, distances, angles, symmetric) -> np.ndarray:
     m = int(np.abs(np.concatenate([drs, dcs, [0]])).max())
     top, bottom = np.clip(-drs, 0, h), np.clip(drs, 0, h)
     left, right = np.clip(-dcs, 0, w), np.clip(dcs, 0, w)
-    sums1 = _RectSums(q, m)
-    sums2 = _RectSums(q.astype(np.uint32) ** 2, m)
+    q32 = q.astype(np.uint32)
+    sums = _RectSums(np.concatenate([q32, q32 * q32]), m)  # x and x^2 in one go
     valid = (top + bottom < h) & (left + right < w)
     t_, b_, l_, r_ = (np.where(valid, v, 0) for v in (top, bottom, left, right))
-    s_a, s_a2 = sums1(t_, b_, l_, r_), sums2(t_, b_, l_, r_)
-    s_b, s_b2 = sums1(b_, t_, r_, l_), sums2(b_, t_, r_, l_)  # the neighbour: mirrored
+    s_a, s_a2 = np.split(sums(t_, b_, l_, r_), 2)
+    s_b, s_b2 = np.split(sums(b_, t_, r_, l_), 2)  # the neighbour: mirrored
     xlogx = _xlogx_table(2 * h * w + 1)
     xlogx_sq = _xlogx_sq_table(h * w)
 
@@ -200,31 +211,36 @@ def _glcm_props_chunk(q, levels, distances, angles, symmetric) -> np.ndarray:
         a = q[:, r0:r1, c0:c1]  # (N, h', w') reference pixels
         b = q[:, r0 + dr : r1 + dr, c0 + dc : c1 + dc]  # their neighbours at the offset
 
-        # In place on uint16 (L*L <= 65536 fits), then one cast: temporaries of a fresh
-        # array per operation cost more than the arithmetic (page faults).
+        # In place on uint16 (< 65536 bins per image), then one cast: a fresh array per
+        # operation costs more than the arithmetic (page faults).
         if symmetric:
-            # Packed bin starts[t] + lo = t L - t (t - 1) / 2 + lo of the unordered pair with
-            # t = |i - j|, in uint16 arithmetic: intermediates may wrap, the bin (< 32896) is exact.
+            # Bin starts[t] + lo of the unordered pair (see _pair_bins), t = |i - j|.
             lo = np.minimum(a, b)
-            t = np.maximum(a, b)
-            t -= lo
-            tri = t - np.uint16(1)
-            tri *= t
-            tri >>= 1
-            t *= np.uint16(L)
-            t -= tri
-            t += lo
-            idx = t.astype(np.intp)  # bincount on intp is ~3x faster than on uint16
+            if packed:  # u (u + 1) / 2 + lo, u = L - 1 - t = L - 1 - hi + lo (< 2^16: no wrap)
+                u = np.maximum(a, b)
+                np.subtract(np.uint16(L - 1), u, out=u)
+                u += lo
+                idx = u + np.uint16(1)
+                idx *= u
+                idx >>= 1
+            else:  # t L + lo
+                idx = np.maximum(a, b)
+                idx -= lo
+                idx *= np.uint16(L)
+            idx += lo
         else:
             idx = a * np.uint16(L)
             idx += b
-            idx = idx.astype(np.intp)
+        idx = idx.astype(np.intp)  # bincount on intp is ~3x faster than on uint16
         if n_img > 1:
             idx += base
         counts = np.bincount(idx.ravel(), minlength=n_img * table).reshape(n_img, table)
         if symmetric:
-            diff_hist[:, k] = np.add.reduceat(counts, starts, axis=1)  # one block per |i - j|
-            diags[:, k] = counts[:, :L]
+            if packed:  # blocks in decreasing t
+                diff_hist[:, k, ::-1] = np.add.reduceat(counts, starts[::-1], axis=1)
+            else:
+                diff_hist[:, k] = np.add.reduceat(counts, starts, axis=1)
+            diags[:, k] = counts[:, starts[0] : starts[0] + L]  # block t = 0
         else:
             d = np.abs(a.astype(np.intp) - b) + (np.arange(n_img, dtype=np.intp) * L)[:, None, None]
             diff_hist[:, k] = np.bincount(d.ravel(), minlength=n_img * L).reshape(n_img, L)

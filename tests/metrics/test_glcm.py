@@ -41,6 +41,19 @@ def test_equals_skimage_on_speckle_images_at_256_levels():
     _assert_same(q, 256, [1, 2, 4], ANGLES, True)
 
 
+@pytest.mark.parametrize("levels", [128, 129, 181, 255])
+def test_equals_skimage_around_the_packed_pair_table(levels):
+    # Above glcm._PACK_LEVELS symmetric counts go to a packed table; up to ~180 levels two
+    # small images still share one bincount (the per-image bin offsets).
+    rng = np.random.default_rng(levels)
+    q = rng.integers(0, levels, (3, 17, 23)).astype(np.uint16)
+    q[1] = levels - 1  # constant at the top level: only the last diagonal bin
+    q[2, :, :5] = 0
+    _assert_same(q, levels, [1, 2, 4, 30], ANGLES, True)
+    single = np.concatenate([glcm.glcm_props(im, levels) for im in q])
+    np.testing.assert_allclose(glcm.glcm_props(q, levels), single, rtol=0, atol=1e-12)
+
+
 def test_odd_offsets_thin_images_and_offsets_past_the_edge():
     rng = np.random.default_rng(8)
     for shape in [(40, 7), (7, 40), (5, 5), (1, 9)]:
