@@ -252,7 +252,7 @@ def run_trial(
         if batch:
             tracker.log_metrics(run_id, batch)
 
-    follower = LogFollower(out / LOG_FILE, lambda r: (on_record(r), None)[1])
+    follower = LogFollower(out / LOG_FILE, on_record)
     flusher_stop = threading.Event()
 
     def flusher() -> None:  # MLflow writes off the progress path, every 2 s
