@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 from rich.console import Console
 
@@ -71,17 +70,23 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _flag_overrides(args: argparse.Namespace) -> list[str]:
+    """--set values, then the flags `trial` and `sweep` share (--out, --tracking-uri) as overrides."""
+    overrides = list(args.overrides)
+    if args.out:
+        overrides.append(f"out={args.out}")
+    if args.tracking_uri:
+        overrides.append(f"tracking.uri={args.tracking_uri}")
+    return overrides
+
+
 # ------------------------------------------------------------------------------------ trial
 
 
 def _cmd_trial(args: argparse.Namespace) -> int:
     from . import config, trial
 
-    overrides = list(args.overrides)
-    if args.out:
-        overrides.append(f"out={args.out}")
-    if args.tracking_uri:
-        overrides.append(f"tracking.uri={args.tracking_uri}")
+    overrides = _flag_overrides(args)
     if args.no_tracking:
         overrides.append("tracking.enabled=false")
     cfg = config.load(args.config, overrides).trial()
@@ -113,11 +118,7 @@ def _add_trial(sub) -> None:
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from . import config, sweep
 
-    overrides = list(args.overrides)
-    if args.out:
-        overrides.append(f"out={args.out}")
-    if args.tracking_uri:
-        overrides.append(f"tracking.uri={args.tracking_uri}")
+    overrides = _flag_overrides(args)
     if args.address:
         overrides.append(f"scaling.address={args.address}")
     study = config.load(args.config, overrides)

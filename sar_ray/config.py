@@ -11,7 +11,6 @@ whole namespace, so a function's signature says what it depends on.
 
 from __future__ import annotations
 
-import copy
 import difflib
 import os
 import re

@@ -278,8 +278,6 @@ def _tune_pieces(study: StudyConfig, base: TrialConfig):
                else optuna.samplers.RandomSampler(seed=search.seed))
     metrics = [o.metric for o in search.objectives]
     modes = [o.mode for o in search.objectives]
-    if search.algorithm == "optuna" and len(metrics) > 1:
-        sampler = optuna.samplers.TPESampler(seed=search.seed)
     alg = _FinalMetricOptuna(space=_define_by_run(search, base), sampler=sampler,
                        metric=metrics if len(metrics) > 1 else objective.metric,
                        mode=modes if len(modes) > 1 else objective.mode)
@@ -446,7 +444,7 @@ def _rows(grid, study: StudyConfig) -> list[dict[str, Any]]:
         trial_id = (r.metrics or {}).get("trial_id") or Path(r.path).name
         strategy = None
         try:
-            strategy = study.trial(**{k: v for k, v in cfg_params.items()}).strategy.slug
+            strategy = study.trial(**cfg_params).strategy.slug
         except Exception:  # noqa: BLE001 - a point that failed validation still gets a row
             pass
         rows.append({

@@ -243,7 +243,7 @@ def test_low_precision_frozen_parts_fp32_trainables():
 
 def test_token_wrapper_with_low_precision_base():
     c = models.load_components(load(None, ["model.weight_dtype=bf16", "model.pretrained=tiny-sd"]).model)
-    applied = apply(c, strategy(token="learn"), default_lr=1e-2)
+    apply(c, strategy(token="learn"), default_lr=1e-2)
     wrapper = c.text_encoders[0].get_input_embeddings()
     assert wrapper.base.weight.dtype == torch.bfloat16 and wrapper.new_rows.dtype == torch.float32
     emb, _ = models.encode_text(c, CAPTIONS, "cpu")
