@@ -43,12 +43,19 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from sar_ray.config import StrategyConfig
 from sar_ray.models import Components, cast_module
-from sar_ray.strategies import Applied, learned_token_vectors
+from sar_ray.strategies import (
+    EMBEDS_FILES,
+    LOAD_ORDER,
+    LORA_FILE,
+    MODES,
+    TOKEN,
+    TOKENIZER_OF,
+    Applied,
+    LearnedTokenEmbedding,
+    SaveContext,
+)
 
 MANIFEST = "sar_ray_outputs.json"
-LORA_FILE = "pytorch_lora_weights.safetensors"
-EMBEDS_FILES = {"text_encoder": "learned_embeds.safetensors", "text_encoder_2": "learned_embeds_2.safetensors"}
-TOKENIZER_OF = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
 FOLDER_CLASSES: dict[str, type] = {
     "unet": UNet2DConditionModel,
     "vae": AutoencoderKL,
@@ -90,11 +97,13 @@ def _merged_lora_state(module: nn.Module) -> dict[str, Tensor]:
     return out
 
 
-def _write_safetensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+def write_safetensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write atomically: a crash never leaves half a file under the final name."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     save_file(tensors, str(tmp), metadata=metadata)
     os.replace(tmp, path)
+
 
 
 def _save_unet_with_state(unet: UNet2DConditionModel, state: dict[str, Tensor], folder: Path) -> None:
@@ -109,7 +118,80 @@ def _save_unet_with_state(unet: UNet2DConditionModel, state: dict[str, Tensor], 
     folder.mkdir(parents=True, exist_ok=True)
     unet.save_config(folder)
     full = {k: state.get(k, v).to(v.dtype) for k, v in live.items()}
-    _write_safetensors(full, folder / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
+    write_safetensors(full, folder / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
+
+
+class _plain_token_embedding:
+    """While saving a fully tuned encoder: its learned-token wrapper swapped for the plain
+    `nn.Embedding` it stands for (learned rows written in), so the folder is a plain
+    CLIPTextModel; the wrapper is put back afterwards and training may go on."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.wrapper = None
+
+    def __enter__(self):
+        emb = self.module.get_input_embeddings() if hasattr(self.module, "get_input_embeddings") else None
+        if isinstance(emb, LearnedTokenEmbedding):
+            self.wrapper = emb
+            w = emb.weight.detach()
+            plain = nn.Embedding(w.shape[0], w.shape[1], device=w.device, dtype=w.dtype)
+            with torch.no_grad():
+                plain.weight.copy_(w)
+            self.module.set_input_embeddings(plain)
+        return self.module
+
+    def __exit__(self, *exc):
+        if self.wrapper is not None:
+            self.module.set_input_embeddings(self.wrapper)
+
+
+def save_full_component(module: nn.Module, folder: Path, ema_state: dict[str, Tensor] | None = None) -> None:
+    """A fully tuned component as a `from_pretrained` folder (the EMA weights when given)."""
+    if ema_state is not None:
+        _save_unet_with_state(module, ema_state, folder)
+        return
+    with _plain_token_embedding(module) as plain:
+        plain.save_pretrained(folder, safe_serialization=True)
+
+
+def load_full_component(pipe, name: str, folder: Path) -> None:
+    """Replace `pipe.<name>` by the saved folder, in the pipeline's dtype and device."""
+    old = getattr(pipe, name, None)
+    if name.startswith("tokenizer"):
+        setattr(pipe, name, CLIPTokenizer.from_pretrained(folder))
+        return
+    cls = FOLDER_CLASSES[name]
+    dtype = getattr(old, "dtype", torch.float32)
+    kw = {"dtype": dtype} if name.startswith("text_encoder") else {"torch_dtype": dtype}
+    new = cls.from_pretrained(folder, **kw)
+    if old is not None:
+        new.to(old.device)
+    setattr(pipe, name, new)
+
+
+def save_lora_file(c: Components, modules: dict[str, nn.Module], path: Path) -> None:
+    """UNet / text-encoder adapters in diffusers' LoRA file (what `load_lora_weights` reads)."""
+    layers = {f"{n}_lora_layers": _lora_state(m) for n, m in modules.items()}
+    metadata = {f"{n}_lora_adapter_metadata": m.peft_config["default"].to_dict() for n, m in modules.items()}
+    pipeline_cls = StableDiffusionXLPipeline if c.kind == "sdxl" else StableDiffusionPipeline
+    pipeline_cls.save_lora_weights(path.parent, weight_name=path.name, safe_serialization=True, **layers, **metadata)
+
+
+def save_vae_lora(vae: AutoencoderKL, out: Path) -> None:
+    """`vae/`: the VAE with its LoRA merged (diffusers cannot load VAE adapters); `vae_lora/`:
+    the raw peft adapter."""
+    merged = cast_module(AutoencoderKL.from_config(vae.config), vae.dtype)
+    merged.load_state_dict(_merged_lora_state(vae), strict=True)
+    merged.save_pretrained(out / "vae", safe_serialization=True)
+    adapter = out / "vae_lora"
+    adapter.mkdir()
+    vae.peft_config["default"].save_pretrained(adapter)
+    write_safetensors(
+        get_peft_model_state_dict(vae, save_embedding_layers=False),
+        adapter / "adapter_model.safetensors",
+        metadata={"format": "pt"},
+    )
 
 
 def save_outputs(
@@ -119,10 +201,13 @@ def save_outputs(
     out_dir: str | os.PathLike,
     ema_unet_state: dict[str, Tensor] | None = None,
 ) -> list[Path]:
-    """Write what the trial learned under `out_dir`; returns the files written.
+    """Write what the trial learned under `out_dir`, each mode through its registry entry
+    (`strategies.MODES`, `strategies.TOKEN`); returns the files written.
 
     Reads the live modules (LoRA layers and token wrappers stay in place): training may go on
-    after a save. Call on rank 0 with the unwrapped modules (not the DDP wrapper).
+    after a save. Call on rank 0 with the unwrapped modules (not the DDP wrapper). Raises
+    when a trainable mode has no saver: its training would otherwise be lost and the trial
+    scored as the base model.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -132,11 +217,11 @@ def save_outputs(
             shutil.rmtree(p)
         elif p.exists():
             p.unlink()
-    modules = c.modules()
     modes = applied.modes
     manifest: dict[str, Any] = {
         "format": 1,
         "kind": c.kind,
+        "family": c.family,
         "base": c.source,
         "strategy": s.slug,
         "modes": dict(modes),
@@ -146,60 +231,19 @@ def save_outputs(
         "vae_lora": None,
         "ema_unet": False,
     }
-
-    # 1. LoRA of the UNet and text encoders: one diffusers file, with the adapter configs as
-    #    metadata so load_lora_weights rebuilds the same alpha / targets.
-    lora_names = [n for n in ("unet", *c.text_encoder_names) if modes.get(n) == "lora"]
-    if lora_names:
-        layers = {f"{n}_lora_layers": _lora_state(modules[n]) for n in lora_names}
-        metadata = {f"{n}_lora_adapter_metadata": modules[n].peft_config["default"].to_dict() for n in lora_names}
-        pipeline_cls = StableDiffusionXLPipeline if c.kind == "sdxl" else StableDiffusionPipeline
-        pipeline_cls.save_lora_weights(out, weight_name=LORA_FILE, safe_serialization=True, **layers, **metadata)
-        manifest["lora"] = {"file": LORA_FILE, "components": lora_names}
-
-    # 2. Fully tuned components (+ the tokenizer that goes with a resized encoder).
-    for name, module in modules.items():
-        if modes.get(name) != "full":
+    ctx = SaveContext(c, applied, s, out, manifest, ema_unet_state)
+    for mode_name, mode in MODES.items():
+        names = [n for n in c.modules() if modes.get(n) == mode_name]
+        if not names:
             continue
-        if name == "unet" and ema_unet_state is not None:
-            _save_unet_with_state(module, ema_unet_state, out / "unet")
-            manifest["ema_unet"] = True
-        else:
-            module.save_pretrained(out / name, safe_serialization=True)
-        manifest["folders"][name] = name
-        if name in TOKENIZER_OF and applied.token_ids is not None:
-            tok_name = TOKENIZER_OF[name]
-            c.tokenizers[c.tokenizer_names.index(tok_name)].save_pretrained(out / tok_name)
-            manifest["folders"][tok_name] = tok_name
-
-    # 3. The learned token, one textual-inversion file per encoder that is not saved whole.
+        if mode.save is None:
+            if mode.trains:
+                raise ValueError(f"strategy mode {mode_name!r} of {', '.join(names)} trains but has no saver "
+                                 "(strategies.MODES): its weights would be lost")
+            continue
+        mode.save(ctx, names)
     if applied.token_ids is not None:
-        token = applied.token_string or s.token_string
-        files = {}
-        for name, vec in learned_token_vectors(c, applied).items():
-            if modes.get(name) == "full":
-                continue  # inside text_encoder*/ and tokenizer*/ already
-            # {token: (1, dim)}: the layout diffusers' textual_inversion*.py scripts write.
-            _write_safetensors({token: vec.unsqueeze(0)}, out / EMBEDS_FILES[name])
-            files[name] = EMBEDS_FILES[name]
-        manifest["token"] = {"string": token, "files": files}
-
-    # 4. VAE LoRA: diffusers has no VAE LoRA loader, so ship the merged VAE and the adapter.
-    if modes.get("vae") == "lora":
-        vae = modules["vae"]
-        merged = cast_module(AutoencoderKL.from_config(vae.config), vae.dtype)
-        merged.load_state_dict(_merged_lora_state(vae), strict=True)
-        merged.save_pretrained(out / "vae", safe_serialization=True)
-        manifest["folders"]["vae"] = "vae"
-        adapter = out / "vae_lora"
-        adapter.mkdir()
-        vae.peft_config["default"].save_pretrained(adapter)
-        _write_safetensors(
-            get_peft_model_state_dict(vae, save_embedding_layers=False),
-            adapter / "adapter_model.safetensors",
-            metadata={"format": "pt"},
-        )
-        manifest["vae_lora"] = "vae_lora"
+        TOKEN.save(ctx, [])
 
     written = sorted(p for p in out.rglob("*") if p.is_file() and p.name != MANIFEST)
     manifest["files"] = [str(p.relative_to(out)) for p in written]
@@ -215,41 +259,27 @@ def read_manifest(out_dir: str | os.PathLike) -> dict:
 
 
 def load_outputs_into_pipeline(pipe, out_dir: str | os.PathLike):
-    """Load a trial's outputs into a base SD / SDXL pipeline (in place; returns `pipe`).
-
-    Order: full folders replace components, then the token (textual inversion, into a text
-    encoder without adapters yet), then the LoRA file. Components keep the pipeline's dtype
-    and device.
-    """
+    """Load a trial's outputs into a base SD / SDXL pipeline (in place; returns `pipe`), each
+    mode through its registry entry, in `strategies.LOAD_ORDER` (full folders, then the
+    token, then the LoRA file). Components keep the pipeline's dtype and device."""
     out = Path(out_dir)
     m = read_manifest(out)
-    for name, folder in m["folders"].items():
-        old = getattr(pipe, name, None)
-        if name.startswith("tokenizer"):
-            setattr(pipe, name, CLIPTokenizer.from_pretrained(out / folder))
-            continue
-        cls = FOLDER_CLASSES[name]
-        dtype = getattr(old, "dtype", torch.float32)
-        kw = {"dtype": dtype} if name.startswith("text_encoder") else {"torch_dtype": dtype}
-        new = cls.from_pretrained(out / folder, **kw)
-        if old is not None:
-            new.to(old.device)
-        setattr(pipe, name, new)
-    if m.get("token"):
-        token = m["token"]["string"]
-        for name, file in m["token"]["files"].items():
-            if name == "text_encoder":
-                pipe.load_textual_inversion(str(out / file), token=token)
-            else:
-                pipe.load_textual_inversion(
-                    str(out / file),
-                    token=token,
-                    text_encoder=getattr(pipe, name),
-                    tokenizer=getattr(pipe, TOKENIZER_OF[name]),
-                )
-    if m.get("lora"):
-        pipe.load_lora_weights(str(out), weight_name=m["lora"]["file"])
+    for mode in LOAD_ORDER:
+        mode.load(pipe, out, m)
+    _pool_at_eos(pipe)
     return pipe
+
+
+def _pool_at_eos(pipe) -> None:
+    """The learned token's id is above `<|endoftext|>`: point each (hub-loaded) text encoder's
+    pooling at the real eos id (see `models.pool_at_eos`)."""
+    for te_name, tok_name in TOKENIZER_OF.items():
+        te, tok = getattr(pipe, te_name, None), getattr(pipe, tok_name, None)
+        if te is not None and tok is not None and te.config.eos_token_id != tok.eos_token_id:
+            te.config.eos_token_id = tok.eos_token_id
+            tm = getattr(te, "text_model", te)
+            if hasattr(tm, "eos_token_id"):
+                tm.eos_token_id = tok.eos_token_id
 
 
 # --------------------------------------------------------------------------------------------
@@ -269,7 +299,7 @@ def save_state(path: str | os.PathLike, tensors: dict[str, Tensor], meta: dict) 
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     state_id = uuid.uuid4().hex
-    _write_safetensors(tensors, folder / STATE_TENSORS, metadata={"state_id": state_id})
+    write_safetensors(tensors, folder / STATE_TENSORS, metadata={"state_id": state_id})
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{STATE_META}.")
     with os.fdopen(fd, "w") as f:
         json.dump({"state_id": state_id, "meta": meta}, f, indent=1)

@@ -2,7 +2,9 @@
 
 Follows diffusers' train_text_to_image(_sdxl).py: latent scale from `vae.config.scaling_factor`,
 the target from the scheduler's `prediction_type`, min-SNR-gamma weights, offset noise, SDXL
-micro-conditioning through `added_cond_kwargs`. Every random draw comes from one explicit
+micro-conditioning through `added_cond_kwargs` (per image: true original size and crop). The
+VAE runs outside autocast in its own dtype; a tuned VAE trains its decoder on the frozen
+encoder's latents with a speckle-preserving loss (`speckle_loss`). Every random draw comes from one explicit
 `torch.Generator` so that a resumed run reproduces the uninterrupted one exactly.
 """
 
@@ -20,6 +22,21 @@ from .models import Components, encode_text
 
 
 @dataclass
+class Batch:
+    """One micro-batch as the step sees it."""
+
+    pixels: torch.Tensor  # (B, 3, R, R) in [-1, 1]
+    captions: list[str]
+    # SDXL micro-conditioning (Podell et al. 2023): each image's size before resizing and the
+    # top-left corner of its crop in the resized image, (B, 2) as (h, w) and (top, left).
+    # None: the image was already R x R (original = target size, no crop).
+    original_size: torch.Tensor | None = None
+    crop_top_left: torch.Tensor | None = None
+    # (B,) bool: caption dropped (an unconditional example for classifier-free guidance).
+    drop: torch.Tensor | None = None
+
+
+@dataclass
 class StepOutput:
     loss: torch.Tensor  # scalar, what backward() is called on
     diffusion_loss: torch.Tensor  # scalar, detached
@@ -34,35 +51,71 @@ def autocast(device: torch.device, mixed_precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def sdxl_time_ids(batch: int, resolution: int, device: torch.device) -> torch.Tensor:
-    """SDXL micro-conditioning: (original h, w, crop top, left, target h, w); (B, 6).
+def vae_precision(vae, device: torch.device):
+    """The VAE runs in its own dtype, outside autocast: an upcast (fp32) VAE must not be cast
+    back down to bf16/fp16 by the surrounding autocast (SDXL's VAE overflows in fp16)."""
+    return torch.autocast(device_type=device.type, enabled=False)
 
-    Images reach the model already resized and cropped to `resolution`, so original and target
-    size are both the training resolution and the crop offset is zero.
+
+def sdxl_time_ids(batch: Batch, resolution: int) -> torch.Tensor:
+    """SDXL micro-conditioning: (original h, w, crop top, left, target h, w) per image; (B, 6).
+
+    As diffusers' train_text_to_image_sdxl.py: the size before resizing and the crop corner in
+    the resized image, so that the model learns what an upscaled chip or an off-centre crop
+    looks like (and sampling with (R, R, 0, 0, R, R) asks for a sharp, centred full image).
     """
-    ids = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], dtype=torch.float32)
-    return ids.to(device).repeat(batch, 1)
+    b, device = batch.pixels.shape[0], batch.pixels.device
+    original = batch.original_size if batch.original_size is not None else torch.full((b, 2), float(resolution))
+    crop = batch.crop_top_left if batch.crop_top_left is not None else torch.zeros(b, 2)
+    target = torch.full((b, 2), float(resolution))
+    return torch.cat([original.float(), crop.float(), target], dim=1).to(device)  # (B, 6)
+
+
+def posterior(vae, pixel_values: torch.Tensor):
+    """The VAE encoder's diagonal Gaussian over latents for images (B, 3, H, W) in [-1, 1]."""
+    # The encoder's own dtype: a tuned decoder is fp32 while a frozen encoder may be bf16.
+    with vae_precision(vae, pixel_values.device):
+        return vae.encode(pixel_values.to(vae.encoder.conv_in.weight.dtype)).latent_dist
 
 
 def encode_latents(vae, pixel_values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Images (B, 3, H, W) in [-1, 1] -> scaled latents (B, C, H/f, W/f)."""
-    vae_dtype = next(vae.parameters()).dtype
-    dist = vae.encode(pixel_values.to(vae_dtype)).latent_dist
-    latents = dist.sample(generator=generator)
+    """Images (B, 3, H, W) in [-1, 1] -> scaled latents (B, C, H/f, W/f), one posterior draw."""
+    z = posterior(vae, pixel_values).sample(generator=generator)
     # The scale comes from the model's own config (0.18215 SD, 0.13025 SDXL), never hard-coded.
-    return latents.float() * vae.config.scaling_factor
+    return z.float() * vae.config.scaling_factor
 
 
-def vae_reconstruction_loss(vae, pixel_values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """What a tuned VAE learns from: L1 reconstruction of the SAR image plus a small KL term.
+def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Scaled latents (B, C, h, w) -> images (B, 3, H, W) in [-1, 1], in the VAE's dtype and
+    outside autocast (the one decode path of training and sampling)."""
+    with vae_precision(vae, latents.device):
+        z = latents.to(vae.post_quant_conv.weight.dtype) / vae.config.scaling_factor
+        return vae.decode(z).sample
 
-    Diffusion-loss gradients are never sent into the VAE encoder: they would reward latents
-    that are easy to denoise (collapse), not latents that describe SAR well.
+
+def _amplitude(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] model images (B, 3, H, W) -> SAR amplitude in [0, 1], (B, 1, H, W)."""
+    return ((x.float().mean(dim=1, keepdim=True) + 1) / 2).clamp(0, 1)
+
+
+def _local_variance(a: torch.Tensor, window: int = 5) -> torch.Tensor:
+    mean = F.avg_pool2d(a, window, stride=1, padding=window // 2, count_include_pad=False)
+    mean_sq = F.avg_pool2d(a * a, window, stride=1, padding=window // 2, count_include_pad=False)
+    return (mean_sq - mean * mean).clamp(min=0)
+
+
+def speckle_loss(recon: torch.Tensor, target: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+    """What a tuned VAE decoder learns from: L1 on log-amplitude plus L1 on the local variance.
+
+    Plain L1 on pixels rewards the conditional median: a decoder trained on it smooths away
+    the speckle, the very statistic the study scores. In log-amplitude, multiplicative
+    speckle becomes additive and dark areas (water, shadow) weigh as much as bright ones; the
+    local-variance term (5 x 5 windows) asks the decoder to reproduce how rough each area is.
     """
-    posterior = vae.encode(pixel_values).latent_dist
-    z = posterior.sample(generator=generator)
-    recon = vae.decode(z).sample  # (B, 3, H, W)
-    return F.l1_loss(recon.float(), pixel_values.float()) + 1e-6 * posterior.kl().mean()
+    a_rec, a = _amplitude(recon), _amplitude(target)
+    log_term = F.l1_loss(torch.log(a_rec + eps), torch.log(a + eps))
+    var_term = F.l1_loss(_local_variance(a_rec), _local_variance(a)) / max(float(_local_variance(a).mean()), 1e-6)
+    return log_term + 0.5 * var_term
 
 
 def draw_noise(latents: torch.Tensor, generator: torch.Generator, noise_offset: float) -> torch.Tensor:
@@ -102,34 +155,55 @@ def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor
     return (per_sample * weights.to(per_sample.device)).mean()
 
 
+def conditioning(c: Components, batch: Batch, resolution: int) -> tuple[torch.Tensor, dict | None]:
+    """Text conditioning of a batch: (prompt_embeds (B, 77, D), SDXL added_cond_kwargs | None).
+
+    Dropped captions become the unconditional embedding the model's sampler uses: zeros for
+    SDXL (`force_zeros_for_empty_prompt`), the encoding of "" for SD 1.x/2.x; training on any
+    other "empty" would teach classifier-free guidance a different unconditional branch.
+    """
+    device = batch.pixels.device
+    zeros = c.force_zeros_for_empty_prompt and batch.drop is not None
+    captions = batch.captions
+    if batch.drop is not None and not zeros:
+        captions = [("" if d else t) for t, d in zip(captions, batch.drop.tolist())]
+    prompt_embeds, pooled = encode_text(c, captions, device)  # (B, 77, D), (B, P) | None
+    if zeros:
+        keep = (~batch.drop).to(device)
+        prompt_embeds = prompt_embeds * keep[:, None, None].to(prompt_embeds.dtype)
+        pooled = pooled * keep[:, None].to(pooled.dtype) if pooled is not None else None
+    added = None
+    if c.kind == "sdxl":
+        added = {"text_embeds": pooled, "time_ids": sdxl_time_ids(batch, resolution)}
+    return prompt_embeds, added
+
+
 def compute_loss(
     c: Components,
-    pixel_values: torch.Tensor,
-    captions: list[str],
+    batch: Batch,
     tcfg: TrainConfig,
     generator: torch.Generator,
     tune_vae: bool,
     resolution: int,
 ) -> StepOutput:
-    """One micro-batch: pixels (B, 3, H, W) in [-1, 1] and captions -> the weighted loss."""
-    device = pixel_values.device
+    """One micro-batch -> the weighted diffusion loss (+ the VAE decoder's loss when tuned)."""
+    device = batch.pixels.device
     scheduler = c.noise_scheduler
+    # Latents: one posterior draw of the frozen encoder, outside autocast in the VAE's dtype.
+    # The UNet learns on them, and a tuned decoder reconstructs from the same draw.
+    with torch.no_grad():
+        latents = encode_latents(c.vae, batch.pixels, generator)  # (B, 4, H/8, W/8)
     vae_loss = None
+    if tune_vae:
+        vae_loss = speckle_loss(decode_latents(c.vae, latents), batch.pixels)
     with autocast(device, tcfg.mixed_precision):
-        if tune_vae:
-            vae_loss = vae_reconstruction_loss(c.vae, pixel_values, generator)
-        with torch.no_grad():
-            latents = encode_latents(c.vae, pixel_values, generator)  # (B, 4, H/8, W/8)
         noise = draw_noise(latents, generator, tcfg.noise_offset)
         bsz = latents.shape[0]
         timesteps = torch.randint(
             0, scheduler.config.num_train_timesteps, (bsz,), generator=generator
         ).to(device)
         noisy = scheduler.add_noise(latents, noise, timesteps)
-        prompt_embeds, pooled = encode_text(c, captions, device)  # (B, 77, D), (B, P) | None
-        added = None
-        if c.kind == "sdxl":
-            added = {"text_embeds": pooled, "time_ids": sdxl_time_ids(bsz, resolution, device)}
+        prompt_embeds, added = conditioning(c, batch, resolution)
         pred = c.unet(noisy, timesteps, prompt_embeds, added_cond_kwargs=added, return_dict=False)[0]
         target = target_for(scheduler, latents, noise, timesteps)
         diff_loss = weighted_mse(pred, target, loss_weights(scheduler, timesteps, tcfg.min_snr_gamma))
@@ -144,16 +218,9 @@ def compute_loss(
 
 
 @torch.no_grad()
-def validation_loss(
-    c: Components,
-    pixel_values: torch.Tensor,
-    captions: list[str],
-    tcfg: TrainConfig,
-    seed: int,
-    resolution: int,
-) -> float:
+def validation_loss(c: Components, batch: Batch, tcfg: TrainConfig, seed: int, resolution: int) -> float:
     """Diffusion loss on held-out images with noise and timesteps fixed by `seed`, so that
     values at different steps are comparable (only the weights change between them)."""
     g = torch.Generator().manual_seed(seed)
-    out = compute_loss(c, pixel_values, captions, tcfg, g, tune_vae=False, resolution=resolution)
+    out = compute_loss(c, batch, tcfg, g, tune_vae=False, resolution=resolution)
     return float(out.diffusion_loss)

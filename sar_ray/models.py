@@ -1,5 +1,7 @@
 """Stable Diffusion 1.x/2.x and SDXL components: load from a hub id or a local folder, or build
-tiny random ones from constructors (`tiny-sd`, `tiny-sdxl`) for CPU tests and smoke runs.
+tiny random ones from constructors (`tiny-sd15` = `tiny-sd`, `tiny-sd2`, `tiny-sdxl`) for CPU tests
+and smoke runs. A tiny model is the public config of its family (shipped in
+`sar_ray/model_configs/`) with smaller widths and depths, nothing else changed.
 
 A real model and a tiny one take the same path after loading: `save_pipeline` writes a diffusers
 pipeline folder and `load_components` reads it back exactly as it reads a downloaded model.
@@ -18,6 +20,7 @@ import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
+from importlib import resources
 from pathlib import Path
 from typing import Literal
 
@@ -43,7 +46,10 @@ from transformers import (
 
 from sar_ray.config import ModelConfig
 
-TINY = ("tiny-sd", "tiny-sdxl")
+# The model families whose public configs ship in sar_ray/model_configs/.
+FAMILIES = ("sd15", "sd2", "sdxl")
+# Tiny random models of each family, built from constructors (`tiny-sd` is `tiny-sd15`).
+TINY = {"tiny-sd15": "sd15", "tiny-sd": "sd15", "tiny-sd2": "sd2", "tiny-sdxl": "sdxl"}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SAMPLING_SCHEDULERS = {
     # dpm++ (2M): the usual 20-30 step sampler for SD/SDXL.
@@ -66,6 +72,9 @@ class Components:
     tokenizers: list[CLIPTokenizer]  # one per text encoder
     noise_scheduler: DDPMScheduler  # training scheduler (add_noise, targets), from the model's config
     source: str  # what model.pretrained said
+    family: str = "sd15"  # sd15 | sd2 | sdxl
+    # SDXL: the unconditional embedding is zeros, not the encoding of "" (model_index.json).
+    force_zeros_for_empty_prompt: bool = False
 
     @property
     def text_encoder_names(self) -> list[str]:
@@ -148,119 +157,142 @@ def clip_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
 
 
 # --------------------------------------------------------------------------------------------
-# tiny models
+# public configs and tiny models
 # --------------------------------------------------------------------------------------------
 
 
-def _tiny_text_config(num_layers: int, projection_dim: int | None = None) -> CLIPTextConfig:
-    kw = dict(projection_dim=projection_dim) if projection_dim else {}
-    return CLIPTextConfig(
-        vocab_size=49408,  # the real BPE: captions tokenise exactly as with a real model
-        hidden_size=32,
-        intermediate_size=37,
-        num_attention_heads=4,
-        num_hidden_layers=num_layers,
-        max_position_embeddings=MAX_TOKENS,
-        hidden_act="gelu",
-        layer_norm_eps=1e-5,
-        # The real eos id: pooling picks the first <|endoftext|>, so an added <SAR> token
-        # (id 49408, larger than eos) is not mistaken for the end (the legacy eos_token_id=2
-        # path takes argmax(input_ids)).
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=1,
-        **kw,
-    )
+@lru_cache(maxsize=None)
+def _public(family: str) -> dict:
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; valid: {', '.join(FAMILIES)}")
+    return json.loads(resources.files("sar_ray.model_configs").joinpath(f"{family}.json").read_text())
 
 
-def _tiny_vae(scaling_factor: float) -> AutoencoderKL:
-    # Four blocks, three downsamplings: vae_scale_factor 8 as in real SD (64 px -> 8x8 latents).
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 32, 32),
-        layers_per_block=1,
-        norm_num_groups=8,
-        latent_channels=4,
-        sample_size=64,
-        scaling_factor=scaling_factor,
-        force_upcast=True,
-    )
+def public_config(family: str, component: str) -> dict:
+    """The public config of `component` ("unet", "vae", "text_encoder", "text_encoder_2",
+    "tokenizer", "tokenizer_2", "scheduler", "model_index") of SD 1.5, SD 2.1 or SDXL base,
+    as shipped in `sar_ray/model_configs/` (annotation keys such as `_source` dropped)."""
+    raw = _public(family)
+    if component not in raw:
+        raise ValueError(f"{family} has no {component}")
+    return {k: v for k, v in raw[component].items() if not k.startswith("_")}
 
 
-def _tiny_noise_scheduler() -> DDPMScheduler:
-    # SD's training schedule; steps_offset=1 / clip_sample=False as in SD's own scheduler config.
-    return DDPMScheduler(
-        beta_schedule="scaled_linear",
-        beta_start=0.00085,
-        beta_end=0.012,
-        num_train_timesteps=1000,
-        prediction_type="epsilon",
-        clip_sample=False,
-        steps_offset=1,
-    )
+# What a tiny model changes in the public configs: widths and depths only. Everything else
+# (token ids and pooling, activation, projection, linear projections, upcast flags, scaling
+# factor, micro-conditioning type, scheduler, prediction type) stays the real checkpoint's,
+# so a test fails where a real model would. Widths are multiples of 32 (norm_num_groups 32).
+# The real counts of blocks and layers are depths too, and shrink.
+_TINY_TEXT = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2)
+_TINY_VAE = dict(block_out_channels=[32, 32, 32, 32], layers_per_block=1, sample_size=64)
+_TINY_TIME_DIM, _TINY_PROJ = 8, 32
+TINY_SIZES: dict[str, dict[str, dict]] = {
+    # SD 1.x/2.x: one cross-attention level fewer (depth). 64 px images give 8 x 8 latents, and a
+    # fourth downsampling would leave the mid-block attention one token, where queries and keys
+    # have no effect (their LoRA would get no gradient).
+    "sd15": {
+        "unet": dict(block_out_channels=[32, 64, 64], layers_per_block=1, cross_attention_dim=32, sample_size=8,
+                     down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+                     up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]),
+        "vae": _TINY_VAE,
+        "text_encoder": dict(_TINY_TEXT, projection_dim=_TINY_PROJ),
+    },
+    "sd2": {
+        # attention_head_dim is diffusers' legacy name for the number of heads: (5, 10, 20, 20)
+        # would not divide these widths.
+        "unet": dict(block_out_channels=[32, 64, 64], attention_head_dim=[2, 4, 4], layers_per_block=1,
+                     cross_attention_dim=32, sample_size=8,
+                     down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+                     up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]),
+        "vae": _TINY_VAE,
+        "text_encoder": dict(_TINY_TEXT, projection_dim=_TINY_PROJ),
+    },
+    "sdxl": {
+        "unet": dict(block_out_channels=[32, 64, 64], attention_head_dim=[2, 4, 4], layers_per_block=1,
+                     transformer_layers_per_block=[1, 1, 1], sample_size=8,
+                     cross_attention_dim=2 * _TINY_TEXT["hidden_size"],  # both encoders, concatenated
+                     addition_time_embed_dim=_TINY_TIME_DIM,
+                     # 6 micro-conditioning numbers (original size, crop top-left, target size) + pooled
+                     projection_class_embeddings_input_dim=6 * _TINY_TIME_DIM + _TINY_PROJ),
+        "vae": _TINY_VAE,
+        "text_encoder": dict(_TINY_TEXT, projection_dim=_TINY_PROJ),
+        "text_encoder_2": dict(_TINY_TEXT, num_hidden_layers=3, projection_dim=_TINY_PROJ),
+    },
+}
+
+
+def tiny_family(name: str) -> str:
+    """`tiny-sd15` / `tiny-sd` -> "sd15", `tiny-sd2` -> "sd2", `tiny-sdxl` -> "sdxl"."""
+    if name not in TINY:
+        raise ValueError(f"unknown tiny model {name!r}; valid: {', '.join(TINY)}")
+    return TINY[name]
+
+
+def _text_config(family: str, name: str, sizes: dict | None) -> CLIPTextConfig:
+    return CLIPTextConfig(**{**public_config(family, name), **(sizes or {})})
+
+
+def _tokenizer(family: str, name: str) -> CLIPTokenizer:
+    return clip_tokenizer(pad_token=public_config(family, name)["pad_token"])
 
 
 def build_tiny(kind: str, seed: int = 0) -> Components:
-    """Random tiny SD (`sd`/`tiny-sd`) or SDXL (`sdxl`/`tiny-sdxl`) components, fp32.
+    """Random tiny components of `kind` (`tiny-sd15`/`sd15`, `tiny-sd`/`sd`, `tiny-sd2`/`sd2`,
+    `tiny-sdxl`/`sdxl`), fp32: the public config of that family with `TINY_SIZES` applied.
 
     Each constructor runs under `torch.manual_seed(seed)`: the same seed gives the same weights.
     """
-    kind = kind.removeprefix("tiny-")
-    if kind not in ("sd", "sdxl"):
-        raise ValueError(f"unknown tiny model kind {kind!r}; valid: tiny-sd, tiny-sdxl")
-    unet_common = dict(
-        sample_size=8,  # latent side: pipelines default to 8 * 8 = 64 px
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4),
-        norm_num_groups=32,
-    )
-    if kind == "sd":
+    name = kind if kind.startswith("tiny-") else f"tiny-{kind}"
+    family = tiny_family(name)
+    sizes = TINY_SIZES[family]
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_config({**public_config(family, "unet"), **sizes["unet"]})
+    torch.manual_seed(seed)
+    vae = AutoencoderKL.from_config({**public_config(family, "vae"), **sizes["vae"]})
+    names = ["text_encoder", "text_encoder_2"] if family == "sdxl" else ["text_encoder"]
+    encoders: list[nn.Module] = []
+    for te_name in names:
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(cross_attention_dim=32, **unet_common)
-        torch.manual_seed(seed)
-        vae = _tiny_vae(0.18215)
-        torch.manual_seed(seed)
-        encoders: list[nn.Module] = [CLIPTextModel(_tiny_text_config(2))]
-        tokenizers = [clip_tokenizer()]
-    else:
-        time_dim, proj_dim = 8, 32
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            cross_attention_dim=32 + 32,  # both encoders' hidden states, concatenated
-            use_linear_projection=True,
-            addition_embed_type="text_time",
-            addition_time_embed_dim=time_dim,
-            # 6 micro-conditioning numbers (original size, crop top-left, target size) + pooled
-            projection_class_embeddings_input_dim=6 * time_dim + proj_dim,
-            **unet_common,
-        )
-        torch.manual_seed(seed)
-        vae = _tiny_vae(0.13025)
-        torch.manual_seed(seed)
-        te1 = CLIPTextModel(_tiny_text_config(2))
-        torch.manual_seed(seed)
-        te2 = CLIPTextModelWithProjection(_tiny_text_config(3, projection_dim=proj_dim))
-        encoders = [te1, te2]
-        tokenizers = [clip_tokenizer(), clip_tokenizer(pad_token="!")]
+        cls = CLIPTextModelWithProjection if te_name == "text_encoder_2" else CLIPTextModel
+        encoders.append(cls(_text_config(family, te_name, sizes[te_name])))
+    tokenizers = [_tokenizer(family, te_name.replace("text_encoder", "tokenizer")) for te_name in names]
     for m in [unet, vae, *encoders]:
         m.eval()
-    return Components(
-        kind=kind,
+    c = Components(
+        kind="sdxl" if family == "sdxl" else "sd",
         unet=unet,
         vae=vae,
         text_encoders=encoders,
         tokenizers=tokenizers,
-        noise_scheduler=_tiny_noise_scheduler(),
-        source=f"tiny-{kind}",
+        noise_scheduler=DDPMScheduler.from_config(public_config(family, "scheduler")),
+        source=name,
+        family=family,
+        force_zeros_for_empty_prompt=bool(public_config(family, "model_index").get("force_zeros_for_empty_prompt")),
     )
+    # Pooling stays as the public configs have it (eos_token_id 2): a pipeline saved from these
+    # components is what the hub serves. `load_components` applies `pool_at_eos`.
+    return c
+
+
+def pool_at_eos(c: Components) -> None:
+    """Make every text encoder pool at the tokenizer's `<|endoftext|>`.
+
+    The public SD / SDXL text encoder configs say `eos_token_id: 2` (written before
+    transformers#24773); transformers then pools at `argmax(input_ids)`, the largest id in the
+    caption. An added token (`<SAR>`, id 49408) is larger than `<|endoftext|>` (49407), so every
+    caption with the token would pool at the token: SDXL's pooled `text_embeds` would be the
+    same for all captions. Setting the real id makes transformers pool at the first
+    `<|endoftext|>`, which is what CLIP means; it changes nothing for captions without added
+    tokens, and a saved encoder keeps the fix in its config.
+    """
+    for te, tok in zip(c.text_encoders, c.tokenizers):
+        eos = tok.eos_token_id
+        if te.config.eos_token_id == eos:
+            continue
+        te.config.eos_token_id = eos
+        tm = getattr(te, "text_model", te)
+        if hasattr(tm, "eos_token_id"):
+            tm.eos_token_id = eos
 
 
 # --------------------------------------------------------------------------------------------
@@ -318,6 +350,7 @@ def load_components(cfg: ModelConfig, keep_fp32: Iterable[str] = ()) -> Componen
         for name, m in c.modules().items():
             cast_module(m, _module_dtype(name, cfg, keep))
         c.noise_scheduler = _with_prediction_type(c.noise_scheduler, cfg)
+        pool_at_eos(c)
         return c
 
     src = cfg.pretrained
@@ -354,7 +387,7 @@ def load_components(cfg: ModelConfig, keep_fp32: Iterable[str] = ()) -> Componen
     scheduler = DDPMScheduler.from_pretrained(src, subfolder="scheduler", **hub)
     for m in [unet, vae, *encoders]:
         m.eval()
-    return Components(
+    c = Components(
         kind=kind,
         unet=unet,
         vae=vae,
@@ -362,7 +395,19 @@ def load_components(cfg: ModelConfig, keep_fp32: Iterable[str] = ()) -> Componen
         tokenizers=tokenizers,
         noise_scheduler=_with_prediction_type(scheduler, cfg),
         source=src,
+        family=detect_family(kind, unet.config),
+        force_zeros_for_empty_prompt=kind == "sdxl" and bool(index.get("force_zeros_for_empty_prompt", True)),
     )
+    pool_at_eos(c)
+    return c
+
+
+def detect_family(kind: str, unet_config) -> str:
+    """sd15 | sd2 | sdxl. SD 2.x UNets use linear projections in their transformers (for
+    OpenCLIP-H states), SD 1.x UNets convolutions; tiny models keep that key."""
+    if kind == "sdxl":
+        return "sdxl"
+    return "sd2" if unet_config.get("use_linear_projection") else "sd15"
 
 
 # --------------------------------------------------------------------------------------------
@@ -451,6 +496,7 @@ def assemble_pipeline(c: Components, scheduler: str = "dpm++") -> DiffusionPipel
             unet=c.unet,
             scheduler=sched,
             add_watermarker=False,
+            force_zeros_for_empty_prompt=c.force_zeros_for_empty_prompt,
         )
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -48,9 +48,39 @@ def _slug(text: str, n: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:n] or "prompt"
 
 
+def _denoise_and_decode(pipe, prompt: str, cfg: SampleConfig, resolution: int, mixed_precision: str) -> np.ndarray:
+    """One prompt x every seed -> amplitudes (S, H, W) in [0, 1].
+
+    The pipeline denoises (under the training's autocast, so fp32 trainable modules and bf16
+    frozen ones mix as in training) and returns latents; the VAE decodes them outside autocast
+    in its own dtype through `diffusion.decode_latents`, the same decode as training. (The
+    pipelines upcast only an fp16 VAE, so bf16 latents met an fp32 VAE and failed.)
+    """
+    from .diffusion import autocast, decode_latents
+
+    device = pipe.unet.device
+    gens = [torch.Generator("cpu").manual_seed(s) for s in cfg.seeds]  # the same images on any device
+    with autocast(device, mixed_precision):
+        latents = pipe(
+            prompt=[prompt] * len(cfg.seeds),
+            negative_prompt=[cfg.negative_prompt] * len(cfg.seeds) if cfg.negative_prompt else None,
+            num_inference_steps=cfg.steps,
+            guidance_scale=cfg.guidance_scale,
+            height=resolution,
+            width=resolution,
+            generator=gens,
+            output_type="latent",
+        ).images  # (S, 4, H/8, W/8)
+    images = decode_latents(pipe.vae, latents).float()  # (S, 3, H, W) in [-1, 1]
+    return ((images.mean(dim=1) + 1) / 2).clamp(0, 1).cpu().numpy()  # (S, H, W)
+
+
 @torch.no_grad()
-def generate(pipe, cfg: SampleConfig, resolution: int, out_dir: str | Path, device: torch.device | str = "cpu") -> SampleSet:
-    """Every prompt x seed, one image each; deterministic for a given pipeline and config."""
+def generate(pipe, cfg: SampleConfig, resolution: int, out_dir: str | Path, device: torch.device | str = "cpu",
+             mixed_precision: str = "no") -> SampleSet:
+    """Every prompt x seed, one image each; deterministic for a given pipeline and config.
+    `mixed_precision`: the training's (`train.mixed_precision`), so that sampling runs the
+    modules the way training did."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for module in pipe.components.values():
@@ -60,19 +90,7 @@ def generate(pipe, cfg: SampleConfig, resolution: int, out_dir: str | Path, devi
     images: list[Path] = []
     meta_lines = []
     for i, prompt in enumerate(cfg.prompts):
-        # CPU generators: the same seeds give the same images on any device type.
-        gens = [torch.Generator("cpu").manual_seed(s) for s in cfg.seeds]
-        result = pipe(
-            prompt=[prompt] * len(cfg.seeds),
-            negative_prompt=[cfg.negative_prompt] * len(cfg.seeds) if cfg.negative_prompt else None,
-            num_inference_steps=cfg.steps,
-            guidance_scale=cfg.guidance_scale,
-            height=resolution,
-            width=resolution,
-            generator=gens,
-            output_type="np",
-        ).images  # (S, H, W, 3) in [0, 1]
-        amps = np.clip(np.asarray(result, dtype=np.float32).mean(axis=-1), 0.0, 1.0)  # (S, H, W)
+        amps = _denoise_and_decode(pipe, prompt, cfg, resolution, mixed_precision)  # (S, H, W)
         row = []
         for seed, amp in zip(cfg.seeds, amps):
             name = f"{i:02d}-{_slug(prompt)}-seed{seed}"

@@ -6,19 +6,32 @@
 `apply` is the single place that decides `requires_grad`: after it returns, exactly the
 parameters in `applied.param_groups` are trainable (fp32), everything else is frozen.
 
+Each mode owns its whole path in one registry entry (`MODES`, and `TOKEN` for the learned
+token): `apply` (what trains), `save` (what a trial writes, loadable by plain diffusers),
+`load` (what sampling must load back into a base pipeline). `checkpoint.save_outputs` refuses
+a trainable mode without a saver, so a new mode can never train and then be scored as the
+base model.
+
 The learned token. Textual inversion trains one row of the token embedding matrix. Putting
 the whole matrix in the optimizer would move every other row too (AdamW weight decay shrinks
 them, and a LoRA-tuned or frozen text encoder must keep them exact), so diffusers' script
 restores the other rows after each step. Here the embedding is replaced by
-:class:`LearnedTokenEmbedding`: the frozen base matrix plus a small trainable `(n_new, dim)`
-parameter substituted for the new ids, so the optimizer never sees the other rows at all.
-When the text encoder is `full`, its whole embedding trains anyway and there is no wrapper.
+:class:`LearnedTokenEmbedding`: the base matrix plus a small trainable `(n_new, dim)`
+parameter substituted for the new ids, so the new row always trains at `strategy.token_lr`
+in its own optimizer group. With a `full` text encoder the base matrix trains too (at the
+encoder's rate); with `frozen` or `lora` it stays exact.
+
+The VAE trains its decoder only (`full`: decoder and post_quant_conv; `lora`: adapters in the
+decoder): the encoder stays the frozen base, so the UNet always learns on the base model's
+latents (which a latent cache can share between trials) and the decoder learns to render SAR.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -50,8 +63,9 @@ def _family(component_name: str) -> str:
 class LearnedTokenEmbedding(nn.Module):
     """A token embedding whose rows >= `first_new_id` come from a trainable fp32 parameter.
 
-    `base` stays frozen (and may be fp16/bf16); `new_rows` is (n_new, dim) fp32. Forward equals
-    `nn.Embedding` with the new rows written into the matrix.
+    `base` is frozen (and may be fp16/bf16) unless its text encoder is fully tuned; `new_rows`
+    is (n_new, dim) fp32. Forward equals `nn.Embedding` with the new rows written into the
+    matrix. `apply` decides `requires_grad` of both.
     """
 
     def __init__(self, base: nn.Embedding, first_new_id: int):
@@ -59,7 +73,6 @@ class LearnedTokenEmbedding(nn.Module):
         self.base = base
         self.first_new_id = first_new_id
         self.new_rows = nn.Parameter(base.weight.detach()[first_new_id:].to(torch.float32).clone())
-        base.requires_grad_(False)
 
     @property
     def num_embeddings(self) -> int:
@@ -123,7 +136,7 @@ def token_modules(c: Components) -> dict[str, LearnedTokenEmbedding]:
 def learned_token_vectors(c: Components, applied: Applied) -> dict[str, Tensor]:
     """Text encoder name -> the learned token's embedding (dim,), fp32, detached.
 
-    Works with the wrapper and with a fully tuned encoder (row read from its matrix).
+    Works with the wrapper and with a plain matrix (a materialized or reloaded encoder).
     """
     if not applied.token_ids:
         return {}
@@ -156,6 +169,15 @@ def materialize_token(c: Components) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+# What a component may train: the VAE its decoder only (see the module docstring).
+TRAINABLE_PREFIXES: dict[str, tuple[str, ...]] = {"vae": ("decoder.", "post_quant_conv.")}
+
+
+def _may_train(component_name: str, param_name: str) -> bool:
+    prefixes = TRAINABLE_PREFIXES.get(_family(component_name))
+    return prefixes is None or param_name.startswith(prefixes)
+
+
 def _frozen(module: nn.Module, comp: ComponentStrategy, component_name: str) -> list[nn.Parameter]:
     module.requires_grad_(False)
     return []
@@ -164,8 +186,22 @@ def _frozen(module: nn.Module, comp: ComponentStrategy, component_name: str) -> 
 def _full(module: nn.Module, comp: ComponentStrategy, component_name: str) -> list[nn.Parameter]:
     # Trainable weights in fp32 (diffusers' scripts: fp32 master weights, autocast for compute).
     cast_module(module, torch.float32)
-    module.requires_grad_(True)
-    return list(module.parameters())
+    module.requires_grad_(False)
+    params = [p for n, p in module.named_parameters() if _may_train(component_name, n)]
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def _lora_targets(comp: ComponentStrategy, component_name: str) -> list[str] | str:
+    targets = list(comp.target_modules or DEFAULT_TARGETS[_family(component_name)])
+    prefixes = TRAINABLE_PREFIXES.get(_family(component_name))
+    if prefixes is None:
+        return targets
+    # peft full-matches a string target against each module name: adapt only the decoder.
+    where = "|".join(re.escape(p.rstrip(".")) for p in prefixes)
+    names = "|".join(re.escape(t) for t in targets)
+    return rf"(?:{where})(?:\..*)?\.(?:{names})"
 
 
 def lora_config(comp: ComponentStrategy, component_name: str) -> LoraConfig:
@@ -173,7 +209,7 @@ def lora_config(comp: ComponentStrategy, component_name: str) -> LoraConfig:
         r=comp.rank,
         lora_alpha=comp.lora_alpha,
         lora_dropout=comp.dropout,
-        target_modules=list(comp.target_modules or DEFAULT_TARGETS[_family(component_name)]),
+        target_modules=_lora_targets(comp, component_name),
         # gaussian A, zero B: the adapted model starts exactly at the base model.
         init_lora_weights="gaussian",
     )
@@ -199,7 +235,123 @@ def _lora(module: nn.Module, comp: ComponentStrategy, component_name: str) -> li
 
 
 Strategy = Callable[[nn.Module, ComponentStrategy, str], list[nn.Parameter]]
-STRATEGIES: dict[str, Strategy] = {"frozen": _frozen, "full": _full, "lora": _lora}
+
+
+# --------------------------------------------------------------------------------------------
+# saving and loading, per mode (what a trial writes; what sampling loads back)
+# --------------------------------------------------------------------------------------------
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+EMBEDS_FILES = {"text_encoder": "learned_embeds.safetensors", "text_encoder_2": "learned_embeds_2.safetensors"}
+TOKENIZER_OF = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
+
+
+@dataclass
+class SaveContext:
+    """What a saver reads and where it writes: the live components, the strategy, the output
+    folder and the manifest (`sar_ray_outputs.json`) it fills in."""
+
+    c: Components
+    applied: Applied
+    strategy: StrategyConfig
+    out: Path
+    manifest: dict[str, Any]
+    ema_unet_state: dict[str, Tensor] | None = None
+
+
+def _save_lora(ctx: SaveContext, names: list[str]) -> None:
+    """UNet / text-encoder LoRA: one diffusers file, with the adapter configs as metadata so
+    `load_lora_weights` rebuilds the same alpha / targets. VAE LoRA: diffusers has no VAE LoRA
+    loader, so the merged VAE folder plus the raw peft adapter."""
+    from .checkpoint import save_lora_file, save_vae_lora
+
+    modules = ctx.c.modules()
+    pipeline_names = [n for n in names if n != "vae"]
+    if pipeline_names:
+        save_lora_file(ctx.c, {n: modules[n] for n in pipeline_names}, ctx.out / LORA_FILE)
+        ctx.manifest["lora"] = {"file": LORA_FILE, "components": pipeline_names}
+    if "vae" in names:
+        save_vae_lora(modules["vae"], ctx.out)
+        ctx.manifest["folders"]["vae"] = "vae"
+        ctx.manifest["vae_lora"] = "vae_lora"
+
+
+def _save_full(ctx: SaveContext, names: list[str]) -> None:
+    """Fully tuned components as `save_pretrained` folders (+ the tokenizer that goes with an
+    encoder that owns the learned token)."""
+    from .checkpoint import save_full_component
+
+    for name in names:
+        module = ctx.c.modules()[name]
+        ema = ctx.ema_unet_state if name == "unet" else None
+        save_full_component(module, ctx.out / name, ema_state=ema)
+        ctx.manifest["folders"][name] = name
+        ctx.manifest["ema_unet"] = ctx.manifest["ema_unet"] or ema is not None
+        if name in TOKENIZER_OF and ctx.applied.token_ids is not None:
+            tok_name = TOKENIZER_OF[name]
+            ctx.c.tokenizers[ctx.c.tokenizer_names.index(tok_name)].save_pretrained(ctx.out / tok_name)
+            ctx.manifest["folders"][tok_name] = tok_name
+
+
+def _save_token(ctx: SaveContext, names: list[str]) -> None:
+    """One textual-inversion file per encoder that is not saved whole (a full encoder's folder
+    already holds the row, and its tokenizer the token)."""
+    from .checkpoint import write_safetensors
+
+    token = ctx.applied.token_string or ctx.strategy.token_string
+    files = {}
+    for name, vec in learned_token_vectors(ctx.c, ctx.applied).items():
+        if ctx.applied.modes.get(name) == "full":
+            continue
+        # {token: (1, dim)}: the layout diffusers' textual_inversion*.py scripts write.
+        write_safetensors({token: vec.unsqueeze(0)}, ctx.out / EMBEDS_FILES[name])
+        files[name] = EMBEDS_FILES[name]
+    ctx.manifest["token"] = {"string": token, "files": files}
+
+
+def _load_full(pipe, out: Path, manifest: dict) -> None:
+    from .checkpoint import load_full_component
+
+    for name, folder in manifest["folders"].items():
+        load_full_component(pipe, name, out / folder)
+
+
+def _load_token(pipe, out: Path, manifest: dict) -> None:
+    if not manifest.get("token"):
+        return
+    token = manifest["token"]["string"]
+    for name, file in manifest["token"]["files"].items():
+        kw = {} if name == "text_encoder" else {"text_encoder": getattr(pipe, name),
+                                                "tokenizer": getattr(pipe, TOKENIZER_OF[name])}
+        pipe.load_textual_inversion(str(out / file), token=token, **kw)
+
+
+def _load_lora(pipe, out: Path, manifest: dict) -> None:
+    if manifest.get("lora"):
+        pipe.load_lora_weights(str(out), weight_name=manifest["lora"]["file"])
+
+
+@dataclass(frozen=True)
+class Mode:
+    """One way a component (or the token) trains, with everything that follows from it."""
+
+    apply: Strategy | None  # -> its trainable parameters (None: the token, added by `apply`)
+    save: Callable[[SaveContext, list[str]], None] | None  # writes the components in this mode
+    load: Callable[[Any, Path, dict], None] | None  # puts them back into a base pipeline
+    trains: bool = True
+
+
+MODES: dict[str, Mode] = {
+    "frozen": Mode(_frozen, save=None, load=None, trains=False),
+    "full": Mode(_full, save=_save_full, load=_load_full),
+    "lora": Mode(_lora, save=_save_lora, load=_load_lora),
+}
+TOKEN = Mode(None, save=_save_token, load=_load_token)
+# Loading order into a base pipeline: full folders replace components, then the token (into
+# text encoders without adapters yet), then the LoRA file.
+LOAD_ORDER: tuple[Mode, ...] = (MODES["full"], TOKEN, MODES["lora"])
+# The apply functions by mode name (kept for callers that dispatch on `cfg.mode`).
+STRATEGIES: dict[str, Strategy] = {name: m.apply for name, m in MODES.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -252,12 +404,13 @@ def apply(c: Components, s: StrategyConfig, default_lr: float) -> Applied:
     Order matters: the token is added first (resizing replaces embedding matrices), then each
     component's strategy, then the token wrappers (after LoRA injection, which freezes every
     non-LoRA parameter it sees), then one sweep sets `requires_grad` from the groups.
+    Any component whose mode name is not in `MODES` is refused with the valid names.
     """
     strategies = component_strategies(c, s)
     modules = c.modules()
     for name, comp in strategies.items():
-        if comp.mode not in STRATEGIES:
-            raise ValueError(f"strategy.{name}.mode {comp.mode!r}: valid modes are {', '.join(STRATEGIES)}")
+        if comp.mode not in MODES:
+            raise ValueError(f"strategy.{name}.mode {comp.mode!r}: valid modes are {', '.join(MODES)}")
 
     token_ids = None
     if s.token == "learn":
@@ -265,15 +418,15 @@ def apply(c: Components, s: StrategyConfig, default_lr: float) -> Applied:
 
     groups: list[dict] = []
     for name, comp in strategies.items():
-        params = STRATEGIES[comp.mode](modules[name], comp, name)
+        params = MODES[comp.mode].apply(modules[name], comp, name)
         if params:
             groups.append({"params": params, "lr": comp.lr or default_lr, "name": name})
 
     if token_ids is not None:
         token_params = []
         for te, name, tid in zip(c.text_encoders, c.text_encoder_names, token_ids):
-            if strategies[name].mode == "full":
-                continue  # the whole matrix (new row included) is already in this encoder's group
+            # Every mode, `full` included: the new row trains at token_lr in its own group (a
+            # full encoder's base matrix stays in the encoder's group, at the encoder's rate).
             wrapper = LearnedTokenEmbedding(te.get_input_embeddings(), first_new_id=tid)
             te.set_input_embeddings(wrapper)
             token_params.append(wrapper.new_rows)

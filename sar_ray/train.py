@@ -31,11 +31,12 @@ import ray.train
 import torch
 import torch.distributed as dist
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.data.dataset import MaterializedDataset
 from ray.train.torch import TorchTrainer
 
 from . import checkpoint as ckpt
 from .config import TrialConfig
-from .diffusion import compute_loss, validation_loss
+from .diffusion import Batch, compute_loss, validation_loss
 from .models import Components, load_components
 from .strategies import Applied, apply, full_components
 
@@ -153,31 +154,94 @@ def _ema_state(ema, c: Components) -> dict[str, torch.Tensor] | None:
 # --------------------------------------------------------------------------------------------
 
 
-def _batches(shard, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, list[str]]]:
-    """One epoch of (pixels (B, 3, R, R) float32, captions) from a Ray Data shard."""
-    it = shard.iter_batches(
-        batch_size=batch_size,
-        batch_format="numpy",
-        drop_last=True,
-        # A seeded local shuffle: a different order every epoch, the same order on a rerun.
-        local_shuffle_buffer_size=4 * batch_size,
-        local_shuffle_seed=seed,
-        prefetch_batches=2,
-    )
-    for batch in it:
-        yield torch.from_numpy(np.array(batch["pixel_values"], dtype=np.float32)), [str(t) for t in batch["text"]]
+_COLUMNS = ("pixel_values", "text", "original_size", "crop_top_left")
 
 
-def _drop_captions(captions: list[str], p: float, generator: torch.Generator) -> list[str]:
+def _to_batch(cols: dict[str, np.ndarray], device: torch.device) -> Batch:
+    """Numpy columns of a micro-batch -> the step's Batch on `device`."""
+    def geometry(key: str) -> torch.Tensor | None:
+        return torch.from_numpy(np.array(cols[key], dtype=np.float32)).reshape(-1, 2) if key in cols else None
+
+    pixels = torch.from_numpy(np.array(cols["pixel_values"], dtype=np.float32))  # (B, 3, R, R), a writable copy
+    return Batch(pixels.to(device), [str(t) for t in cols["text"]], geometry("original_size"), geometry("crop_top_left"))
+
+
+class EpochOrder:
+    """This worker's micro-batches, one epoch at a time, in a seeded order that a resume
+    reproduces exactly (`epoch(e, skip)` skips the micro-batches an interrupted epoch used).
+
+    The table reaches Ray Data already in a seeded random order (`data.build_datasets`), so a
+    shard is a random sample of the whole set, never the first rows of a sorted table.
+    Materialized data (it fits the object store): the shard is read once and every epoch is a
+    fresh seeded permutation of all its rows. Streamed data: Ray Data's order plus a seeded
+    shuffle buffer per epoch (a true per-epoch permutation would re-shuffle the images).
+    """
+
+    def __init__(self, shard, batch_size: int, seed: int, rank: int, in_memory: bool):
+        self.shard, self.batch_size, self.seed, self.rank = shard, batch_size, seed, rank
+        self.in_memory = in_memory
+        self._rows: dict[str, np.ndarray] | None = None
+
+    def _read_all(self) -> dict[str, np.ndarray]:
+        if self._rows is None:
+            parts: dict[str, list] = {}
+            for b in self.shard.iter_batches(batch_size=256, batch_format="numpy", prefetch_batches=2):
+                for k in _COLUMNS:
+                    if k in b:
+                        parts.setdefault(k, []).append(np.asarray(b[k]))
+            self._rows = {k: np.concatenate(v) for k, v in parts.items()}
+        return self._rows
+
+    def epoch(self, epoch: int, skip: int = 0) -> Iterator[dict[str, np.ndarray]]:
+        if not self.in_memory:
+            yield from self._streamed(epoch, skip)
+            return
+        rows = self._read_all()
+        n = len(rows["text"]) if rows else 0
+        order = np.random.default_rng([self.seed % 2**63, epoch, self.rank]).permutation(n)
+        for i in range(skip, n // self.batch_size):
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            yield {k: v[idx] for k, v in rows.items()}
+
+    def _streamed(self, epoch: int, skip: int) -> Iterator[dict[str, np.ndarray]]:
+        it = self.shard.iter_batches(
+            batch_size=self.batch_size,
+            batch_format="numpy",
+            drop_last=True,
+            local_shuffle_buffer_size=max(64, 16 * self.batch_size),
+            local_shuffle_seed=self.seed * 1000 + epoch,
+            prefetch_batches=2,
+        )
+        for i, batch in enumerate(it):
+            if i >= skip:
+                yield batch
+
+
+def _drop_mask(n: int, p: float, generator: torch.Generator) -> torch.Tensor | None:
+    """(n,) bool: which captions this step drops (unconditional examples), or None."""
     if p <= 0:
-        return captions
-    keep = torch.rand(len(captions), generator=generator) >= p
-    return [c if k else "" for c, k in zip(captions, keep.tolist())]
+        return None
+    return torch.rand(n, generator=generator) < p
 
 
 def _flip(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     flip = torch.rand(pixels.shape[0], generator=generator) < 0.5
-    return torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
+    return torch.where(flip[:, None, None, None].to(pixels.device), pixels.flip(-1), pixels)
+
+
+def _enable_checkpointing(c: Components, applied: Applied, token: bool) -> None:
+    """Gradient checkpointing wherever a gradient passes: the UNet whenever anything at or
+    before it trains (a trainable text encoder or token gets its gradient through the UNet's
+    activations, frozen or not), each text encoder that trains. Checkpointing is active only
+    in train mode, so those modules are put in it (SD/SDXL have no dropout in them)."""
+    text_trains = token or any(applied.modes.get(n, "frozen") != "frozen" for n in c.text_encoder_names)
+    if applied.modes.get("unet") != "frozen" or text_trains:
+        c.unet.enable_gradient_checkpointing()
+        c.unet.train()
+    for name, te in zip(c.text_encoder_names, c.text_encoders):
+        if token or applied.modes.get(name, "frozen") != "frozen":
+            te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            te.train()
 
 
 # --------------------------------------------------------------------------------------------
@@ -314,10 +378,10 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
     c = load_components(cfg.model, keep_fp32=full_components(cfg.strategy))
     applied = apply(c, cfg.strategy, t.lr)
     _place(c, applied, device, cfg.model.weight_dtype, cfg.model.vae_force_upcast)
-    if t.gradient_checkpointing and applied.modes.get("unet") != "frozen":
-        c.unet.enable_gradient_checkpointing()
     for name, module in c.modules().items():
         module.train(applied.modes.get(name, "frozen") != "frozen" or (name.startswith("text_encoder") and cfg.strategy.token == "learn"))
+    if t.gradient_checkpointing:
+        _enable_checkpointing(c, applied, cfg.strategy.token == "learn")
     params = applied.trainable_parameters()
     _broadcast_params(params)
     optimizer = make_optimizer(applied, cfg)
@@ -349,7 +413,8 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
         _append_log(log_path, {"event": "start", "step": pos.step, "trainable_params": applied.num_trainable(),
                                "device": str(device), "world_size": world, "time": time.time()})
 
-    train_shard = ray.train.get_dataset_shard("train")
+    order = EpochOrder(ray.train.get_dataset_shard("train"), t.batch_size, t.seed, rank,
+                       in_memory=bool(config.get("materialized")))
     val_batches = _load_val_batches(cfg, device)
     tune_vae = applied.modes.get("vae", "frozen") != "frozen"
     # Only a fresh start crashes: the retry that resumes from the checkpoint then goes through.
@@ -361,17 +426,16 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
     micro = 0
     optimizer.zero_grad(set_to_none=True)
     while pos.step < t.max_steps:
-        seen_in_epoch = 0
-        for pixels, captions in _batches(train_shard, t.batch_size, t.seed + pos.epoch):
+        seen_in_epoch = pos.micro_in_epoch  # resumed mid-epoch: those batches were already trained on
+        for cols in order.epoch(pos.epoch, skip=pos.micro_in_epoch):
             seen_in_epoch += 1
-            if seen_in_epoch <= pos.micro_in_epoch:
-                continue  # resumed mid-epoch: these batches were already trained on
             pos.micro_in_epoch += 1
-            pixels = pixels.to(device)
+            batch = _to_batch(cols, device)
             if cfg.data.flip:
-                pixels = _flip(pixels, generator)
-            captions = _drop_captions(captions, cfg.data.caption_dropout, generator)
-            out_step = compute_loss(c, pixels, captions, t, generator, tune_vae, cfg.data.resolution)
+                batch.pixels = _flip(batch.pixels, generator)
+            batch.drop = _drop_mask(len(batch.captions), cfg.data.caption_dropout, generator)
+            pixels = batch.pixels
+            out_step = compute_loss(c, batch, t, generator, tune_vae, cfg.data.resolution)
             scaled = out_step.loss / t.grad_accum
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
             micro += 1
@@ -484,7 +548,7 @@ def _report_with_checkpoint(api, metrics, out, rank, extra, applied, optimizer, 
         api.report(metrics, Checkpoint.from_directory(tmp))
 
 
-def _load_val_batches(cfg: TrialConfig, device) -> list[tuple[torch.Tensor, list[str]]]:
+def _load_val_batches(cfg: TrialConfig, device) -> list[Batch]:
     """The validation shard, read once and kept (it is small: `eval_batches` micro-batches).
     The whole shard is iterated so that Ray Data's split iterators stay in step."""
     shard = ray.train.get_dataset_shard("val") if cfg.data.val_fraction > 0 else None
@@ -493,7 +557,7 @@ def _load_val_batches(cfg: TrialConfig, device) -> list[tuple[torch.Tensor, list
     batches = []
     for batch in shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy", drop_last=False):
         if len(batches) < cfg.train.eval_batches:
-            batches.append((torch.from_numpy(np.array(batch["pixel_values"], dtype=np.float32)), [str(x) for x in batch["text"]]))
+            batches.append(_to_batch(batch, device))
     return batches
 
 
@@ -502,8 +566,8 @@ def _validate(c: Components, batches, cfg: TrialConfig, device) -> float:
     for m in c.modules().values():
         m.eval()
     losses = [
-        validation_loss(c, px.to(device), caps, cfg.train, seed=cfg.train.seed + i, resolution=cfg.data.resolution)
-        for i, (px, caps) in enumerate(batches)
+        validation_loss(c, batch, cfg.train, seed=cfg.train.seed + i, resolution=cfg.data.resolution)
+        for i, batch in enumerate(batches)
     ]
     for n, m in c.modules().items():
         m.train(was[n])
@@ -516,7 +580,7 @@ def _validation_samples(c: Components, cfg: TrialConfig, out: Path, device) -> N
 
     was = {n: m.training for n, m in c.modules().items()}
     pipe = assemble_pipeline(c, cfg.sample.scheduler)
-    generate(pipe, cfg.sample, cfg.sample_resolution, out, device=device)
+    generate(pipe, cfg.sample, cfg.sample_resolution, out, device=device, mixed_precision=cfg.train.mixed_precision)
     for n, m in c.modules().items():
         m.train(was[n])
 
@@ -533,7 +597,8 @@ def _finish(c: Components, applied: Applied, cfg: TrialConfig, out: Path, ema, d
     shutil.rmtree(weights, ignore_errors=True)
     tmp.rename(weights)
     pipe = load_pipeline(cfg.model, weights, cfg.sample.scheduler, device)
-    generate(pipe, cfg.sample, cfg.sample_resolution, out / "samples" / "final", device=device)
+    generate(pipe, cfg.sample, cfg.sample_resolution, out / "samples" / "final", device=device,
+             mixed_precision=cfg.train.mixed_precision)
 
 
 # --------------------------------------------------------------------------------------------
@@ -596,7 +661,8 @@ def build_trainer(cfg: TrialConfig, datasets: dict, out: Path, callbacks: list |
     storage = s.storage_path or str((out / "ray").resolve())
     return TorchTrainer(
         worker_loop,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "out": str(out.resolve()), "local_mode": local_mode},
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "out": str(out.resolve()), "local_mode": local_mode,
+                           "materialized": isinstance(datasets.get("train"), MaterializedDataset)},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                      resources_per_worker=None if local_mode else resources),
         run_config=RunConfig(

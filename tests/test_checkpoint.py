@@ -17,6 +17,7 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from safetensors.torch import load_file
+from transformers import CLIPTokenizer
 
 from sar_ray import checkpoint, models, strategies
 from sar_ray.config import load
@@ -127,9 +128,17 @@ def test_lora_and_token_load_into_plain_diffusers(kind, base_dirs, tmp_path):
             out / "learned_embeds_2.safetensors", token="<SAR>", text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2
         )
     pipe.set_progress_bar_config(disable=True)
+    emb, pooled = live_conditioning(c)
+    if kind == "sdxl":
+        # The hub configs say eos_token_id=2: transformers then pools at the largest id, the
+        # added <SAR>, and every caption gets the same pooled embedding ...
+        trap = pipe.encode_prompt("<SAR> image of a forest", device="cpu", do_classifier_free_guidance=False)[2]
+        assert torch.equal(pipe_conditioning(pipe)[1], trap)
+        # ... so a user of the hub base sets the real id, as the README shows.
+        for te in (pipe.text_encoder, pipe.text_encoder_2):
+            te.config.eos_token_id = getattr(te, "text_model", te).eos_token_id = 49407
 
     # The loaded pipeline is the trained model: same conditioning, same UNet output.
-    emb, pooled = live_conditioning(c)
     p_emb, p_pooled = pipe_conditioning(pipe)
     torch.testing.assert_close(p_emb, emb, rtol=1e-5, atol=1e-5)
     if kind == "sdxl":
@@ -296,3 +305,39 @@ def test_trainable_state_refuses_another_strategy():
     applied = strategies.apply(c, strategy("strategy.unet.mode=lora"), default_lr=1e-3)
     with pytest.raises(ValueError, match="does not match"):
         checkpoint.load_trainable_state(applied, {"unet.nope": torch.zeros(1)})
+
+
+def test_full_text_encoder_with_token_saves_a_config_that_pools_at_eos(base_dirs, tmp_path):
+    """Loaded with plain transformers, a fully tuned SDXL encoder that owns <SAR> pools at
+    <|endoftext|> (its saved config carries the real eos id, not the hub's 2)."""
+    from transformers import CLIPTextModelWithProjection
+
+    s = strategy("strategy.text_encoder.mode=full", "strategy.token=learn")
+    c = models.load_components(load(None, [f"model.pretrained={base_dirs['sdxl']}"]).model, keep_fp32={"text_encoder_2"})
+    applied = strategies.apply(c, s, default_lr=1e-3)
+    train(c, applied)
+    out = tmp_path / "out"
+    checkpoint.save_outputs(c, applied, s, out)
+    te2 = CLIPTextModelWithProjection.from_pretrained(out / "text_encoder_2")
+    tok2 = CLIPTokenizer.from_pretrained(out / "tokenizer_2")
+    assert te2.config.eos_token_id == 49407 and tok2.convert_tokens_to_ids("<SAR>") == 49408
+    ids = tok2(["<SAR> image of open water", "<SAR> image of a dense forest"], padding="max_length",
+               max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        pooled = te2(ids).text_embeds
+        live = c.text_encoders[1](ids).text_embeds
+    assert (pooled[0] - pooled[1]).abs().max() > 1e-4
+    torch.testing.assert_close(pooled, live, rtol=1e-5, atol=1e-5)  # the plain folder is the trained encoder
+    # the wrapper is back in place after saving: training may go on
+    assert isinstance(c.text_encoders[1].get_input_embeddings(), strategies.LearnedTokenEmbedding)
+
+
+def test_saving_refuses_a_trainable_mode_without_a_saver(monkeypatch, tmp_path):
+    """A new mode that trains but cannot be saved must fail loudly, never be scored as the base."""
+    s = strategy("strategy.unet.mode=lora")
+    c = models.build_tiny("sd")
+    applied = strategies.apply(c, s, default_lr=1e-3)
+    applied.modes["unet"] = "mystery"
+    monkeypatch.setitem(strategies.MODES, "mystery", strategies.Mode(strategies.MODES["lora"].apply, save=None, load=None))
+    with pytest.raises(ValueError, match="'mystery' of unet trains but has no saver"):
+        checkpoint.save_outputs(c, applied, s, tmp_path / "out")

@@ -201,3 +201,64 @@ def test_assemble_pipeline_generates_with_live_modules(kind, scheduler, cls, tin
 def test_assemble_pipeline_rejects_unknown_scheduler(tiny):
     with pytest.raises(ValueError, match="dpm\\+\\+, euler, ddim"):
         models.assemble_pipeline(tiny["sd"], "pndm")
+
+
+# -- the tiny models mirror the public configs ---------------------------------------------------
+
+
+@pytest.mark.parametrize("family", models.FAMILIES)
+def test_tiny_models_keep_every_public_config_key_but_sizes(family):
+    c = models.build_tiny(family)
+    sizes = models.TINY_SIZES[family]
+    for name, module in c.modules().items():
+        public = models.public_config(family, name)
+        built = module.config.to_dict() if hasattr(module.config, "to_dict") else dict(module.config)
+        for key, value in public.items():
+            if key in sizes[name]:
+                continue
+            got = built.get(key)
+            assert (list(got) if isinstance(got, tuple) else got) == value, f"{family} {name}.{key}"
+    sched = models.public_config(family, "scheduler")
+    assert c.noise_scheduler.config.prediction_type == sched["prediction_type"]
+    assert c.noise_scheduler.config.beta_end == sched["beta_end"]
+    pads = [models.public_config(family, t)["pad_token"] for t in c.tokenizer_names]
+    assert [t.pad_token for t in c.tokenizers] == pads
+    assert c.force_zeros_for_empty_prompt == (family == "sdxl")
+    assert c.vae.config.force_upcast and c.vae.config.scaling_factor == models.public_config(family, "vae")["scaling_factor"]
+
+
+def test_tiny_sd2_is_v_prediction_and_loads_back_as_sd2(tmp_path):
+    path = models.save_pipeline(models.build_tiny("sd2"), tmp_path / "sd2")
+    c = models.load_components(ModelConfig(pretrained=str(path)))
+    assert (c.kind, c.family, c.noise_scheduler.config.prediction_type) == ("sd", "sd2", "v_prediction")
+    assert models.load_components(ModelConfig(pretrained="tiny-sd")).family == "sd15"
+
+
+def _pooled_of_two_captions(c) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        _, pooled = models.encode_text(c, ["<SAR> image of open water", "<SAR> image of a dense forest"], "cpu")
+    return pooled[0], pooled[1]
+
+
+def test_learned_token_keeps_sdxl_pooled_embedding_caption_specific():
+    """The public SDXL text_encoder_2 says eos_token_id 2: transformers pools at argmax(ids),
+    which is the added <SAR> (the largest id), so every caption pooled the same."""
+    from sar_ray.config import load
+    from sar_ray.strategies import apply
+
+    s = load(None, ["strategy.token=learn", "strategy.unet.mode=frozen"]).strategy
+    raw = models.build_tiny("sdxl")  # as the hub configs are: the trap
+    assert [te.config.eos_token_id for te in raw.text_encoders] == [2, 2]
+    apply(raw, s, default_lr=1e-4)
+    a, b = _pooled_of_two_captions(raw)
+    assert torch.equal(a, b)
+
+    c = models.load_components(ModelConfig(pretrained="tiny-sdxl"))  # what training loads
+    apply(c, s, default_lr=1e-4)
+    a, b = _pooled_of_two_captions(c)
+    assert (a - b).abs().max() > 1e-4  # training: caption-specific
+    pipe = models.assemble_pipeline(c)  # the project's sampling
+    with torch.no_grad():
+        p1 = pipe.encode_prompt("<SAR> image of open water", device="cpu", do_classifier_free_guidance=False)[2]
+        p2 = pipe.encode_prompt("<SAR> image of a dense forest", device="cpu", do_classifier_free_guidance=False)[2]
+    assert (p1 - p2).abs().max() > 1e-4 and torch.allclose(p1[0], a, atol=1e-6)

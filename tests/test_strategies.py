@@ -102,11 +102,17 @@ def assert_modes(c, applied) -> None:
             assert not mine, comp
         elif mode == "lora":
             assert mine and all(".lora_A." in n or ".lora_B." in n for n in mine), comp
+            if comp == "vae":  # decoder only: the encoder (and so the UNet's latents) stays the base's
+                assert all(n.startswith("vae.decoder.") for n in mine), mine
         else:
-            n_all = sum(1 for _ in c.modules()[comp].parameters())
+            module = c.modules()[comp]
+            n_all = sum(1 for n, _ in module.named_parameters() if "new_rows" not in n)
             unused = 0
             if c.kind == "sdxl" and comp == "text_encoder":
                 unused = len(strategies._sdxl_unused_parameters(c.text_encoders[0]))
+            if comp == "vae":
+                unused = sum(1 for n, _ in module.named_parameters() if n.startswith(("encoder.", "quant_conv.")))
+                assert unused > 0 and not any(n.startswith(("vae.encoder.", "vae.quant_conv.")) for n in mine)
             assert len(mine) == n_all - unused, comp
 
 
@@ -220,13 +226,26 @@ def test_learning_rates_per_component_and_token():
     s = strategy(unet="lora", te="full", token="learn", extra=["strategy.unet.lr=3e-4", "strategy.token_lr=5e-3"])
     applied = apply(models.build_tiny("sdxl"), s, default_lr=1e-4)
     lrs = {g["name"]: g["lr"] for g in applied.param_groups}
-    assert lrs == {"unet": 3e-4, "text_encoder": 1e-4, "text_encoder_2": 1e-4}
-    # both encoders full: their whole matrices (new rows included) train in their own groups
+    # token_lr holds in every text-encoder mode, full included: the new rows have their own group
+    assert lrs == {"unet": 3e-4, "text_encoder": 1e-4, "text_encoder_2": 1e-4, "token": 5e-3}
     assert applied.token_ids == [49408, 49408]
 
 
+@pytest.mark.parametrize("te_mode", ["full", "lora", "frozen"])
+def test_token_row_moves_at_token_lr_in_every_text_encoder_mode(te_mode):
+    """Adam's first step moves every element by about lr: the token row moves by token_lr,
+    not by the encoder's rate (before the fix a full encoder trained it at its own rate)."""
+    s = strategy(unet="frozen", te=te_mode, token="learn", extra=["strategy.text_encoder.lr=1e-5", "strategy.token_lr=1e-2"])
+    c = models.build_tiny("sd")
+    applied = apply(c, s, default_lr=1e-5)
+    row_before = embedding_matrices(c)[0][applied.token_ids[0]]
+    train(c, applied, steps=1, weight_decay=0.0)
+    step = (embedding_matrices(c)[0][applied.token_ids[0]] - row_before).abs().max().item()
+    assert 0.5e-2 < step < 1.5e-2, step
+
+
 def test_low_precision_frozen_parts_fp32_trainables():
-    model_cfg = load(None, ["model.pretrained=tiny-sd", "model.weight_dtype=bf16"]).model
+    model_cfg = load(None, ["model.pretrained=tiny-sd", "model.weight_dtype=bf16", "train.mixed_precision=bf16"]).model
     s = strategy(unet="lora", te="full", token="learn")
     c = models.load_components(model_cfg, keep_fp32=strategies.full_components(s))
     assert strategies.full_components(s) == {"text_encoder", "text_encoder_2"}
@@ -242,7 +261,7 @@ def test_low_precision_frozen_parts_fp32_trainables():
 
 
 def test_token_wrapper_with_low_precision_base():
-    c = models.load_components(load(None, ["model.weight_dtype=bf16", "model.pretrained=tiny-sd"]).model)
+    c = models.load_components(load(None, ["model.weight_dtype=bf16", "train.mixed_precision=bf16", "model.pretrained=tiny-sd"]).model)
     apply(c, strategy(token="learn"), default_lr=1e-2)
     wrapper = c.text_encoders[0].get_input_embeddings()
     assert wrapper.base.weight.dtype == torch.bfloat16 and wrapper.new_rows.dtype == torch.float32
@@ -294,6 +313,7 @@ def test_lora_target_that_matches_nothing_is_refused():
 
 def test_token_already_in_vocabulary_is_refused():
     # A vocabulary entry: diffusers' load_textual_inversion could not load it back.
-    s = strategy(token="learn", extra=["strategy.token_string=<|endoftext|>", "data.caption_prefix=null"])
+    s = strategy(token="learn", extra=["strategy.token_string=<|endoftext|>", "data.caption_prefix=<|endoftext|>",
+                                       "sample.prompts=[<|endoftext|> radar]"])
     with pytest.raises(ValueError, match="already in tokenizer's vocabulary"):
         apply(models.build_tiny("sd"), s, default_lr=1e-3)

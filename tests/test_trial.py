@@ -64,24 +64,44 @@ def test_trial_writes_loadable_outputs_samples_and_one_mlflow_run(in_tmp):
 
 
 def test_resume_after_a_crash_reproduces_the_uninterrupted_losses(in_tmp, monkeypatch):
+    # 12 scenes: ~5 batches an epoch, so the crash (step 7) and the resume (step 6) fall in the
+    # second epoch, whose seeded permutation the resumed run must replay.
     sets = ("strategy.unet.mode=full", "strategy.text_encoder.mode=lora", "strategy.token=learn",
-            "train.max_steps=6", "train.ema.enabled=true", "tracking.enabled=false", "data.flip=true", "data.caption_dropout=0.3")
+            "train.max_steps=8", "train.ema.enabled=true", "tracking.enabled=false", "data.flip=true",
+            "data.caption_dropout=0.3", "data.synthetic.n=12", "sample.seeds=[0]")
     straight = run_trial(small_cfg(in_tmp, *sets, out="straight"), progress=False)
 
     cfg = small_cfg(in_tmp, *sets, out="resumed")
-    monkeypatch.setenv("SAR_RAY_CRASH_AT_STEP", "3")
-    with pytest.raises(Exception, match="simulated crash after step 3"):
+    monkeypatch.setenv("SAR_RAY_CRASH_AT_STEP", "7")
+    with pytest.raises(Exception, match="simulated crash after step 7"):
         run_trial(cfg, progress=False)
-    assert (cfg.out_dir / "checkpoints" / "step-000002" / "state.json").is_file()
+    assert (cfg.out_dir / "checkpoints" / "step-000006" / "state.json").is_file()
     monkeypatch.delenv("SAR_RAY_CRASH_AT_STEP")
     resumed = run_trial(cfg, progress=False)
 
     log = read_log(resumed.out / "train_log.jsonl")
-    assert any(rec.get("event") == "resumed" and rec["step"] == 2 for rec in log)
-    a = {rec["step"]: rec["loss"] for rec in read_log(straight.out / "train_log.jsonl") if "loss" in rec}
-    b = {rec["step"]: rec["loss"] for rec in log if "loss" in rec}
-    assert sorted(b) == [1, 2, 3, 4, 5, 6]
-    assert [b[s] for s in range(3, 7)] == [a[s] for s in range(3, 7)]  # bit-identical on CPU
+    assert any(rec.get("event") == "resumed" and rec["step"] == 6 for rec in log)
+    a = {rec["step"]: rec for rec in read_log(straight.out / "train_log.jsonl") if "loss" in rec}
+    b = {rec["step"]: rec for rec in log if "loss" in rec}
+    assert sorted(b) == list(range(1, 9)) and a[8]["epoch"] >= 1  # it did cross an epoch
+    assert [b[s]["loss"] for s in range(7, 9)] == [a[s]["loss"] for s in range(7, 9)]  # bit-identical on CPU
+
+
+def test_bf16_trial_trains_validates_and_samples_on_cpu(in_tmp):
+    """The reference study's precision (bf16 frozen weights, upcast VAE, bf16 autocast) with
+    gradient checkpointing and intermediate samples: sampling used to crash with
+    `Input type (c10::BFloat16) and bias type (float) should be the same`."""
+    cfg = small_cfg(in_tmp, "model.weight_dtype=bf16", "model.vae_force_upcast=true", "train.mixed_precision=bf16",
+                    "train.gradient_checkpointing=true", "strategy.unet.mode=full", "strategy.text_encoder.mode=lora",
+                    "strategy.token=learn", "train.sample_every=2", "tracking.enabled=false", "sample.seeds=[0]",
+                    model="tiny-sdxl")
+    r = run_trial(cfg, progress=False)
+    assert r.step == 4 and np.isfinite(r.loss) and np.isfinite(r.val_loss)
+    from sar_ray.data import read_image
+
+    for folder in (r.out / "samples" / "step-000002", r.samples):
+        images = [read_image(p) for p in sorted(folder.glob("*.png")) if p.name != "grid.png"]
+        assert len(images) == 2 and all(np.isfinite(a).all() and np.ptp(a) > 0 for a in images), folder
 
 
 def _safetensors_layout(folder: Path) -> dict[str, dict[str, tuple]]:

@@ -1,7 +1,8 @@
 """Ray Data datasets of training examples: rows of ``pixel_values``, ``text``, ``path``.
 
     data = build_datasets(cfg.data, seed=cfg.train.seed)
-    data.train   # ray.data.Dataset: pixel_values (3, R, R) float32 in [-1, 1], text, path
+    data.train   # ray.data.Dataset: pixel_values (3, R, R) float32 in [-1, 1], text, path,
+                 # original_size (h, w) and crop_top_left (top, left) for SDXL micro-conditioning
 
 On the driver: read the caption table, cap at ``max_images``, check every image decodes (a
 Ray Data pass that returns only failures, so it runs on the cluster's CPUs), split train/val
@@ -91,6 +92,9 @@ def build_datasets(cfg: DataConfig, seed: int) -> TrainData:
         raise DataError(f"{source}: no usable images{why}")
 
     train_recs, val_recs = split_records(records, cfg.val_fraction)
+    # A seeded global order: each worker's shard (and an early-stopped trial's first steps)
+    # is a random sample of the whole table, never its first rows (one class, one site).
+    train_recs = [train_recs[i] for i in np.random.default_rng(seed).permutation(len(train_recs))]
     prep = functools.partial(
         _prepare_batch, norm=cfg.normalization, resolution=cfg.resolution, seed=seed
     )
@@ -183,9 +187,22 @@ def prepare_image(
     rng: np.random.Generator | None = None,
 ) -> np.ndarray:
     """Linear pixels -> normalised [0, 1] (R, R): shorter side resized to R, then cropped."""
+    return prepare_image_geometry(pixels, norm, resolution, crop, rng)[0]
+
+
+def prepare_image_geometry(
+    pixels: np.ndarray,
+    norm: NormalizationConfig,
+    resolution: int | None,
+    crop: str = "center",
+    rng: np.random.Generator | None = None,
+) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
+    """`prepare_image` plus what SDXL's micro-conditioning needs: the original (h, w) before
+    resizing and the crop's (top, left) in the resized image."""
     img = normalize(pixels, norm)  # per-scene statistics on the full image, before resizing
+    original = (int(img.shape[0]), int(img.shape[1]))
     if resolution is None:
-        return img
+        return img, original, (0, 0)
     h, w = img.shape
     scale = resolution / min(h, w)
     size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))  # PIL: (W, H)
@@ -202,7 +219,8 @@ def prepare_image(
         left = int(rng.integers(0, w - resolution + 1))
     else:
         top, left = (h - resolution) // 2, (w - resolution) // 2
-    return np.ascontiguousarray(img[top : top + resolution, left : left + resolution], np.float32)
+    out = np.ascontiguousarray(img[top : top + resolution, left : left + resolution], np.float32)
+    return out, original, (top, left)
 
 
 # --------------------------------------------------------------------------------------------
@@ -295,17 +313,21 @@ def _prepare_batch(
     seed: int,
     crop: str,
 ) -> dict[str, np.ndarray]:
-    pixels = []
+    pixels, originals, crops = [], [], []
     for row in _rows(batch):
         # The crop position depends on (seed, file) only: the same rows every run and epoch.
         rng = np.random.default_rng([seed % 2**63, int(row["key"])]) if crop == "random" else None
-        img = prepare_image(_decode(row), norm, resolution, crop, rng)
+        img, original, top_left = prepare_image_geometry(_decode(row), norm, resolution, crop, rng)
         pixels.append(to_three_channels(to_model_range(img)))  # (3, R, R)
+        originals.append(original)
+        crops.append(top_left)
     names = [_cell(p, str) or n for p, n in zip(batch["path"], batch["name"])]
     return {
         "pixel_values": np.stack(pixels).astype(np.float32),  # (B, 3, R, R) in [-1, 1]
         "text": np.asarray(batch["text"], dtype=object),
         "path": np.asarray(names, dtype=object),
+        "original_size": np.asarray(originals, np.int32).reshape(-1, 2),  # (B, 2): h, w before resizing
+        "crop_top_left": np.asarray(crops, np.int32).reshape(-1, 2),  # (B, 2): top, left in the resized image
     }
 
 

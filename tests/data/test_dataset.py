@@ -53,8 +53,8 @@ def test_rows_shape_range_and_prefix(ray_local, folder):
     data = build_datasets(cfg, seed=0)
     assert (data.n_train, data.n_val, data.val, data.n_skipped) == (N + 1, 0, None, 0)
     assert data.source == str(folder)
-    rows = _rows(data.train)
-    assert sorted(rows[0]) == ["path", "pixel_values", "text"]
+    rows = sorted(_rows(data.train), key=lambda r: (r["path"].endswith("flat.png"), r["path"]))  # train order is shuffled
+    assert sorted(rows[0]) == ["crop_top_left", "original_size", "path", "pixel_values", "text"]
     for row in rows:
         x = row["pixel_values"]
         assert x.shape == (3, 32, 32) and x.dtype == np.float32
@@ -62,6 +62,10 @@ def test_rows_shape_range_and_prefix(ray_local, folder):
         assert (x[0] == x[1]).all() and (x[0] == x[2]).all()
         assert row["text"].startswith("<SAR> ") and "<SAR> <SAR>" not in row["text"]
     assert [r["text"] for r in rows[:2]] == ["<SAR> image 0", "<SAR> image 1"]
+    # SDXL micro-conditioning: the size before resizing and the crop corner in the resized image
+    # (a 40 x 60 image -> 32 x 48, centre crop 8 px from the left).
+    assert rows[0]["original_size"].tolist() == [50, 50] and rows[0]["crop_top_left"].tolist() == [0, 0]
+    assert rows[1]["original_size"].tolist() == [40, 60] and rows[1]["crop_top_left"].tolist() == [0, 8]
     flat = next(r for r in rows if r["path"].endswith("flat.png"))
     assert (flat["pixel_values"] == 1).all()
     # The workers compute exactly what the plain helpers compute.
@@ -70,7 +74,8 @@ def test_rows_shape_range_and_prefix(ray_local, folder):
     np.testing.assert_allclose(rows[1]["pixel_values"][0], expect, atol=1e-6)
 
     no_prefix = build_datasets(cfg.model_copy(update={"caption_prefix": None}), seed=0)
-    assert [r["text"] for r in _rows(no_prefix.train)][:2] == ["image 0", "<SAR> image 1"]
+    texts = [r["text"] for r in sorted(_rows(no_prefix.train), key=lambda r: (r["path"].endswith("flat.png"), r["path"]))]
+    assert texts[:2] == ["image 0", "<SAR> image 1"]
 
 
 def test_split_deterministic_disjoint_and_order_stable(ray_local, folder, monkeypatch):
@@ -83,11 +88,15 @@ def test_split_deterministic_disjoint_and_order_stable(ray_local, folder, monkey
     assert ray.data.DataContext.get_current().execution_options.preserve_order
     train_a, val_a = [r["path"] for r in _rows(a.train)], [r["path"] for r in _rows(a.val)]
     train_b, val_b = [r["path"] for r in _rows(b.train)], [r["path"] for r in _rows(b.val)]
-    assert (train_a, val_a) == (train_b, val_b)  # same order every build, split ignores the seed
+    a_again = build_datasets(cfg, seed=0)
+    assert [r["path"] for r in _rows(a_again.train)] == train_a  # the same seed, the same order
+    assert val_a == val_b and sorted(train_a) == sorted(train_b)  # the split ignores the seed
+    assert train_a != train_b  # the train order is a seeded global permutation
     assert a.n_val == len(val_a) >= 1 and a.n_train == len(train_a)
     assert not set(train_a) & set(val_a) and len(set(train_a) | set(val_a)) == N + 1
     table = [str(folder / f"img/{i:02d}.png") for i in range(N)] + [str(folder / "flat.png")]
-    assert train_a == [p for p in table if p in train_a]  # table order kept
+    assert train_a != [p for p in table if p in train_a]  # not the table's order
+    assert val_a == [p for p in table if p in val_a]  # validation keeps table order
     # At least one validation image even when the fraction rounds to none.
     tiny = build_datasets(cfg.model_copy(update={"val_fraction": 0.01, "max_images": 3}), seed=0)
     assert (tiny.n_train, tiny.n_val) == (2, 1)
@@ -95,7 +104,7 @@ def test_split_deterministic_disjoint_and_order_stable(ray_local, folder, monkey
 
 def test_random_crop_depends_on_seed_and_file_only(ray_local, folder):
     cfg = DataConfig(path=str(folder), resolution=16, crop="random", val_fraction=0.0, max_images=4)
-    wide = lambda d: [r["pixel_values"] for r in _rows(d.train)][1]  # noqa: E731 - a 40x60 image
+    wide = lambda d: next(r["pixel_values"] for r in _rows(d.train) if r["path"].endswith("01.png"))  # noqa: E731 - 40x60
     a0, a0_again, a1 = (wide(build_datasets(cfg, seed=s)) for s in (0, 0, 1))
     assert np.array_equal(a0, a0_again)
     assert not np.array_equal(a0, a1)
