@@ -83,14 +83,46 @@ def _flag_overrides(args: argparse.Namespace) -> list[str]:
 # ------------------------------------------------------------------------------------ trial
 
 
+def _add_smoke_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--smoke", action="store_true",
+                   help="run the file's smoke twin on this machine (CPU, no network): a tiny model of the same "
+                   "family, synthetic SAR, a local Ray and MLflow, at most 2 CPU workers, every step key scaled "
+                   "to a few steps, at most 6 search points trying every axis value; precision, strategies, "
+                   "search and evaluation as written. Prints what it replaced")
+    p.add_argument("--smoke-dir", default="runs/smoke",
+                   help="where --smoke writes (outputs, mlflow.db, tiny SAR-CLIP); an earlier smoke run of the "
+                   "study there is replaced (default runs/smoke)")
+
+
+def _smoke(study, args: argparse.Namespace):
+    """The smoke twin of `study`, after printing what it replaced; it runs on a local Ray."""
+    from pathlib import Path
+
+    from .smoke import smoke_study
+
+    os.environ.pop("RAY_ADDRESS", None)  # --address was replaced; RAY_ADDRESS must not win either
+    smoked, replaced = smoke_study(study, Path(args.smoke_dir))
+    for line in replaced:
+        console.print(f"smoke: {line}", markup=False, soft_wrap=True)
+    return smoked
+
+
 def _cmd_trial(args: argparse.Namespace) -> int:
     from . import config, trial
 
     overrides = _flag_overrides(args)
     if args.no_tracking:
         overrides.append("tracking.enabled=false")
-    cfg = config.load(args.config, overrides).trial()
-    result = trial.run_trial(cfg, fresh=args.fresh, progress=not args.quiet, console=console)
+    study = config.load(args.config, overrides)
+    fresh = args.fresh
+    if args.smoke:
+        # The base trial only: no search section, so no search points either.
+        study = _smoke(study.model_copy(update={"search": None}), args)
+        # Next to where a smoke sweep of the study goes, as a real trial goes next to its sweep.
+        study = study.model_copy(update={"out": f"{study.out}/{study.strategy.slug}"})
+        fresh = True  # a check runs from step 0 each time
+    cfg = study.trial()
+    result = trial.run_trial(cfg, fresh=fresh, progress=not args.quiet, console=console)
     console.print(trial.summary(result), soft_wrap=True)
     return EXIT_OK
 
@@ -109,6 +141,7 @@ def _add_trial(sub) -> None:
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     p.add_argument("--fresh", action="store_true", help="ignore existing checkpoints in --out and start over")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_smoke_args(p)
     p.set_defaults(func=_cmd_trial)
 
 
@@ -122,6 +155,12 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     if args.address:
         overrides.append(f"scaling.address={args.address}")
     study = config.load(args.config, overrides)
+    if args.smoke:
+        from .smoke import clear_earlier_run
+
+        study = _smoke(study, args)
+        if not args.resume and clear_earlier_run(study):
+            console.print(f"smoke: replaced the earlier smoke run in {study.out}", markup=False, soft_wrap=True)
     result = sweep.run_sweep(study, resume=args.resume, console=console, progress=not args.quiet)
     objective = study.search.objectives[0].metric
     console.print(sweep.summary(result, objective), soft_wrap=True)
@@ -131,6 +170,12 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     if not uri.startswith("http"):
         console.print(f"open the MLflow UI:  mlflow ui --backend-store-uri {uri}", markup=False, soft_wrap=True)
     failed = [t for t in result.trials if t["status"] == "ERROR"]
+    if args.smoke:
+        # A check: one failed trial fails it (and names why).
+        for t in failed:
+            err_console.print(f"smoke: trial {t['trial_id']} ({t['strategy']}) failed: {t['error']}",
+                              markup=False, soft_wrap=True)
+        return EXIT_FAILED if failed or not result.trials else EXIT_OK
     return EXIT_FAILED if failed and len(failed) == len(result.trials) else EXIT_OK
 
 
@@ -148,6 +193,7 @@ def _add_sweep(sub) -> None:
     p.add_argument("--out", help="sweep folder (default: runs/<name>)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     p.add_argument("-q", "--quiet", action="store_true", help="no live trial table")
+    _add_smoke_args(p)
     p.set_defaults(func=_cmd_sweep)
 
 
@@ -194,8 +240,39 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     console.print(f"[green]ok[/green] {args.config}: strategy {cfg.strategy.slug}, model {cfg.model.pretrained}, "
                   f"data {cfg.data.path} @ {cfg.data.resolution} px, {cfg.train.max_steps} steps, "
                   f"{cfg.scaling.num_workers} workers")
+    if study.search is not None:
+        from .sweep import check_search
+
+        trials, dropped = check_search(study)
+        left = f" ({dropped} point{'s' * (dropped != 1)} that would train nothing left out)" if dropped else ""
+        console.print(f"search: {study.search.algorithm}, {trials} trials{left}")
     if args.print:
         console.print(config.dump_yaml(study), markup=False)
+    if args.plan:
+        from rich.table import Table
+
+        from . import plan
+
+        memory = plan.plan_study(study)
+        header, rows = memory.table()
+        table = Table()
+        for i, col in enumerate(header):
+            table.add_column(col, justify="left" if i == 0 else "right", no_wrap=True)
+        for row in rows:
+            table.add_row(*row)
+        console.print(f"GPU memory per worker in GB, model {memory.note}", markup=False, soft_wrap=True)
+        # As wide as the table needs: a narrow or piped console must not cut the slugs short.
+        needed = console.measure(table, options=console.options.update_width(1000)).maximum
+        Console(width=max(console.width, needed), highlight=False).print(table)
+        console.print("lower bound = weights + grads + optimizer + sync buffer (+ EMA); activations are an "
+                      f"estimate (batch {cfg.train.batch_size} @ {cfg.data.resolution} px, "
+                      f"{cfg.train.mixed_precision} autocast, checkpointing {cfg.train.gradient_checkpointing})",
+                      markup=False, soft_wrap=True)
+        for line in memory.warnings():
+            console.print(f"[yellow]warning:[/yellow] {line}", soft_wrap=True)
+        refusal = memory.refusal()
+        if refusal:
+            raise config.ConfigError(f"{args.config}: {refusal}")
     return EXIT_OK
 
 
@@ -203,10 +280,15 @@ def _add_validate(sub) -> None:
     p = sub.add_parser(
         "validate",
         help="check a study file without running anything",
-        description="Load and validate a study YAML (and --set overrides); print the resolved config with --print.",
+        description="Load and validate a study YAML (and --set overrides); print the resolved config with --print, "
+        "the memory each strategy needs per worker with --plan.",
     )
     _add_config_args(p)
     p.add_argument("--print", action="store_true", help="print the fully resolved config")
+    p.add_argument("--plan", action="store_true",
+                   help="per strategy of the study: trainable parameters and GPU memory per worker (weights, "
+                   "gradients, optimizer, sync buffer, estimated activations); exit 2 where the lower bound "
+                   "exceeds scaling.gpu_memory_gb")
     p.set_defaults(func=_cmd_validate)
 
 

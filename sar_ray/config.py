@@ -39,8 +39,9 @@ class ModelConfig(_Strict):
     pretrained: str = Field(
         "tiny-sdxl",
         description="Hub id or local directory of a diffusers StableDiffusion (1.x/2.x) or "
-        "StableDiffusionXL pipeline, or `tiny-sd` / `tiny-sdxl` (random small models built "
-        "from constructors, no download).",
+        "StableDiffusionXL pipeline, or `tiny-sd15` (alias `tiny-sd`) / `tiny-sd2` / `tiny-sdxl` "
+        "(random small models with the public configs of SD 1.5 / 2.1 / SDXL base except widths "
+        "and depths, built from constructors, no download).",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     variant: str | None = Field(None, description="Weight variant to load, e.g. `fp16`.")
@@ -196,7 +197,8 @@ class StrategyConfig(_Strict):
     )
     vae: ComponentStrategy = Field(
         default_factory=ComponentStrategy,
-        description="VAE strategy; a tuned VAE learns by reconstruction of the SAR images.",
+        description="VAE strategy: a tuned VAE trains its decoder only, on the frozen encoder's "
+        "latents, with L1 on log-amplitude plus a local-variance (speckle) term.",
     )
     token: Literal["none", "learn"] = Field(
         "none", description="`learn`: add `token_string` to the tokenizer(s) and train its row."
@@ -261,7 +263,10 @@ class TrainConfig(_Strict):
     mixed_precision: Literal["no", "fp16", "bf16"] = Field(
         "no", description="Autocast dtype; trainable parameters stay fp32."
     )
-    gradient_checkpointing: bool = Field(False, description="Trade compute for UNet memory.")
+    gradient_checkpointing: bool = Field(
+        False, description="Trade compute for memory: the UNet whenever a gradient passes through it, "
+        "and every text encoder that trains."
+    )
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip gradients (null: off).")
     optimizer: Literal["adamw", "adamw8bit"] = Field(
         "adamw", description="`adamw8bit` needs bitsandbytes (falls back to adamw with a warning)."
@@ -279,7 +284,8 @@ class TrainConfig(_Strict):
     )
     noise_offset: float = Field(0.0, ge=0, description="Offset noise strength (0: off).")
     vae_loss_weight: float = Field(
-        1.0, ge=0, description="Weight of the VAE reconstruction loss when the VAE is tuned."
+        1.0, ge=0, description="Weight of the VAE decoder's loss (log-amplitude L1 + local variance) "
+        "when the VAE is tuned."
     )
     ema: EmaConfig = Field(default_factory=EmaConfig)
     eval_every: int = Field(50, gt=0, description="Validation loss every N steps (and at the end).")
@@ -288,6 +294,12 @@ class TrainConfig(_Strict):
     checkpoints_to_keep: int = Field(2, gt=0, description="Newest resume checkpoints kept.")
     sample_every: int = Field(0, ge=0, description="Validation samples every N steps (0: only at the end).")
     log_every: int = Field(1, gt=0, description="Log the training loss every N steps.")
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, v: Any) -> Any:
+        # YAML 1.1 reads a bare `no` (in a file or `--set train.mixed_precision=no`) as false.
+        return "no" if v is False else v
 
 
 class SampleConfig(_Strict):
@@ -317,6 +329,7 @@ class ScalingSection(_Strict):
     use_gpu: bool = Field(False, description="One GPU per worker.")
     cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker.")
     gpus_per_worker: float = Field(1, gt=0, description="GPUs per worker when use_gpu.")
+    gpu_memory_gb: float | None = Field(None, gt=0, description="GPU memory per worker in GB (e.g. 80 for A100/H100 80 GB); `validate --plan` warns where the estimate exceeds it and sweep/trial refuse a study whose lower bound (weights, gradients, optimizer state) alone exceeds it.")
     address: str | None = Field(
         None, description="Ray address (default: RAY_ADDRESS, else a local Ray)."
     )
@@ -426,14 +439,50 @@ class TrialConfig(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @model_validator(mode="after")
-    def _token_matches_prefix(self) -> TrialConfig:
+    def _token_is_used(self) -> TrialConfig:
         s = self.strategy
-        if s.token == "learn" and self.data.caption_prefix not in (None, s.token_string):
+        if s.token != "learn":
+            return self
+        if self.data.caption_prefix != s.token_string:
             raise ValueError(
-                f"strategy.token_string {s.token_string!r} must equal data.caption_prefix "
-                f"{self.data.caption_prefix!r} so that captions contain the learned token"
+                f"strategy.token=learn: data.caption_prefix ({self.data.caption_prefix!r}) must be "
+                f"strategy.token_string ({s.token_string!r}) so that training captions contain the learned "
+                f"token (captions that already start with it are left as they are)"
+            )
+        if not any(s.token_string in p for p in self.sample.prompts):
+            raise ValueError(
+                f"strategy.token=learn: no sample.prompts entry contains {s.token_string!r}, so the learned "
+                f"token would never be used when this trial is sampled and scored; start the prompts with it"
             )
         return self
+
+    @model_validator(mode="after")
+    def _precision_works(self) -> TrialConfig:
+        if self.model.weight_dtype != "fp32" and self.train.mixed_precision == "no":
+            raise ValueError(
+                f"model.weight_dtype={self.model.weight_dtype} needs train.mixed_precision="
+                f"{'bf16' if self.model.weight_dtype == 'bf16' else 'fp16'} (frozen {self.model.weight_dtype} "
+                f"weights meet fp32 trainable ones and activations only under autocast), or weight_dtype=fp32"
+            )
+        return self
+
+    # Keys that only extend or observe a run: a rerun that changes them resumes the same run.
+    _OBSERVING = ("out", "tracking", "eval", "sample", "train.max_steps", "train.eval_every", "train.eval_batches",
+                  "train.checkpoint_every", "train.checkpoints_to_keep", "train.sample_every", "train.log_every",
+                  "scaling.address", "scaling.max_failures", "scaling.storage_path", "scaling.cpus_per_worker",
+                  "scaling.gpu_memory_gb")
+
+    def fingerprint(self) -> str:
+        """8 hex digits over every key that changes what is trained (model, data, strategy and
+        its learning rates, seed, schedule, workers, ...), none of `_OBSERVING`: two trials with
+        the same fingerprint train the same thing, so one may resume from the other's checkpoint."""
+        import hashlib
+        import json
+
+        flat = flatten(self)
+        kept = {k: v for k, v in flat.items()
+                if not any(k == o or k.startswith(o + ".") for o in self._OBSERVING)}
+        return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
     @property
     def out_dir(self) -> Path:
@@ -494,6 +543,12 @@ class SearchConfig(_Strict):
         description="Dotted config keys -> axis. strategy.<component>.rank|alpha|dropout are sampled only "
         "where that component is LoRA.",
     )
+    points: list[dict[str, Any]] | None = Field(
+        None,
+        description="Fixed search points (dotted space keys -> values; a conditional key only where it is "
+        "active). grid: the grid is exactly these points (each must be a grid point); optuna/random: "
+        "these are evaluated first, then the sampler goes on until num_samples.",
+    )
     objectives: list[ObjectiveConfig] = Field(
         default_factory=lambda: [ObjectiveConfig()], min_length=1,
         description="The objective; several make a multi-objective Optuna study (Pareto front in the report).",
@@ -516,7 +571,23 @@ class SearchConfig(_Strict):
             raise ValueError("several objectives need algorithm optuna (multi-objective TPE)")
         if len(self.objectives) > 1 and self.scheduler.type == "asha":
             raise ValueError("ASHA stops trials on one metric: set search.scheduler.type=none for a multi-objective study")
+        for i, point in enumerate(self.points or []):
+            self._check_point(i, point)
+        if self.points and self.algorithm != "grid" and self.num_samples < len(self.points):
+            raise ValueError(f"num_samples ({self.num_samples}) is below the number of points ({len(self.points)}): "
+                             f"the points past it would never run")
         return self
+
+    def _check_point(self, i: int, point: dict[str, Any]) -> None:
+        for key, value in point.items():
+            spec = self.space.get(key)
+            if spec is None:
+                raise ValueError(f"points[{i}]: {key!r} is not a search.space key (valid: {', '.join(self.space)})")
+            rng = spec.loguniform or spec.uniform
+            if spec.values is not None and value not in spec.values:
+                raise ValueError(f"points[{i}]: {key} = {value!r} is not one of {spec.values}")
+            if rng is not None and not (isinstance(value, (int, float)) and rng[0] <= value <= rng[1]):
+                raise ValueError(f"points[{i}]: {key} = {value!r} is outside [{rng[0]:g}, {rng[1]:g}]")
 
 
 class StudyConfig(TrialConfig):
@@ -654,12 +725,19 @@ def load(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] 
             _set_path(raw, key.split("."), value)
         except ConfigError as e:
             raise ConfigError(f"--set {item}: {e}") from None
+    if overrides:
+        source += " (with --set " + " ".join(overrides) + ")"
     try:
-        return StudyConfig.model_validate(raw)
+        study = StudyConfig.model_validate(raw)
     except ValidationError as e:
-        if overrides:
-            source += " (with --set " + " ".join(overrides) + ")"
         raise ConfigError(format_validation_error(e, source, StudyConfig)) from None
+    if study.search is not None:
+        from sar_ray.sweep import check_search  # imports ray.tune: only for studies with a search
+
+        # Every point the search can produce must be a valid trial (a typo inside a grid value
+        # would otherwise drop its points silently at sweep time).
+        check_search(study, f"{source}: search.space")
+    return study
 
 
 def validate_trial(raw: dict, source: str = "<trial>") -> TrialConfig:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
 from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
@@ -84,32 +85,80 @@ def _active(key: str, params: dict[str, Any], base: TrialConfig) -> bool:
     return mode == "lora"
 
 
-def grid_points(search: SearchConfig, base: TrialConfig) -> list[dict[str, Any]]:
-    """Every combination of the grid/choice axes, conditional keys expanded only where active
-    (no duplicate trials that differ only in the rank of a frozen component)."""
+def _expand(axes: dict[str, list[Any]], order: list[str], base: TrialConfig) -> list[dict[str, Any]]:
+    """Every combination of `axes` (key -> values), a conditional key only where active."""
     points: list[dict[str, Any]] = [{}]
-    for key in _ordered(search.space):
-        values = search.space[key].values
+    for key in order:
         nxt = []
         for p in points:
             if _active(key, p, base):
-                nxt.extend({**p, key: v} for v in values)
+                nxt.extend({**p, key: v} for v in axes[key])
             else:
                 nxt.append(p)
         points = nxt
-    # A full grid over modes includes "everything frozen, no token", which cannot train.
-    return [p for p in points if _valid(base, p)]
+    return points
 
 
-def _valid(base: TrialConfig, params: dict[str, Any]) -> bool:
+def grid_points(search: SearchConfig, base: TrialConfig, source: str = "search.space") -> list[dict[str, Any]]:
+    """Every combination of the grid/choice axes, conditional keys expanded only where active
+    (no duplicate trials that differ only in the rank of a frozen component). Each point must
+    make a valid trial: only the "nothing would train" point of a full grid over modes is left
+    out; any other invalid point (a typo inside a grid value, say) is refused with its key."""
+    order = _ordered(search.space)
+    points = _expand({k: search.space[k].values for k in order}, order, base)
+    return [p for p in points if _checked(base, p, source)]
+
+
+NOTHING_TRAINS = "nothing would train"
+
+
+def point_error(base: TrialConfig, params: dict[str, Any]) -> str | None:
+    """None when the base trial with `params` is a valid trial config, else what is wrong
+    (field paths as in the study file)."""
     raw = base.model_dump()
     for key, value in params.items():
         config_mod._set_path(raw, key.split("."), value)
     try:
         TrialConfig.model_validate(raw)
+        return None
+    except ValidationError as e:
+        return config_mod.format_validation_error(e, "", TrialConfig).removeprefix(": ").replace("\n: ", "; ")
+
+
+def _valid(base: TrialConfig, params: dict[str, Any]) -> bool:
+    return point_error(base, params) is None
+
+
+def _checked(base: TrialConfig, params: dict[str, Any], source: str) -> bool:
+    """True: a valid trial; False: the point trains nothing (left out); else ConfigError."""
+    error = point_error(base, params)
+    if error is None:
         return True
-    except Exception:  # noqa: BLE001 - pydantic ValidationError
+    if NOTHING_TRAINS in error:
         return False
+    raise ConfigError(f"{source}: the point {json.dumps(params, default=str)} is not a valid trial: {error}")
+
+
+def check_search(study: StudyConfig, source: str = "search.space") -> tuple[int, int]:
+    """Build a full trial config from every point the search can produce; returns (trials,
+    points left out because nothing would train). Grid: every grid point (x num_samples).
+    Optuna / random: every combination of the categorical axes with each range at its low and
+    high end, so a bad value anywhere is refused before a trial starts; trials = num_samples."""
+    search, base = study.search, study.trial()
+    if search is None:
+        return 1, 0
+    order = _ordered(search.space)
+    if search.algorithm == "grid":
+        axes = {k: search.space[k].values for k in order}
+    else:
+        axes = {k: (search.space[k].values or list(search.space[k].loguniform or search.space[k].uniform))
+                for k in order}
+    points = _expand(axes, order, base)
+    kept = [p for p in points if _checked(base, p, source)]
+    if not kept:
+        raise ConfigError(f"{source}: no point of the search space makes a trial that trains something")
+    trials = len(kept) * search.num_samples if search.algorithm == "grid" else search.num_samples
+    return trials, len(points) - len(kept)
 
 
 class _DefineByRun:
@@ -155,17 +204,26 @@ def trial_config(study: StudyConfig, params: dict[str, Any], out: Path, name: st
 # --------------------------------------------------------------------------------------------
 
 
-def trial_resources(cfg: TrialConfig) -> dict[str, float]:
+# A custom resource that stable nodes (the head / CPU node type of cluster.yaml) advertise.
+TRIAL_DRIVER_RESOURCE = "trial_driver"
+
+
+def trial_resources(cfg: TrialConfig, cluster: dict[str, float] | None = None) -> dict[str, float]:
     """What the trial function itself reserves. In local mode it trains in its own process, so
     it takes the worker's CPU (and GPU); otherwise the Ray Train workers ask for theirs and
-    the driver needs only a sliver."""
+    the driver needs only a sliver, on a stable node where the cluster advertises
+    `trial_driver`: Train V2 pins a trial's controller to its driver's node, so a driver on a
+    spot GPU node would lose the trial when that node is preempted (Ray's interop guidance)."""
     s = cfg.scaling
     if s.num_workers == 0:
         res = {"CPU": s.cpus_per_worker}
         if s.use_gpu:
             res["GPU"] = 1
         return res
-    return {"CPU": 0.1}
+    res = {"CPU": 0.1}
+    if (cluster or {}).get(TRIAL_DRIVER_RESOURCE):
+        res[TRIAL_DRIVER_RESOURCE] = 0.01
+    return res
 
 
 def concurrent_trials(cfg: TrialConfig, search: SearchConfig, cluster: dict[str, float]) -> int | None:
@@ -180,9 +238,13 @@ def concurrent_trials(cfg: TrialConfig, search: SearchConfig, cluster: dict[str,
     fits = [math.floor((cluster.get("CPU", 1) - DATA_CPUS) / cpu_per_trial)]
     if s.use_gpu:
         if not cluster.get("GPU"):
-            # An autoscaling cluster starts without GPU nodes: leave the limit to the
-            # autoscaler, which adds nodes for the trials Tune queues.
-            return None
+            # An autoscaling cluster starts without GPU nodes. Without a limit Tune would start
+            # every trial driver at once (each with a RUNNING MLflow run and a pending placement
+            # group) and TPE would suggest every point before any result.
+            raise ConfigError(
+                "scaling.use_gpu: the cluster has no GPU node up yet (an autoscaling cluster starts with none); "
+                "set search.max_concurrent_trials to what its GPU nodes will fit (max GPU workers x GPUs per node "
+                "/ GPUs per trial)")
         fits.append(math.floor(cluster.get("GPU", 0) / (workers * (s.gpus_per_worker if s.num_workers else 1))))
     return max(1, min(fits))
 
@@ -198,7 +260,6 @@ def _trial_driver(config: dict[str, Any], *, study_raw: dict, folder: str, track
     import ray.tune as tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from . import train as train_mod
     from .trial import run_trial
 
     study = StudyConfig.model_validate(study_raw)
@@ -217,19 +278,17 @@ def _trial_driver(config: dict[str, Any], *, study_raw: dict, folder: str, track
         from .tracking import Tracker
 
         tracker = Tracker(tracking["uri"], tracking["experiment"])
-    callbacks = None
-    if cfg.scaling.num_workers > 0:
-        callbacks = [TuneReportCallback()]
-    else:
-        # Local mode runs the loop right here and runs no Ray Train callbacks.
-        train_mod.local_report_hook = tune.report
-    try:
-        result = run_trial(cfg, progress=False, callbacks=callbacks, tracker=tracker,
-                           parent_run_id=tracking["parent_run_id"] if tracking else None,
-                           tags={"sar_ray.trial_id": trial_id, "sar_ray.params": json.dumps(params, sort_keys=True)},
-                           data=data)
-    finally:
-        train_mod.local_report_hook = None
+    # Worker groups report through Train's callback; local mode runs the loop right here, with
+    # no Train callbacks, and reports to Tune itself (train.session_for).
+    local = cfg.scaling.num_workers == 0
+    result = run_trial(cfg, progress=False, callbacks=None if local else [TuneReportCallback()], tracker=tracker,
+                       parent_run_id=tracking["parent_run_id"] if tracking else None,
+                       tags={"sar_ray.trial_id": trial_id, "sar_ray.params": json.dumps(params, sort_keys=True)},
+                       data=data,
+                       # Unique per sweep and trial (Ray's Train/Tune interop example): Train V2
+                       # restores from (storage_path, name), so trials must never share one.
+                       run_name=f"{study.name}-{trial_id}", report_to="tune" if local else "train",
+                       check_memory=False)  # run_sweep checked every point before the first trial
 
     final: dict[str, Any] = {"step": result.step, "loss": result.loss, "val_loss": result.val_loss, FINISHED_KEY: True,
                              **{f"cost/{k}": v for k, v in result.cost().items()}}
@@ -271,17 +330,32 @@ def _tune_pieces(study: StudyConfig, base: TrialConfig):
                                   reduction_factor=sc.reduction_factor, stop_last_trials=False)
     if search.algorithm == "grid":
         points = grid_points(search, base)
+        if search.points is not None:
+            points = _fixed_grid(search.points, points)
         return {"params": tune.grid_search(points)}, None, scheduler, search.num_samples
     import optuna
 
-    sampler = (optuna.samplers.TPESampler(seed=search.seed) if search.algorithm == "optuna"
+    # constant_liar: trials running in parallel count as (pessimistic) results, so TPE does
+    # not suggest the same point to every free slot before the first trial reports.
+    sampler = (optuna.samplers.TPESampler(seed=search.seed, constant_liar=True) if search.algorithm == "optuna"
                else optuna.samplers.RandomSampler(seed=search.seed))
     metrics = [o.metric for o in search.objectives]
     modes = [o.mode for o in search.objectives]
+    # search.points are enqueued in the Optuna study: its first trials, then the sampler's.
     alg = _FinalMetricOptuna(space=_define_by_run(search, base), sampler=sampler,
                        metric=metrics if len(metrics) > 1 else objective.metric,
-                       mode=modes if len(modes) > 1 else objective.mode)
+                       mode=modes if len(modes) > 1 else objective.mode,
+                       points_to_evaluate=[dict(p) for p in search.points] if search.points else None)
     return {}, alg, scheduler, search.num_samples
+
+
+def _fixed_grid(fixed: list[dict[str, Any]], grid: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """search.points of a grid study, each checked to be one of its grid points."""
+    for i, point in enumerate(fixed):
+        if point not in grid:
+            raise ConfigError(f"search.points[{i}]: {point} is not a point of the grid (a LoRA-only key where the "
+                              f"component is not LoRA, a missing axis, or a combination that cannot train)")
+    return [dict(p) for p in fixed]
 
 
 class _FinalMetricOptuna(OptunaSearch):
@@ -310,14 +384,23 @@ def run_sweep(study: StudyConfig, *, resume: bool = False, console=None, progres
     # Objectives such as stats/js arrive only in a trial's last report (after scoring); Tune's
     # strict check would refuse the intermediate ones that carry only the loss.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    check_search(study)  # every point a valid trial, before the parent run or any compute
+    given = study
     study = absolute_paths(study)
+    from .plan import check_memory
+
+    check_memory(study)  # every point's lower bound against scaling.gpu_memory_gb, before any compute
+    connect_ray(study.scaling.address)
+    check_cluster_paths(given)
     started = time.time()
     base = study.trial()
     folder = sweep_folder(study)
     tune_root = folder / "tune"
     exp_dir = tune_root / study.name
     if resume and not tune.Tuner.can_restore(str(exp_dir)):
-        raise ConfigError(f"--resume: no interrupted sweep at {exp_dir}; run without --resume to start it")
+        # Nothing to continue: start it (a RayJob retry or a cron job runs one command).
+        resume = False
+    _check_same_study(folder, study, resume)
     if not resume and exp_dir.exists():
         raise ConfigError(f"{exp_dir} holds an earlier sweep: add --resume to continue it, or set out= / name= "
                           f"(or delete the folder) to start a new one")
@@ -342,7 +425,6 @@ def run_sweep(study: StudyConfig, *, resume: bool = False, console=None, progres
                                                                        for k, v in study.search.space.items()})})
         tracking = {"uri": uri, "experiment": base.tracking.experiment, "parent_run_id": parent_run_id}
 
-    connect_ray(base.scaling.address)
     reference = _reference(study, base)
     study_raw = study.model_dump(mode="json")
     shared = None
@@ -355,7 +437,7 @@ def run_sweep(study: StudyConfig, *, resume: bool = False, console=None, progres
     trainable = tune.with_resources(
         tune.with_parameters(_trial_driver, study_raw=study_raw, folder=str(folder), tracking=tracking,
                              reference=reference, data=shared),
-        trial_resources(base),
+        trial_resources(base, ray.cluster_resources()),
     )
     _DRIVER.update(console=console if progress else None, tracker=tracker)
     table = _TrialTable(study, _DRIVER["console"], tracker)
@@ -379,15 +461,23 @@ def run_sweep(study: StudyConfig, *, resume: bool = False, console=None, progres
                 scheduler=scheduler,
                 num_samples=num_samples,
                 max_concurrent_trials=concurrent_trials(base, study.search, ray.cluster_resources()),
-                # One process runs trial after trial: no re-import of torch/diffusers per trial
-                # (measured: 9 s -> 0.1 s between trials on 2 CPUs).
-                reuse_actors=True,
+                # Local mode: one process runs trial after trial, no re-import of torch/diffusers
+                # per trial (measured: 9 s -> 0.1 s between trials on 2 CPUs). With Train worker
+                # groups never: a trial that ASHA stops is still inside `trainer.fit()` in its
+                # actor; only ending that actor ends its Train controller and workers and frees
+                # their placement group (a reused actor hung the next trial).
+                reuse_actors=base.scaling.num_workers == 0,
             ),
             run_config=run_config,
         )
     table.start()
     try:
         grid = tuner.fit()
+    except BaseException as e:
+        if tracker is not None:  # the parent run must not stay RUNNING for ever
+            tracker.set_tags(parent_run_id, {"sar_ray.error": f"{type(e).__name__}: {e}"[:5000]})
+            tracker.end_run(parent_run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
     finally:
         table.stop()
 
@@ -407,6 +497,52 @@ def run_sweep(study: StudyConfig, *, resume: bool = False, console=None, progres
     (folder / "trials.json").write_text(json.dumps(rows, indent=2, default=str))
     return SweepResult(study.name, folder, rows, best, parent_run_id,
                        tracker.run_url(parent_run_id) if tracker else None, report_dir, time.time() - started)
+
+
+def check_cluster_paths(study: StudyConfig, nodes: int | None = None) -> None:
+    """On a cluster of several nodes, refuse what resolves on one node only: a relative `out`
+    (under `ray job submit`, a temporary working directory of the head) and a SQLite tracking
+    store (a file only the driver's node sees; trials log from other nodes)."""
+    import ray
+
+    from .tracking import default_uri
+
+    if nodes is None:
+        nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    if nodes <= 1:
+        return
+    if not study.out or not Path(study.out).is_absolute():
+        raise ConfigError(f"out={study.out or '(default runs/' + study.name + ')'}: on a cluster of {nodes} nodes set "
+                          f"an absolute path on storage every node mounts (e.g. out=/data/runs/{study.name})")
+    uri = default_uri(study.tracking.uri)
+    if uri.startswith("sqlite:"):
+        raise ConfigError(f"tracking.uri={uri}: on a cluster of {nodes} nodes trials log from other nodes; use the "
+                          f"MLflow server (e.g. http://HEAD_PRIVATE_IP:5000, which cluster.yaml starts)")
+
+
+STUDY_FILE = "study.json"
+
+
+def study_fingerprint(study: StudyConfig) -> str:
+    """What makes two runs the same study: the base trial's fingerprint and the search."""
+    import hashlib
+
+    search = study.search.model_dump(mode="json", exclude={"max_failures", "max_concurrent_trials"})
+    doc = json.dumps({"base": study.trial().fingerprint(), "search": search}, sort_keys=True, default=str)
+    return hashlib.sha256(doc.encode()).hexdigest()[:12]
+
+
+def _check_same_study(folder: Path, study: StudyConfig, resume: bool) -> None:
+    """`--resume` must continue this study, not one made by another file that used the folder."""
+    path = folder / STUDY_FILE
+    mine = study_fingerprint(study)
+    if resume and path.is_file():
+        theirs = json.loads(path.read_text()).get("fingerprint")
+        if theirs != mine:
+            raise ConfigError(f"--resume: {folder} holds a sweep of another study (fingerprint {theirs}, this file "
+                              f"{mine}): resume it with its own file, or set out= / name= to start this one")
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"name": study.name, "fingerprint": mine}))
 
 
 def absolute_paths(study: StudyConfig) -> StudyConfig:

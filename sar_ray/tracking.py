@@ -15,6 +15,10 @@ from pathlib import Path
 from typing import Any, Iterable
 
 MAX_PARAM_LEN = 6000  # MLflow's limit on a parameter value
+# Folders larger than this (fully tuned SDXL weights are GBs) are recorded by their storage
+# path instead of being proxied through the MLflow server.
+MAX_UPLOAD_BYTES = 2 * 2**30
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 RUN_FILE = "mlflow_run.json"
 
 
@@ -84,6 +88,14 @@ class Tracker:
         except Exception as e:  # noqa: BLE001 - any store failure is a configuration problem here
             raise TrackingError(f"MLflow store {uri}: cannot open experiment {experiment!r} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
         self.experiment = experiment
+        self._tag_training_experiment()
+
+    def _tag_training_experiment(self) -> None:
+        """MLflow 3's UI opens an untagged experiment on its GenAI (traces) pages; this tag
+        makes it open on the training runs."""
+        exp = self.client.get_experiment(self.experiment_id)
+        if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+            self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
 
     # ------------------------------------------------------------------ runs
     def start_run(self, run_name: str, tags: dict[str, str] | None = None, parent_run_id: str | None = None,
@@ -130,11 +142,40 @@ class Tracker:
         for i in range(0, len(metrics), 1000):
             self.client.log_batch(run_id, metrics=metrics[i : i + 1000])
 
-    def log_artifacts(self, run_id: str, local_dir: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifacts(run_id, str(local_dir), artifact_path)
+    def log_artifacts(self, run_id: str, local_dir: str | Path, artifact_path: str | None = None) -> bool:
+        """Upload a folder; one too large for the server's proxy (full-UNet weights: GBs) is
+        recorded by its path instead. Never raises: see `_upload`."""
+        local_dir = Path(local_dir)
+        size = sum(p.stat().st_size for p in local_dir.rglob("*") if p.is_file()) if local_dir.is_dir() else 0
+        if size > MAX_UPLOAD_BYTES:
+            self.set_tags(run_id, {f"sar_ray.uri.{artifact_path or local_dir.name}": str(local_dir.resolve()),
+                                   f"sar_ray.not_uploaded.{artifact_path or local_dir.name}":
+                                       f"{size / 2**30:.1f} GiB > {MAX_UPLOAD_BYTES / 2**30:.0f} GiB: kept in storage"})
+            return False
+        return self._upload(run_id, artifact_path or local_dir.name,
+                            lambda: self.client.log_artifacts(run_id, str(local_dir), artifact_path))
 
-    def log_artifact(self, run_id: str, local_file: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(run_id, str(local_file), artifact_path)
+    def log_artifact(self, run_id: str, local_file: str | Path, artifact_path: str | None = None) -> bool:
+        return self._upload(run_id, Path(local_file).name,
+                            lambda: self.client.log_artifact(run_id, str(local_file), artifact_path))
+
+    def _upload(self, run_id: str, what: str, call, attempts: int = 3) -> bool:
+        """An upload retried with backoff; if it still fails the run is tagged with the error
+        instead: a slow or broken artifact store must not turn a finished trial into a failed
+        one (and a retrain)."""
+        error = None
+        for i in range(attempts):
+            try:
+                call()
+                return True
+            except Exception as e:  # noqa: BLE001 - any store / network error
+                error = e
+                time.sleep(min(2.0**i, 8.0))
+        try:
+            self.set_tags(run_id, {f"sar_ray.upload_failed.{what}": f"{type(error).__name__}: {error}"[:5000]})
+        except Exception:  # noqa: BLE001 - the store is down altogether: nothing more to record
+            pass
+        return False
 
     def run_url(self, run_id: str) -> str:
         if self.uri.startswith(("http://", "https://")):

@@ -23,7 +23,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import ray
@@ -47,32 +47,33 @@ CHECKPOINTS_DIR = "checkpoints"
 CRASH_ENV = "SAR_RAY_CRASH_AT_STEP"
 
 
-# In local mode (num_workers=0) Ray Train runs no callbacks, so Tune's TuneReportCallback never
-# sees the reports; a sweep's trial driver, which runs the loop in its own process, sets this
-# to forward them (sweep.py owns the Tune side).
-local_report_hook = None
+@dataclass
+class Session:
+    """The loop's one seam to Ray, built from public `ray.train` / `ray.tune` calls only:
+    who this worker is, how it reports (metrics and checkpoints), where it resumes from and
+    its dataset shards. The loop reads nothing else of Ray's."""
+
+    rank: int
+    world_size: int
+    local_mode: bool  # Ray Train local mode (num_workers=0): the loop runs in the caller's process
+    report: Callable[..., None]  # report(metrics, checkpoint=None)
+    get_checkpoint: Callable[[], Checkpoint | None]
+    dataset_shard: Callable[[str], Any]
 
 
-class _TrainAPI:
-    """Ray Train's per-worker functions. Inside a Tune trial, the public `ray.train.report`,
-    `get_context` and `get_checkpoint` refuse to run (they expect `ray.tune`'s), yet local mode
-    runs the loop right there; so local mode calls the utilities object they wrap."""
+def session_for(config: dict[str, Any]) -> Session:
+    """The session of this worker. Local mode inside a Tune trial (a sweep with
+    num_workers=0) runs no Ray Train callbacks, and `ray.train.report` refuses to run inside
+    a Tune function: there the loop reports straight to Tune with `ray.tune.report`, and
+    resumes from the trial folder's own checkpoints (as local mode always does)."""
+    if config.get("local_mode") and config.get("report_to") == "tune":
+        from ray import tune
 
-    def __init__(self, local_mode: bool):
-        self.local_mode = local_mode
-        if local_mode:
-            from ray.train.v2._internal.execution.train_fn_utils import get_train_fn_utils
-
-            u = get_train_fn_utils()
-            self.context, self._report, self.get_checkpoint = u.get_context(), u.report, u.get_checkpoint
-        else:
-            self.context, self._report, self.get_checkpoint = (
-                ray.train.get_context(), ray.train.report, ray.train.get_checkpoint)
-
-    def report(self, metrics: dict, checkpoint: Checkpoint | None = None) -> None:
-        self._report(metrics, checkpoint=checkpoint)
-        if self.local_mode and local_report_hook is not None:
-            local_report_hook(dict(metrics))
+        return Session(0, 1, True, lambda metrics, checkpoint=None: tune.report(dict(metrics)),
+                       lambda: None, ray.train.get_dataset_shard)
+    ctx = ray.train.get_context()
+    return Session(ctx.get_world_rank(), ctx.get_world_size(), bool(config.get("local_mode")),
+                   ray.train.report, ray.train.get_checkpoint, ray.train.get_dataset_shard)
 
 
 class TrainingError(RuntimeError):
@@ -367,8 +368,8 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
     out = Path(config["out"])
     local_mode = bool(config.get("local_mode"))
     t = cfg.train
-    api = _TrainAPI(local_mode)
-    rank, world = api.context.get_world_rank(), api.context.get_world_size()
+    api = session_for(config)
+    rank, world = api.rank, api.world_size
     device = _device(cfg, local_mode)
     log_path = out / LOG_FILE
 
@@ -394,6 +395,11 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
     # Per-rank stream of every random draw (noise, timesteps, dropout, flips); saved in checkpoints.
     generator = torch.Generator().manual_seed(t.seed * 1000 + rank + 1)
 
+    # A divergence is deterministic: a restart (Ray Train's in place, Tune's retry, a rerun of
+    # the same command) would resume into the same NaN. Fail at once instead of computing again.
+    diverged = _diverged(out, cfg)
+    if diverged:
+        raise TrainingError(f"{diverged} (diverged before with this exact config: change it, or use --fresh)")
     pos, meta = Position(), {}
     resume_from = api.get_checkpoint()
     if resume_from is not None:
@@ -413,9 +419,9 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
         _append_log(log_path, {"event": "start", "step": pos.step, "trainable_params": applied.num_trainable(),
                                "device": str(device), "world_size": world, "time": time.time()})
 
-    order = EpochOrder(ray.train.get_dataset_shard("train"), t.batch_size, t.seed, rank,
+    order = EpochOrder(api.dataset_shard("train"), t.batch_size, t.seed, rank,
                        in_memory=bool(config.get("materialized")))
-    val_batches = _load_val_batches(cfg, device)
+    val_batches = _load_val_batches(cfg, device, api)
     tune_vae = applied.modes.get("vae", "frozen") != "frozen"
     # Only a fresh start crashes: the retry that resumes from the checkpoint then goes through.
     crash_at = int(os.environ.get(CRASH_ENV, "0") or 0) if pos.step == 0 else 0
@@ -462,11 +468,14 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
             pos.step += 1
             loss_value = _mean_over_workers(float(out_step.loss.detach()), device)
             if not math.isfinite(loss_value):
-                raise TrainingError(
+                message = (
                     f"loss is {loss_value} at step {pos.step} ({cfg.strategy.slug}); lower train.lr "
                     f"(now {t.lr}), set train.max_grad_norm, or use train.mixed_precision=bf16 instead of "
                     f"fp16; checkpoints up to step {pos.step - 1 - (pos.step - 1) % t.checkpoint_every} are kept"
                 )
+                if rank == 0:
+                    _mark_diverged(out, cfg, message)
+                raise TrainingError(message)
             last_loss = loss_value
 
             if rank == 0 and (pos.step % t.log_every == 0 or pos.step == t.max_steps):
@@ -520,6 +529,27 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+DIVERGED_FILE = "diverged.json"
+
+
+def _mark_diverged(out: Path, cfg: TrialConfig, message: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DIVERGED_FILE).write_text(json.dumps({"fingerprint": cfg.fingerprint(), "error": message}))
+
+
+def _diverged(out: Path, cfg: TrialConfig) -> str | None:
+    """The error of an earlier divergence of this same config in `out` (None if there was none;
+    a changed config, say a lower lr, trains again)."""
+    path = out / DIVERGED_FILE
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return doc.get("error") if doc.get("fingerprint") == cfg.fingerprint() else None
+
+
 def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -548,10 +578,10 @@ def _report_with_checkpoint(api, metrics, out, rank, extra, applied, optimizer, 
         api.report(metrics, Checkpoint.from_directory(tmp))
 
 
-def _load_val_batches(cfg: TrialConfig, device) -> list[Batch]:
+def _load_val_batches(cfg: TrialConfig, device, api: Session) -> list[Batch]:
     """The validation shard, read once and kept (it is small: `eval_batches` micro-batches).
     The whole shard is iterated so that Ray Data's split iterators stay in step."""
-    shard = ray.train.get_dataset_shard("val") if cfg.data.val_fraction > 0 else None
+    shard = api.dataset_shard("val") if cfg.data.val_fraction > 0 else None
     if shard is None:
         return []
     batches = []
@@ -652,7 +682,18 @@ def connect_ray(address: str | None) -> None:
     logging.getLogger("ray.train").setLevel(logging.WARNING)
 
 
-def build_trainer(cfg: TrialConfig, datasets: dict, out: Path, callbacks: list | None = None) -> TorchTrainer:
+def run_name(cfg: TrialConfig) -> str:
+    """The Ray Train run name of `sar-ray trial`: Train V2 restores from (storage_path, name), so
+    it must differ between trials that train differently (lr, seed, data, model, ...) and stay
+    the same for a rerun that only trains longer or observes more (`TrialConfig.fingerprint`)."""
+    return f"trial-{cfg.strategy.slug}-{cfg.fingerprint()}"
+
+
+def build_trainer(cfg: TrialConfig, datasets: dict, out: Path, callbacks: list | None = None,
+                  name: str | None = None, report_to: str = "train") -> TorchTrainer:
+    """The TorchTrainer of one trial. `name`: its Ray Train run name (a sweep passes
+    `<sweep>-<tune trial id>`; default `run_name(cfg)`). `report_to="tune"`: local mode inside a
+    Tune trial, where the loop reports to Tune itself (see `session_for`)."""
     s = cfg.scaling
     local_mode = s.num_workers == 0
     resources = {"CPU": s.cpus_per_worker}
@@ -662,11 +703,12 @@ def build_trainer(cfg: TrialConfig, datasets: dict, out: Path, callbacks: list |
     return TorchTrainer(
         worker_loop,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "out": str(out.resolve()), "local_mode": local_mode,
-                           "materialized": isinstance(datasets.get("train"), MaterializedDataset)},
+                           "materialized": isinstance(datasets.get("train"), MaterializedDataset),
+                           "report_to": report_to},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                      resources_per_worker=None if local_mode else resources),
         run_config=RunConfig(
-            name=f"trial-{cfg.strategy.slug}",
+            name=name or run_name(cfg),
             storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
             failure_config=FailureConfig(max_failures=s.max_failures),

@@ -109,7 +109,8 @@ class LogFollower(threading.Thread):
 
 
 def _clean(out: Path) -> None:
-    for name in (CHECKPOINTS_DIR, "ray", WEIGHTS_DIR, "samples", LOG_FILE, "summary.json", "mlflow_run.json"):
+    for name in (CHECKPOINTS_DIR, "ray", WEIGHTS_DIR, "samples", LOG_FILE, "summary.json", "mlflow_run.json",
+                 "diverged.json"):
         p = out / name
         if p.is_dir():
             shutil.rmtree(p)
@@ -175,13 +176,24 @@ def run_trial(
     tracker=None,
     tags: dict[str, str] | None = None,
     data=None,
+    run_name: str | None = None,
+    report_to: str = "train",
+    check_memory: bool = True,
 ) -> TrialResult:
     """Train `cfg`'s strategy, save its weights and samples, log it; resumes from the newest
     checkpoint in the output folder unless `fresh`. `data`: datasets already built for
-    `cfg.data` (a sweep builds them once for all its trials)."""
+    `cfg.data` (a sweep builds them once for all its trials). `run_name`, `report_to`: see
+    `train.build_trainer` (a sweep names each trial's run after its Tune trial)."""
     from .data import build_datasets
 
     started = time.time()
+    if check_memory and cfg.scaling.gpu_memory_gb is not None:
+        from .config import StudyConfig
+        from .plan import check_memory as check
+
+        # Before any compute: a strategy whose weights, gradients and optimizer state alone
+        # exceed the stated GPU memory cannot run (a sweep checks every point once instead).
+        check(StudyConfig.model_validate(cfg.model_dump()))
     cfg = _absolute_paths(cfg)
     out = cfg.out_dir
     if fresh:
@@ -263,7 +275,8 @@ def run_trial(
                 pass
 
     flusher_thread = threading.Thread(target=flusher, daemon=True)
-    trainer = build_trainer(cfg, {"train": data.train, **({"val": data.val} if data.val is not None else {})}, out, callbacks)
+    trainer = build_trainer(cfg, {"train": data.train, **({"val": data.val} if data.val is not None else {})}, out,
+                            callbacks, name=run_name, report_to=report_to)
     error: BaseException | None = None
     if bar is not None:
         bar.start()

@@ -145,3 +145,21 @@ def test_nan_loss_stops_with_the_step_and_keeps_checkpoints(capsys, tmp_path, mo
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     run_ = client.search_runs([client.get_experiment_by_name("sar-quickstart").experiment_id])[0]
     assert run_.info.status == "FAILED" and "loss is" in run_.data.tags["sar_ray.error"]
+
+    # The same command again resumes into the same divergence: it fails at once, trains nothing.
+    log = (tmp_path / "out" / "train_log.jsonl").read_text()
+    code, _, err = run(capsys, *_trial_args(tmp_path, "train.lr=1e30", "train.max_grad_norm=null",
+                                            "train.max_steps=8", "train.checkpoint_every=1",
+                                            "strategy.unet.mode=full", "train.warmup_steps=0"))
+    assert code == 1 and "diverged before with this exact config" in err
+    assert (tmp_path / "out" / "train_log.jsonl").read_text() == log
+
+
+def test_trial_over_the_stated_gpu_memory_is_refused_before_any_compute(capsys, tmp_path, monkeypatch):
+    """The plan counts the real-size SDXL behind tiny-sdxl: a full UNet's weights, gradients and
+    AdamW state alone exceed 4 GB, so the trial is refused (exit 2) and nothing is written."""
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, "trial", str(ROOT / "sweeps/quickstart.yaml"), "--no-tracking", "-q",
+                       "--set", "scaling.gpu_memory_gb=4", "--out", str(tmp_path / "t"))
+    assert code == 2 and "gpu_memory_gb" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "t").exists()

@@ -76,7 +76,11 @@ def test_override_errors_mention_the_override():
     (["strategy.unet.mode=frozen"], "nothing would train"),
     (["strategy.unet.mode=sideways"], "strategy.unet.mode"),
     (["strategy.token=maybe"], "strategy.token"),
-    (["strategy.token=learn", "strategy.token_string=<RADAR>"], "must equal data.caption_prefix"),
+    (["strategy.token=learn", "strategy.token_string=<RADAR>"], "must be strategy.token_string"),
+    (["strategy.token=learn", "data.caption_prefix=null"], "must be strategy.token_string"),
+    (["strategy.token=learn", "sample.prompts=[image of a forest]"], "no sample.prompts entry contains '<SAR>'"),
+    (["model.weight_dtype=bf16"], "model.weight_dtype=bf16 needs train.mixed_precision=bf16"),
+    (["model.weight_dtype=fp16", "train.mixed_precision=no"], "needs train.mixed_precision=fp16"),
     (["data.normalization.db_min=5", "data.normalization.db_max=-5"], "db_min must be < db_max"),
     (["train.batch_size=0"], "train.batch_size"),
 ])
@@ -119,3 +123,40 @@ def test_flatten_lists_every_resolved_parameter():
                 "train.batch_size", "train.seed", "scaling.num_workers", "scaling.use_gpu", "tracking.uri",
                 "tracking.experiment"]:
         assert key in flat
+
+
+def test_mixed_precision_no_survives_yaml(tmp_path):
+    """YAML 1.1 reads a bare `no` as false: both a file and --set must still mean "no"."""
+    f = tmp_path / "s.yaml"
+    f.write_text("train:\n  mixed_precision: no\n")
+    assert config.load(f).train.mixed_precision == "no"
+    assert config.load(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
+def test_every_shipped_study_expands_its_search_space(path, capsys):
+    """Every trial the file can produce is a valid config (grid: all points; optuna/random: the
+    define-by-run space, as Tune's searcher calls it, on an in-memory Optuna study)."""
+    import optuna
+
+    from sar_ray.sweep import _define_by_run, grid_points, trial_config
+
+    study = config.load(path)
+    base = study.trial()
+    assert study.search is not None, "every shipped study is a sweep"
+    if study.search.algorithm == "grid":
+        points = grid_points(study.search, base)
+        assert len(points) > 0
+    else:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        define = _define_by_run(study.search, base)
+        st = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+        points = []
+        for _ in range(8):
+            t = st.ask()
+            define(t)
+            points.append(t.params)
+        assert all(set(p) <= set(study.search.space) and p for p in points)
+    for p in points:
+        trial_config(study, p, Path("runs") / study.name / "trials" / "x", study.name)
+    assert capsys.readouterr() == ("", "")

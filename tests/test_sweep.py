@@ -86,7 +86,8 @@ def test_concurrency_follows_cluster_resources_and_leaves_a_cpu_for_data(tmp_pat
     assert concurrent_trials(s.trial(), s.search, {"CPU": 2}) == 2  # 0.5 CPU per trial, 1 CPU kept
     gpu = s.trial(**{"scaling.num_workers": 2, "scaling.use_gpu": True, "scaling.cpus_per_worker": 4})
     assert concurrent_trials(gpu, s.search, {"CPU": 64, "GPU": 8}) == 4  # 2 GPUs per trial
-    assert concurrent_trials(gpu, s.search, {"CPU": 16}) is None  # no GPU node yet: the autoscaler decides
+    with pytest.raises(ConfigError, match="set search.max_concurrent_trials"):  # no GPU node up yet
+        concurrent_trials(gpu, s.search, {"CPU": 16})
     pinned = study(tmp_path, {}, "search.max_concurrent_trials=3")
     assert concurrent_trials(pinned.trial(), pinned.search, {"CPU": 2}) == 3
 
@@ -102,7 +103,7 @@ def test_grid_sweep_logs_parent_and_children_and_resume_adds_no_duplicates(tmp_p
     monkeypatch.chdir(tmp_path)
     s = study(tmp_path, {"strategy.unet.mode": {"grid": ["full", "lora"]}}, "search.algorithm=grid",
               "search.scheduler.type=none", 'search.objectives=[{"metric": "stats/wasserstein"}]')
-    r = run_sweep(s, progress=False)
+    r = run_sweep(s, resume=True, progress=False)  # nothing to resume yet: --resume starts it
     assert [t["status"] for t in r.trials] == ["DONE", "DONE"]
     assert r.best is not None and "stats/wasserstein" in r.best["metrics"]
     client, exp = _client(tmp_path)
@@ -126,18 +127,27 @@ def test_grid_sweep_logs_parent_and_children_and_resume_adds_no_duplicates(tmp_p
     assert again.parent_run_id == r.parent_run_id
     assert len(client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{r.parent_run_id}'")) == 2
     assert len(client.search_runs([exp], "tags.`sar_ray.kind` = 'sweep'")) == 1
+    other = study(tmp_path, {"strategy.unet.mode": {"grid": ["full", "lora"]}}, "search.algorithm=grid",
+                  "search.scheduler.type=none", "train.lr=3e-4")  # another study, the same folder
+    with pytest.raises(ConfigError, match="holds a sweep of another study"):
+        run_sweep(other, resume=True, progress=False)
 
 
 def test_a_failing_trial_does_not_stop_the_others(tmp_path, monkeypatch, ray_local):
     monkeypatch.chdir(tmp_path)
     s = study(tmp_path, {"train.lr": {"grid": [1e-4, 1e30]}}, "search.algorithm=grid", "search.scheduler.type=none",
-              "search.max_failures=0", "search.evaluate=false", "train.max_grad_norm=null",
+              "search.max_failures=2", "search.evaluate=false", "train.max_grad_norm=null",
               "strategy.unet.mode=full", "train.max_steps=6", "train.checkpoint_every=6", name="f")
     r = run_sweep(s, progress=False)
     status = {t["params"]["train.lr"]: t["status"] for t in r.trials}
     assert status == {1e-4: "DONE", 1e30: "ERROR"}
     bad = next(t for t in r.trials if t["status"] == "ERROR")
     assert "loss is" in bad["error"]
+    # A divergence is not retried into training (max_failures=2): its log has one start only.
+    from sar_ray.trial import read_log
+
+    log = read_log(r.folder / "trials" / bad["trial_id"] / "train_log.jsonl")
+    assert sum(1 for rec in log if rec.get("event") == "start") == 1
     client, exp = _client(tmp_path)
     statuses = sorted(ch.info.status for ch in client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{r.parent_run_id}'"))
     assert statuses == ["FAILED", "FINISHED"]
@@ -163,3 +173,77 @@ def test_asha_stops_trials_and_they_release_their_resources(tmp_path, monkeypatc
     client, exp = _client(tmp_path)
     runs = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{r.parent_run_id}'")
     assert len(runs) == 6 and all(x.info.status in ("FINISHED", "KILLED") for x in runs)
+
+
+@pytest.mark.slow
+def test_asha_over_train_worker_groups_on_one_shared_storage_path(tmp_path, monkeypatch, ray_local):
+    """The cluster configuration: each trial a Ray Train worker group, ASHA, one storage_path.
+    Before: a reused trial actor hung the sweep (the stopped trial was still inside fit()), and
+    trials that differ only in lr resumed from one another's checkpoints (one Train run name)."""
+    from sar_ray.trial import read_log
+
+    monkeypatch.chdir(tmp_path)
+    s = study(tmp_path, {"train.lr": {"grid": [1e-6, 1e-5, 1e-4, 1e-3]}}, "search.algorithm=grid",
+              "search.scheduler.type=asha", "search.scheduler.grace_period=2", "search.evaluate=false",
+              "search.max_concurrent_trials=1", "search.max_failures=0", "scaling.num_workers=1",
+              "train.max_steps=6", "train.eval_every=2", "train.checkpoint_every=2",
+              f"scaling.storage_path={tmp_path / 'shared'}", name="cluster")
+    r = run_sweep(s, progress=False)
+    assert len(r.trials) == 4 and {t["status"] for t in r.trials} <= {"DONE", "STOPPED"}, r.trials
+    assert any(t["status"] == "STOPPED" for t in r.trials), "ASHA stopped no trial"
+    for t in r.trials:
+        log = read_log(r.folder / "trials" / t["trial_id"] / "train_log.jsonl")
+        assert log[0]["event"] == "start" and log[0]["step"] == 0, t["trial_id"]
+        assert not any(rec.get("event") == "resumed" for rec in log), f"{t['trial_id']} resumed another trial's run"
+    runs = sorted(p.name for p in (tmp_path / "shared").iterdir() if p.is_dir())
+    assert runs == sorted(f"cluster-{t['trial_id']}" for t in r.trials)  # one Train run per trial
+    # Stopped trials' worker groups end with their actors (asynchronously): all CPUs come back.
+    import time
+
+    for _ in range(60):
+        if ray_local.available_resources().get("CPU", 0) == pytest.approx(ray_local.cluster_resources()["CPU"]):
+            break
+        time.sleep(1)
+    assert ray_local.available_resources().get("CPU", 0) == pytest.approx(ray_local.cluster_resources()["CPU"])
+
+
+def test_a_typo_inside_a_grid_value_is_refused_at_load_naming_the_point(tmp_path):
+    """Before: `_valid` swallowed the error and those grid points vanished (35 trials, not 53)."""
+    space = {"strategy.unet": {"grid": [{"mode": "full"}, {"mode": "lora", "rnak": 32, "lr": 1e-4}]}}
+    with pytest.raises(ConfigError, match=r"the point .*\"rnak\": 32.* strategy\.unet\.rnak: unknown key \(did you mean 'rank'\?\)"):
+        study(tmp_path, space, "search.algorithm=grid")
+    with pytest.raises(ConfigError, match=r"strategy\.unet\.rank: must be > 0"):  # optuna: categorical values too
+        study(tmp_path, {"strategy.unet.rank": {"choice": [4, -1]}, "train.lr": {"loguniform": [1e-5, 1e-3]}})
+
+
+def test_check_search_counts_trials_and_the_points_left_out(tmp_path):
+    from sar_ray.sweep import check_search
+
+    s = study(tmp_path, {"strategy.unet.mode": {"grid": ["frozen", "lora"]}, "strategy.token": {"grid": ["none", "learn"]}},
+              "search.algorithm=grid", "search.num_samples=2")
+    assert check_search(s) == (6, 1)  # 3 points that train x 2 repeats; all-frozen-no-token left out
+    paper = config.load(Path(__file__).resolve().parents[1] / "sweeps" / "paper.yaml")
+    assert check_search(paper) == (53, 1)
+
+
+def test_paths_that_resolve_on_one_node_are_refused_on_a_cluster(tmp_path):
+    from sar_ray.sweep import check_cluster_paths
+
+    s = study(tmp_path, {}, "out=runs/x")
+    check_cluster_paths(s, nodes=1)  # one machine: anything goes
+    with pytest.raises(ConfigError, match="absolute path on storage every node mounts"):
+        check_cluster_paths(s, nodes=3)
+    sqlite = study(tmp_path, {})  # absolute out, sqlite tracking
+    with pytest.raises(ConfigError, match="trials log from other nodes"):
+        check_cluster_paths(sqlite, nodes=2)
+    check_cluster_paths(study(tmp_path, {}, "tracking.uri=http://10.0.0.1:5000"), nodes=2)
+
+
+def test_trial_drivers_ask_for_the_stable_node_resource_only_where_it_exists(tmp_path):
+    from sar_ray.sweep import trial_resources
+
+    s = study(tmp_path, {})
+    workers = s.trial(**{"scaling.num_workers": 2})
+    assert trial_resources(workers, {"CPU": 16, "trial_driver": 100}) == {"CPU": 0.1, "trial_driver": 0.01}
+    assert trial_resources(workers, {"CPU": 16}) == {"CPU": 0.1}  # a local Ray or a cluster without it
+    assert trial_resources(s.trial(), {"CPU": 2, "trial_driver": 100}) == {"CPU": 0.5}  # local mode: it trains
