@@ -98,13 +98,16 @@ def _device(cfg: TrialConfig, local_mode: bool) -> torch.device:
 
 def _place(c: Components, applied: Applied, device: torch.device, weight_dtype: str, vae_upcast: bool) -> None:
     """Frozen weights in `weight_dtype`, trainable ones fp32 (mixed precision keeps fp32
-    master weights; AdamW on bf16 weights loses small updates)."""
+    master weights; AdamW on bf16 weights loses small updates). A fully tuned component stays
+    fp32 whole: its few frozen parameters (SDXL's unused last text-encoder layer and final
+    norm, a tuned VAE's encoder) would otherwise meet fp32 activations in bf16 ("mixed dtype")."""
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[weight_dtype]
     if device.type == "cpu" and dtype == torch.float16:
         dtype = torch.float32  # fp16 kernels are missing or slow on CPU
     trainable = {id(p) for p in applied.trainable_parameters()}
     for name, module in c.modules().items():
-        mod_dtype = torch.float32 if (name == "vae" and vae_upcast) else dtype
+        upcast = (name == "vae" and vae_upcast) or applied.modes.get(name) == "full"
+        mod_dtype = torch.float32 if upcast else dtype
         module.to(device)
         for p in module.parameters():
             p.data = p.data.to(torch.float32 if id(p) in trainable else mod_dtype)

@@ -66,3 +66,26 @@ def test_checkpointing_wherever_a_gradient_passes(sets, unet, te):
         emb, _ = models.encode_text(c, ["<SAR> image of a forest"], "cpu")
         c.unet(torch.randn(1, 4, 8, 8), torch.tensor([10]), emb).sample.mean().backward()
         assert all(p.grad is not None for p in applied.trainable_parameters())
+
+
+def test_fully_tuned_components_stay_fp32_whole_under_bf16_weights():
+    """SDXL's first text encoder never trains its last layer and final norm; left in bf16 inside
+    a full fp32 encoder they met fp32 activations: `mixed dtype (CPU)` at the first step."""
+    from sar_ray.config import ModelConfig
+    from sar_ray.diffusion import Batch, compute_loss
+    from sar_ray.strategies import full_components
+    from sar_ray.train import _place
+
+    s = _strategy("strategy.text_encoder.mode=full", "strategy.vae.mode=full", "strategy.token=learn")
+    c = models.load_components(ModelConfig(pretrained="tiny-sdxl", weight_dtype="bf16"), keep_fp32=full_components(s))
+    applied = apply(c, s, default_lr=1e-4)
+    _place(c, applied, torch.device("cpu"), "bf16", vae_upcast=True)
+    assert all(p.dtype == torch.float32 for te in c.text_encoders for p in te.parameters())
+    assert c.unet.dtype == torch.bfloat16  # frozen: bf16
+    from sar_ray.config import TrainConfig
+
+    px = torch.rand(2, 3, 64, 64) * 2 - 1
+    out = compute_loss(c, Batch(px, ["<SAR> a", "<SAR> b"]), TrainConfig(mixed_precision="bf16"),
+                       torch.Generator().manual_seed(0), tune_vae=True, resolution=64)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
