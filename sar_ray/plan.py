@@ -7,7 +7,7 @@ the meta device (exact shapes, no memory: SDXL's 3.5 B parameters would take 14 
 
 Per worker (GB here = 2**30 bytes: an "80 GB" A100/H100 holds 80 GiB):
 - weights: frozen ones in `model.weight_dtype` (the VAE in fp32 under `model.vae_force_upcast`),
-  trainable ones in fp32 (master weights, as `train._place` puts them);
+  trainable ones in fp32 (master weights, as `strategies.place` puts them);
 - gradients: fp32, one per trainable parameter;
 - optimizer: AdamW's two fp32 moments (`adamw8bit`: two 1-byte moments);
 - sync buffer: with several workers `train._allreduce_grads` flattens every gradient into one
@@ -246,7 +246,8 @@ def component_plans(arch: Architecture, cfg: TrialConfig) -> list[ComponentPlan]
                 trainable += row  # the grown base matrix trains with the encoder
             else:
                 frozen += row
-        upcast = name == "vae" and m.vae_force_upcast
+        # strategies.place: a fully tuned component stays fp32 whole (its frozen bits too)
+        upcast = (name == "vae" and m.vae_force_upcast) or comp.mode == "full"
         out.append(ComponentPlan(name, comp.mode, trainable, frozen, 4 if upcast else DTYPE_BYTES[m.weight_dtype]))
     return out
 
@@ -448,7 +449,7 @@ def _norm_args(args: tuple, kwargs: dict) -> tuple:
 
 
 def _place(module: nn.Module, grads: set[int], trainable: set[int], frozen: torch.dtype) -> None:
-    """Meta weights as `train._place` puts real ones: trainable fp32, the rest `frozen`;
+    """Meta weights as `strategies.place` puts real ones: trainable fp32, the rest `frozen`;
     `grads` (trainable, plus the layers LoRA adapts) require a gradient."""
     for p in module.parameters():
         p.data = p.data.to(torch.float32 if id(p) in trainable else frozen)

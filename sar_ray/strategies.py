@@ -29,6 +29,7 @@ latents (which a latent cache can share between trials) and the decoder learns t
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 from peft import LoraConfig
 from torch import Tensor, nn
 
-from sar_ray.config import ComponentStrategy, StrategyConfig
+from sar_ray.config import ComponentStrategy, StrategyConfig, TrialConfig
 from sar_ray.models import Components, cast_module
 
 # Default LoRA targets per component family: the attention projections (what diffusers'
@@ -457,3 +458,56 @@ def apply(c: Components, s: StrategyConfig, default_lr: float) -> Applied:
         named_params=named,
         token_string=s.token_string if token_ids is not None else None,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# placing a strategy on a device (what the training loop and the GPU check both run)
+# --------------------------------------------------------------------------------------------
+
+
+def place(c: Components, applied: Applied, device: torch.device, weight_dtype: str, vae_upcast: bool) -> None:
+    """Frozen weights in `weight_dtype`, trainable ones fp32 (mixed precision keeps fp32
+    master weights; AdamW on bf16 weights loses small updates). A fully tuned component stays
+    fp32 whole: its few frozen parameters (SDXL's unused last text-encoder layer and final
+    norm, a tuned VAE's encoder) would otherwise meet fp32 activations in bf16 ("mixed dtype")."""
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[weight_dtype]
+    if device.type == "cpu" and dtype == torch.float16:
+        dtype = torch.float32  # fp16 kernels are missing or slow on CPU
+    trainable = {id(p) for p in applied.trainable_parameters()}
+    for name, module in c.modules().items():
+        upcast = (name == "vae" and vae_upcast) or applied.modes.get(name) == "full"
+        mod_dtype = torch.float32 if upcast else dtype
+        module.to(device)
+        for p in module.parameters():
+            p.data = p.data.to(torch.float32 if id(p) in trainable else mod_dtype)
+
+
+def enable_checkpointing(c: Components, applied: Applied, token: bool) -> None:
+    """Gradient checkpointing wherever a gradient passes: the UNet whenever anything at or
+    before it trains (a trainable text encoder or token gets its gradient through the UNet's
+    activations, frozen or not), each text encoder that trains. Checkpointing is active only
+    in train mode, so those modules are put in it (SD/SDXL have no dropout in them)."""
+    text_trains = token or any(applied.modes.get(n, "frozen") != "frozen" for n in c.text_encoder_names)
+    if applied.modes.get("unet") != "frozen" or text_trains:
+        c.unet.enable_gradient_checkpointing()
+        c.unet.train()
+    for name, te in zip(c.text_encoder_names, c.text_encoders):
+        if token or applied.modes.get(name, "frozen") != "frozen":
+            te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            te.train()
+
+
+def make_optimizer(applied: Applied, cfg: TrialConfig) -> torch.optim.Optimizer:
+    t = cfg.train
+    kwargs = dict(betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, weight_decay=t.weight_decay)
+    groups = [
+        {"params": g["params"], "lr": g["lr"], "name": g.get("name", "")} for g in applied.param_groups if g["params"]
+    ]
+    if t.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+
+            return bnb.optim.AdamW8bit(groups, **kwargs)
+        except ImportError:
+            warnings.warn("train.optimizer=adamw8bit needs bitsandbytes (pip install 'sar-ray[gpu]'); using adamw")
+    return torch.optim.AdamW(groups, **kwargs)

@@ -20,7 +20,6 @@ import os
 import shutil
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -38,7 +37,7 @@ from . import checkpoint as ckpt
 from .config import TrialConfig
 from .diffusion import Batch, compute_loss, validation_loss
 from .models import Components, load_components
-from .strategies import Applied, apply, full_components
+from .strategies import Applied, apply, enable_checkpointing, full_components, make_optimizer, place
 
 LOG_FILE = "train_log.jsonl"
 WEIGHTS_DIR = "weights"
@@ -94,39 +93,6 @@ def _device(cfg: TrialConfig, local_mode: bool) -> torch.device:
         # Local mode runs in the driver process, which Ray assigns no GPU ids.
         return torch.device("cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu")
     return ray.train.torch.get_device()
-
-
-def _place(c: Components, applied: Applied, device: torch.device, weight_dtype: str, vae_upcast: bool) -> None:
-    """Frozen weights in `weight_dtype`, trainable ones fp32 (mixed precision keeps fp32
-    master weights; AdamW on bf16 weights loses small updates). A fully tuned component stays
-    fp32 whole: its few frozen parameters (SDXL's unused last text-encoder layer and final
-    norm, a tuned VAE's encoder) would otherwise meet fp32 activations in bf16 ("mixed dtype")."""
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[weight_dtype]
-    if device.type == "cpu" and dtype == torch.float16:
-        dtype = torch.float32  # fp16 kernels are missing or slow on CPU
-    trainable = {id(p) for p in applied.trainable_parameters()}
-    for name, module in c.modules().items():
-        upcast = (name == "vae" and vae_upcast) or applied.modes.get(name) == "full"
-        mod_dtype = torch.float32 if upcast else dtype
-        module.to(device)
-        for p in module.parameters():
-            p.data = p.data.to(torch.float32 if id(p) in trainable else mod_dtype)
-
-
-def make_optimizer(applied: Applied, cfg: TrialConfig) -> torch.optim.Optimizer:
-    t = cfg.train
-    kwargs = dict(betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, weight_decay=t.weight_decay)
-    groups = [
-        {"params": g["params"], "lr": g["lr"], "name": g.get("name", "")} for g in applied.param_groups if g["params"]
-    ]
-    if t.optimizer == "adamw8bit":
-        try:
-            import bitsandbytes as bnb
-
-            return bnb.optim.AdamW8bit(groups, **kwargs)
-        except ImportError:
-            warnings.warn("train.optimizer=adamw8bit needs bitsandbytes (pip install 'sar-ray[gpu]'); using adamw")
-    return torch.optim.AdamW(groups, **kwargs)
 
 
 def make_lr_scheduler(optimizer, cfg: TrialConfig):
@@ -231,21 +197,6 @@ def _drop_mask(n: int, p: float, generator: torch.Generator) -> torch.Tensor | N
 def _flip(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     flip = torch.rand(pixels.shape[0], generator=generator) < 0.5
     return torch.where(flip[:, None, None, None].to(pixels.device), pixels.flip(-1), pixels)
-
-
-def _enable_checkpointing(c: Components, applied: Applied, token: bool) -> None:
-    """Gradient checkpointing wherever a gradient passes: the UNet whenever anything at or
-    before it trains (a trainable text encoder or token gets its gradient through the UNet's
-    activations, frozen or not), each text encoder that trains. Checkpointing is active only
-    in train mode, so those modules are put in it (SD/SDXL have no dropout in them)."""
-    text_trains = token or any(applied.modes.get(n, "frozen") != "frozen" for n in c.text_encoder_names)
-    if applied.modes.get("unet") != "frozen" or text_trains:
-        c.unet.enable_gradient_checkpointing()
-        c.unet.train()
-    for name, te in zip(c.text_encoder_names, c.text_encoders):
-        if token or applied.modes.get(name, "frozen") != "frozen":
-            te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            te.train()
 
 
 # --------------------------------------------------------------------------------------------
@@ -381,11 +332,11 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
     # Fully tuned components load in fp32 straight away (a bf16 load then upcast loses bits).
     c = load_components(cfg.model, keep_fp32=full_components(cfg.strategy))
     applied = apply(c, cfg.strategy, t.lr)
-    _place(c, applied, device, cfg.model.weight_dtype, cfg.model.vae_force_upcast)
+    place(c, applied, device, cfg.model.weight_dtype, cfg.model.vae_force_upcast)
     for name, module in c.modules().items():
         module.train(applied.modes.get(name, "frozen") != "frozen" or (name.startswith("text_encoder") and cfg.strategy.token == "learn"))
     if t.gradient_checkpointing:
-        _enable_checkpointing(c, applied, cfg.strategy.token == "learn")
+        enable_checkpointing(c, applied, cfg.strategy.token == "learn")
     params = applied.trainable_parameters()
     _broadcast_params(params)
     optimizer = make_optimizer(applied, cfg)

@@ -9,7 +9,8 @@ import torch
 from sar_ray import models
 from sar_ray.config import load
 from sar_ray.strategies import apply
-from sar_ray.train import EpochOrder, _enable_checkpointing
+from sar_ray.strategies import enable_checkpointing
+from sar_ray.train import EpochOrder
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -59,7 +60,7 @@ def _strategy(*sets):
 def test_checkpointing_wherever_a_gradient_passes(sets, unet, te):
     c = models.build_tiny("sd")
     applied = apply(c, _strategy(*sets), default_lr=1e-4)
-    _enable_checkpointing(c, applied, token="strategy.token=learn" in sets)
+    enable_checkpointing(c, applied, token="strategy.token=learn" in sets)
     assert c.unet.is_gradient_checkpointing == unet
     assert c.text_encoders[0].is_gradient_checkpointing == te
     if te:  # the gradient still reaches the trainable text side through the checkpointed layers
@@ -74,12 +75,12 @@ def test_fully_tuned_components_stay_fp32_whole_under_bf16_weights():
     from sar_ray.config import ModelConfig
     from sar_ray.diffusion import Batch, compute_loss
     from sar_ray.strategies import full_components
-    from sar_ray.train import _place
+    from sar_ray.strategies import place
 
     s = _strategy("strategy.text_encoder.mode=full", "strategy.vae.mode=full", "strategy.token=learn")
     c = models.load_components(ModelConfig(pretrained="tiny-sdxl", weight_dtype="bf16"), keep_fp32=full_components(s))
     applied = apply(c, s, default_lr=1e-4)
-    _place(c, applied, torch.device("cpu"), "bf16", vae_upcast=True)
+    place(c, applied, torch.device("cpu"), "bf16", vae_upcast=True)
     assert all(p.dtype == torch.float32 for te in c.text_encoders for p in te.parameters())
     assert c.unet.dtype == torch.bfloat16  # frozen: bf16
     from sar_ray.config import TrainConfig

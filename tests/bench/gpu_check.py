@@ -27,8 +27,8 @@
 The summary is printed as "key: value" lines and written as JSON to --out. Exit code 0 when
 training kept a finite loss and sampling succeeded, 1 otherwise, 2 on bad input.
 
-`train.py` imports Ray at module level, so its three small setup helpers are mirrored below
-(`place`, `enable_checkpointing`, `make_optimizer`); keep them in step with train.py.
+It sets a strategy up with the same Ray-free functions as the training loop
+(`strategies.place`, `strategies.enable_checkpointing`, `strategies.make_optimizer`).
 Not a test: pytest does not collect this file.
 """
 
@@ -43,7 +43,6 @@ import statistics
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -191,60 +190,15 @@ def build_components(cfg: TrialConfig, family: str, tiny: bool, device: torch.de
     return c
 
 
-# Mirrors of sar_ray.train helpers (train.py imports Ray at module level; this check must not).
-
-
-def place(c: models.Components, applied: strategies.Applied, device: torch.device, weight_dtype: str,
-          vae_upcast: bool) -> None:
-    """train._place: frozen weights in `weight_dtype`, trainable ones fp32."""
-    dtype = models.DTYPES[weight_dtype]
-    if device.type == "cpu" and dtype == torch.float16:
-        dtype = torch.float32
-    trainable = {id(p) for p in applied.trainable_parameters()}
-    for name, module in c.modules().items():
-        mod_dtype = torch.float32 if (name == "vae" and vae_upcast) else dtype
-        module.to(device)
-        for p in module.parameters():
-            p.data = p.data.to(torch.float32 if id(p) in trainable else mod_dtype)
-
-
-def enable_checkpointing(c: models.Components, applied: strategies.Applied, token: bool) -> None:
-    """train._enable_checkpointing: the UNet whenever a gradient passes it, each training encoder."""
-    text_trains = token or any(applied.modes.get(n, "frozen") != "frozen" for n in c.text_encoder_names)
-    if applied.modes.get("unet") != "frozen" or text_trains:
-        c.unet.enable_gradient_checkpointing()
-        c.unet.train()
-    for name, te in zip(c.text_encoder_names, c.text_encoders):
-        if token or applied.modes.get(name, "frozen") != "frozen":
-            te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            te.train()
-
-
-def make_optimizer(applied: strategies.Applied, cfg: TrialConfig) -> torch.optim.Optimizer:
-    """train.make_optimizer: AdamW over the strategy's groups (adamw8bit through bitsandbytes)."""
-    t = cfg.train
-    kwargs = dict(betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, weight_decay=t.weight_decay)
-    groups = [{"params": g["params"], "lr": g["lr"], "name": g.get("name", "")}
-              for g in applied.param_groups if g["params"]]
-    if t.optimizer == "adamw8bit":
-        try:
-            import bitsandbytes as bnb
-
-            return bnb.optim.AdamW8bit(groups, **kwargs)
-        except ImportError:
-            warnings.warn("train.optimizer=adamw8bit needs bitsandbytes; using adamw")
-    return torch.optim.AdamW(groups, **kwargs)
-
-
 def set_up_training(c: models.Components, cfg: TrialConfig, device: torch.device) -> strategies.Applied:
     """What worker_loop does between loading and the first step."""
     applied = strategies.apply(c, cfg.strategy, cfg.train.lr)
-    place(c, applied, device, cfg.model.weight_dtype, cfg.model.vae_force_upcast)
+    strategies.place(c, applied, device, cfg.model.weight_dtype, cfg.model.vae_force_upcast)
     token = cfg.strategy.token == "learn"
     for name, module in c.modules().items():
         module.train(applied.modes.get(name, "frozen") != "frozen" or (name.startswith("text_encoder") and token))
     if cfg.train.gradient_checkpointing:
-        enable_checkpointing(c, applied, token)
+        strategies.enable_checkpointing(c, applied, token)
     return applied
 
 
@@ -331,7 +285,7 @@ def train_phase(c: models.Components, cfg: TrialConfig, applied: strategies.Appl
     """The training steps; step times after the warm-up, peak memory, the last loss."""
     t = cfg.train
     params = applied.trainable_parameters()
-    optimizer = make_optimizer(applied, cfg)
+    optimizer = strategies.make_optimizer(applied, cfg)
     tune_vae = applied.modes.get("vae", "frozen") != "frozen"
     generator = torch.Generator().manual_seed(t.seed * 1000 + 1)  # rank 0's stream, as worker_loop
     if device.type == "cuda":
