@@ -161,7 +161,9 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         study = _smoke(study, args)
         if not args.resume and clear_earlier_run(study):
             console.print(f"smoke: replaced the earlier smoke run in {study.out}", markup=False, soft_wrap=True)
-    result = sweep.run_sweep(study, resume=args.resume, console=console, progress=not args.quiet)
+    if args.fresh and args.resume:
+        raise UserError("--fresh and --resume exclude each other: --fresh deletes what --resume would continue")
+    result = sweep.run_sweep(study, resume=args.resume, fresh=args.fresh, console=console, progress=not args.quiet)
     objective = study.search.objectives[0].metric
     console.print(sweep.summary(result, objective), soft_wrap=True)
     if result.report and (result.report / "report.md").is_file():
@@ -189,7 +191,10 @@ def _add_sweep(sub) -> None:
     )
     _add_config_args(p)
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray); e.g. auto")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep (finished trials are kept)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep (finished trials are kept); "
+                   "starts it when there is nothing to continue")
+    p.add_argument("--fresh", action="store_true", help="delete an earlier sweep of this name (its folder's Tune state "
+                   "and trials, its Train runs under scaling.storage_path) and start over")
     p.add_argument("--out", help="sweep folder (default: runs/<name>)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     p.add_argument("-q", "--quiet", action="store_true", help="no live trial table")

@@ -372,8 +372,11 @@ def sweep_folder(study: StudyConfig) -> Path:
     return (Path(study.out) if study.out else Path("runs") / study.name).resolve()
 
 
-def run_sweep(study: StudyConfig, *, resume: bool = False, console=None, progress: bool = True) -> SweepResult:
-    """Run (or with `resume`, continue) the study's sweep; return every trial and the best."""
+def run_sweep(study: StudyConfig, *, resume: bool = False, fresh: bool = False, console=None,
+              progress: bool = True) -> SweepResult:
+    """Run (or with `resume`, continue) the study's sweep; return every trial and the best.
+    `fresh`: delete an earlier sweep of this name first (its folder's Tune state and trials,
+    and its Train runs under `scaling.storage_path`) and start over."""
     import ray
     import ray.tune as tune
 
@@ -397,6 +400,9 @@ def run_sweep(study: StudyConfig, *, resume: bool = False, console=None, progres
     folder = sweep_folder(study)
     tune_root = folder / "tune"
     exp_dir = tune_root / study.name
+    if fresh:
+        _clear_sweep(folder, study)
+        resume = False
     if resume and not tune.Tuner.can_restore(str(exp_dir)):
         # Nothing to continue: start it (a RayJob retry or a cron job runs one command).
         resume = False
@@ -521,6 +527,34 @@ def check_cluster_paths(study: StudyConfig, nodes: int | None = None) -> None:
 
 
 STUDY_FILE = "study.json"
+
+
+def _clear_sweep(folder: Path, study: StudyConfig) -> None:
+    import shutil
+
+    from .trial import clear_run_storage
+
+    for name in ("tune", "trials", "report", STUDY_FILE, "mlflow_run.json", "trials.json"):
+        p = folder / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+    storage = study.scaling.storage_path
+    if storage:
+        import pyarrow.fs as pafs
+
+        try:
+            fs, root = pafs.FileSystem.from_uri(storage)
+        except (pafs.ArrowInvalid, ValueError):
+            fs, root = pafs.LocalFileSystem(), str(Path(storage).expanduser().resolve())
+        try:
+            runs = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+        except OSError as e:
+            raise ConfigError(f"scaling.storage_path={storage!r}: cannot list it for --fresh ({e})") from None
+        for info in runs:
+            if info.type == pafs.FileType.Directory and info.base_name.startswith(f"{study.name}-"):
+                clear_run_storage(storage, info.base_name)
 
 
 def study_fingerprint(study: StudyConfig) -> str:

@@ -18,6 +18,7 @@ from typing import Any, Callable
 from . import config as config_mod
 from .config import TrialConfig
 from .train import CHECKPOINTS_DIR, LOG_FILE, WEIGHTS_DIR, TrainingError, build_trainer, connect_ray
+from .train import run_name as train_run_name
 
 
 @dataclass
@@ -118,6 +119,25 @@ def _clean(out: Path) -> None:
             p.unlink()
 
 
+def clear_run_storage(storage_path: str, name: str) -> None:
+    """Delete the Ray Train run `name` under `storage_path` (a local folder, or object storage
+    such as `s3://` through pyarrow's filesystems), so that `--fresh` cannot resume from it."""
+    import pyarrow.fs as pafs
+
+    try:
+        fs, root = pafs.FileSystem.from_uri(storage_path)
+    except (pafs.ArrowInvalid, ValueError):  # a plain local path
+        fs, root = pafs.LocalFileSystem(), str(Path(storage_path).expanduser().resolve())
+    target = f"{root.rstrip('/')}/{name}"
+    try:
+        if fs.get_file_info(target).type != pafs.FileType.NotFound:
+            fs.delete_dir(target)
+    except OSError as e:
+        raise config_mod.ConfigError(
+            f"scaling.storage_path={storage_path!r}: cannot clear {target} for --fresh ({e}); check the address "
+            f"and credentials, or drop --fresh") from None
+
+
 def _gpu_hours(cfg: TrialConfig, wall_s: float) -> float:
     s = cfg.scaling
     if not s.use_gpu:
@@ -198,6 +218,8 @@ def run_trial(
     out = cfg.out_dir
     if fresh:
         _clean(out)
+        if cfg.scaling.storage_path:
+            clear_run_storage(cfg.scaling.storage_path, run_name or train_run_name(cfg))
     out.mkdir(parents=True, exist_ok=True)
     uri = None
     if cfg.tracking.enabled and tracker is None:

@@ -127,6 +127,10 @@ def test_grid_sweep_logs_parent_and_children_and_resume_adds_no_duplicates(tmp_p
     assert again.parent_run_id == r.parent_run_id
     assert len(client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{r.parent_run_id}'")) == 2
     assert len(client.search_runs([exp], "tags.`sar_ray.kind` = 'sweep'")) == 1
+    # --fresh deletes the earlier sweep and starts over: a new parent run, new trials
+    fresh = run_sweep(s, fresh=True, progress=False)
+    assert fresh.parent_run_id != r.parent_run_id and len(fresh.trials) == 2
+    assert not set(t["trial_id"] for t in fresh.trials) & set(t["trial_id"] for t in r.trials)
     other = study(tmp_path, {"strategy.unet.mode": {"grid": ["full", "lora"]}}, "search.algorithm=grid",
                   "search.scheduler.type=none", "train.lr=3e-4")  # another study, the same folder
     with pytest.raises(ConfigError, match="holds a sweep of another study"):

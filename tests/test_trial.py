@@ -153,3 +153,21 @@ def test_mlflow_experiment_opens_on_training_runs_and_a_broken_upload_does_not_f
     run = client.get_run(r.run_id)
     assert run.info.status == "FINISHED"
     assert "proxy timed out" in run.data.tags["sar_ray.upload_failed.weights"]
+
+
+def test_trial_run_names_differ_by_what_trains_and_fresh_clears_shared_storage(in_tmp, tmp_path):
+    """Train V2 resumes from (storage_path, name): two lrs must not share a name, a longer run must."""
+    from sar_ray.train import run_name
+    from sar_ray.trial import clear_run_storage
+
+    a = small_cfg(in_tmp, "train.lr=1e-4")
+    assert run_name(a) != run_name(small_cfg(in_tmp, "train.lr=2e-4"))
+    assert run_name(a) != run_name(small_cfg(in_tmp, "train.seed=1"))
+    assert run_name(a) == run_name(small_cfg(in_tmp, "train.lr=1e-4", "train.max_steps=40", "train.eval_every=5"))
+    shared = tmp_path / "bucket"
+    (shared / run_name(a) / "checkpoint_000001").mkdir(parents=True)
+    (shared / "another-run").mkdir()
+    clear_run_storage(str(shared), run_name(a))
+    assert not (shared / run_name(a)).exists() and (shared / "another-run").is_dir()
+    clear_run_storage(f"file://{shared}", "another-run")  # a URI goes through pyarrow's filesystems
+    assert not (shared / "another-run").exists()
