@@ -334,8 +334,9 @@ class ScalingSection(_Strict):
         None, description="Ray address (default: RAY_ADDRESS, else a local Ray)."
     )
     max_failures: int = Field(
-        0, ge=0, description="Worker-group restarts after a worker dies (Ray Train FailureConfig); each "
-        "restart resumes from the newest checkpoint. A NaN loss fails again after its restart."
+        2, ge=0, description="Worker-group restarts after a worker dies (Ray Train FailureConfig): Train "
+        "restarts the group in place from the newest reported checkpoint, inside the same trial (no Tune "
+        "retry needed). A NaN loss is not retried into training (it fails at once on restart)."
     )
     storage_path: str | None = Field(
         None, description="Ray Train storage for checkpoints (default: <out>/ray). Shared "

@@ -378,7 +378,7 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
     val_batches = _load_val_batches(cfg, device, api)
     tune_vae = applied.modes.get("vae", "frozen") != "frozen"
     # Only a fresh start crashes: the retry that resumes from the checkpoint then goes through.
-    crash_at = int(os.environ.get(CRASH_ENV, "0") or 0) if pos.step == 0 else 0
+    crash_at = int(config.get("crash_at") or os.environ.get(CRASH_ENV, "0") or 0) if pos.step == 0 else 0
 
     last_loss = float("nan")
     last_val: float | None = None
@@ -658,7 +658,9 @@ def build_trainer(cfg: TrialConfig, datasets: dict, out: Path, callbacks: list |
         worker_loop,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "out": str(out.resolve()), "local_mode": local_mode,
                            "materialized": isinstance(datasets.get("train"), MaterializedDataset),
-                           "report_to": report_to},
+                           "report_to": report_to,
+                           # fault injection reaches workers started before the variable was set
+                           "crash_at": int(os.environ.get(CRASH_ENV, "0") or 0)},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                      resources_per_worker=None if local_mode else resources),
         run_config=RunConfig(

@@ -171,3 +171,17 @@ def test_trial_run_names_differ_by_what_trains_and_fresh_clears_shared_storage(i
     assert not (shared / run_name(a)).exists() and (shared / "another-run").is_dir()
     clear_run_storage(f"file://{shared}", "another-run")  # a URI goes through pyarrow's filesystems
     assert not (shared / "another-run").exists()
+
+
+@pytest.mark.slow
+def test_a_crashed_train_worker_is_restarted_in_place_from_its_newest_checkpoint(in_tmp, monkeypatch):
+    """num_workers=1 with the default scaling.max_failures: a worker crash after step 3 (the
+    newest checkpoint is step 2) is restarted by Ray Train and resumes at step 2, in one fit()."""
+    monkeypatch.setenv("SAR_RAY_CRASH_AT_STEP", "3")
+    cfg = small_cfg(in_tmp, "scaling.num_workers=1", "strategy.unet.mode=lora", "tracking.enabled=false",
+                    "sample.seeds=[0]")
+    assert cfg.scaling.max_failures >= 1
+    r = run_trial(cfg, progress=False)
+    log = read_log(r.out / "train_log.jsonl")
+    assert r.step == 4 and any(rec.get("event") == "resumed" and rec["step"] == 2 for rec in log)
+    assert sorted(rec["step"] for rec in log if "loss" in rec) == [1, 2, 3, 4]
