@@ -301,6 +301,9 @@ def _trial_driver(config: dict[str, Any], *, study_raw: dict, folder: str, track
         if tracker is not None:
             tracker.log_metrics(result.run_id, [(k, v, result.step) for k, v in scores.items()
                                                 if v is not None and math.isfinite(v)])
+    # No None values: ASHA multiplies the metric it reads (a trial without validation images
+    # reported val_loss None and the TypeError ended the whole sweep); absent, it is skipped.
+    final = {k: v for k, v in final.items() if v is not None}
     final_path.write_text(json.dumps(final))
     tune.report(final)
 

@@ -251,3 +251,13 @@ def test_trial_drivers_ask_for_the_stable_node_resource_only_where_it_exists(tmp
     assert trial_resources(workers, {"CPU": 16, "trial_driver": 100}) == {"CPU": 0.1, "trial_driver": 0.01}
     assert trial_resources(workers, {"CPU": 16}) == {"CPU": 0.1}  # a local Ray or a cluster without it
     assert trial_resources(s.trial(), {"CPU": 2, "trial_driver": 100}) == {"CPU": 0.5}  # local mode: it trains
+
+
+def test_asha_survives_trials_without_validation_images(tmp_path, monkeypatch, ray_local):
+    """With no validation images there is no val_loss: the final report used to carry
+    val_loss None, and ASHA's arithmetic on it ended the whole sweep with a TypeError."""
+    monkeypatch.chdir(tmp_path)
+    s = study(tmp_path, {"train.lr": {"grid": [1e-4, 1e-3]}}, "search.algorithm=grid", "search.scheduler.type=asha",
+              "search.scheduler.grace_period=1", "search.evaluate=false", "data.val_fraction=0", name="noval")
+    r = run_sweep(s, progress=False)
+    assert len(r.trials) == 2 and {t["status"] for t in r.trials} <= {"DONE", "STOPPED"}, r.trials
