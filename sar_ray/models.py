@@ -186,27 +186,18 @@ def public_config(family: str, component: str) -> dict:
 _TINY_TEXT = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2)
 _TINY_VAE = dict(block_out_channels=[32, 32, 32, 32], layers_per_block=1, sample_size=64)
 _TINY_TIME_DIM, _TINY_PROJ = 8, 32
+# SD 1.x/2.x: one cross-attention level fewer (depth). 64 px images give 8 x 8 latents, and a
+# fourth downsampling would leave the mid-block attention one token, where queries and keys
+# have no effect (their LoRA would get no gradient).
+_TINY_SD_UNET = dict(block_out_channels=[32, 64, 64], layers_per_block=1, cross_attention_dim=32, sample_size=8,
+                     down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+                     up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"])
 TINY_SIZES: dict[str, dict[str, dict]] = {
-    # SD 1.x/2.x: one cross-attention level fewer (depth). 64 px images give 8 x 8 latents, and a
-    # fourth downsampling would leave the mid-block attention one token, where queries and keys
-    # have no effect (their LoRA would get no gradient).
-    "sd15": {
-        "unet": dict(block_out_channels=[32, 64, 64], layers_per_block=1, cross_attention_dim=32, sample_size=8,
-                     down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-                     up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]),
-        "vae": _TINY_VAE,
-        "text_encoder": dict(_TINY_TEXT, projection_dim=_TINY_PROJ),
-    },
-    "sd2": {
-        # attention_head_dim is diffusers' legacy name for the number of heads: (5, 10, 20, 20)
-        # would not divide these widths.
-        "unet": dict(block_out_channels=[32, 64, 64], attention_head_dim=[2, 4, 4], layers_per_block=1,
-                     cross_attention_dim=32, sample_size=8,
-                     down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-                     up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]),
-        "vae": _TINY_VAE,
-        "text_encoder": dict(_TINY_TEXT, projection_dim=_TINY_PROJ),
-    },
+    "sd15": {"unet": _TINY_SD_UNET, "vae": _TINY_VAE, "text_encoder": dict(_TINY_TEXT, projection_dim=_TINY_PROJ)},
+    # attention_head_dim is diffusers' legacy name for the number of heads: (5, 10, 20, 20)
+    # would not divide these widths.
+    "sd2": {"unet": dict(_TINY_SD_UNET, attention_head_dim=[2, 4, 4]), "vae": _TINY_VAE,
+            "text_encoder": dict(_TINY_TEXT, projection_dim=_TINY_PROJ)},
     "sdxl": {
         "unet": dict(block_out_channels=[32, 64, 64], attention_head_dim=[2, 4, 4], layers_per_block=1,
                      transformer_layers_per_block=[1, 1, 1], sample_size=8,

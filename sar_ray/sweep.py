@@ -535,7 +535,7 @@ STUDY_FILE = "study.json"
 def _clear_sweep(folder: Path, study: StudyConfig) -> None:
     import shutil
 
-    from .trial import clear_run_storage
+    from .trial import clear_run_storage, storage_filesystem
 
     for name in ("tune", "trials", "report", STUDY_FILE, "mlflow_run.json", "trials.json"):
         p = folder / name
@@ -547,10 +547,7 @@ def _clear_sweep(folder: Path, study: StudyConfig) -> None:
     if storage:
         import pyarrow.fs as pafs
 
-        try:
-            fs, root = pafs.FileSystem.from_uri(storage)
-        except (pafs.ArrowInvalid, ValueError):
-            fs, root = pafs.LocalFileSystem(), str(Path(storage).expanduser().resolve())
+        fs, root = storage_filesystem(storage)
         try:
             runs = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
         except OSError as e:

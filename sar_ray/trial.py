@@ -119,15 +119,23 @@ def _clean(out: Path) -> None:
             p.unlink()
 
 
+def storage_filesystem(storage_path: str):
+    """(pyarrow filesystem, root path) of `scaling.storage_path`: a URI (`s3://`, `gs://`,
+    `file://`) through pyarrow's filesystems, a plain path as a local folder."""
+    import pyarrow.fs as pafs
+
+    try:
+        return pafs.FileSystem.from_uri(storage_path)
+    except (pafs.ArrowInvalid, ValueError):  # a plain local path
+        return pafs.LocalFileSystem(), str(Path(storage_path).expanduser().resolve())
+
+
 def clear_run_storage(storage_path: str, name: str) -> None:
     """Delete the Ray Train run `name` under `storage_path` (a local folder, or object storage
     such as `s3://` through pyarrow's filesystems), so that `--fresh` cannot resume from it."""
     import pyarrow.fs as pafs
 
-    try:
-        fs, root = pafs.FileSystem.from_uri(storage_path)
-    except (pafs.ArrowInvalid, ValueError):  # a plain local path
-        fs, root = pafs.LocalFileSystem(), str(Path(storage_path).expanduser().resolve())
+    fs, root = storage_filesystem(storage_path)
     target = f"{root.rstrip('/')}/{name}"
     try:
         if fs.get_file_info(target).type != pafs.FileType.NotFound:
