@@ -7,6 +7,7 @@ paths, unreachable services). Library code raises; only this module prints and e
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -357,6 +358,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         "max_images": args.max_images,
         "glcm_levels": args.glcm_levels,
         "batch_size": args.batch_size,
+        "bootstrap": args.bootstrap,
     }
     raw.update({k: v for k, v in flags.items() if v is not None})
     if args.clip and args.metrics is None and "clip" not in raw.get("metrics", ["stats", "glcm"]):
@@ -365,6 +367,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         raw["normalization"] = {**raw.get("normalization", {}), "method": args.normalization}
     if args.normalize_generated:
         raw["generated_normalized"] = False
+    elif args.generated_is_model_output:
+        raw["generated_normalized"] = True
     try:
         cfg = config.EvalConfig.model_validate(raw)
     except ValidationError as e:
@@ -375,14 +379,20 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     except ClipError as e:
         raise UserError(str(e)) from None
 
+    gen, ref = result.normalization["generated"], result.normalization["reference"]
     table = Table(title=f"{result.n_generated} generated vs {result.n_reference} reference images "
-                  f"at {result.size[0]}x{result.size[1]}")
+                  f"at {result.size[0]}x{result.size[1]}",
+                  caption=f"generated: {gen['as']}, {gen['why']}; reference: normalisation {ref['method']}")
     table.add_column("metric")
     table.add_column("value", justify="right")
+    if result.intervals:
+        table.add_column("95% interval", justify="right")
     table.add_column("better", justify="center")
     for name, value in result.metrics.items():
         arrow = "lower" if metric_direction(name) == "min" else "higher"
-        table.add_row(name, f"{value:.6g}", arrow)
+        lo, hi = result.intervals.get(name, (math.nan, math.nan))
+        ci = [f"[{lo:.4g}, {hi:.4g}]" if math.isfinite(lo) else "-"] if result.intervals else []
+        table.add_row(name, f"{value:.6g}", *ci, arrow)
     console.print(table)
     for w in result.warnings:
         console.print(f"[yellow]warning:[/yellow] {w}")
@@ -414,9 +424,16 @@ def _add_evaluate(sub) -> None:
                    help="override a study value with --config, e.g. --set eval.glcm_levels=32")
     p.add_argument("--normalization", choices=["reference", "db", "percentile", "none"],
                    help="normalisation of the reference images (default: the study's, else reference)")
-    p.add_argument("--normalize-generated", action="store_true",
-                   help="normalise the generated images like the reference (they are not model "
-                   "output in [0, 1], e.g. a second folder of real SAR)")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--normalize-generated", action="store_true",
+                     help="normalise the generated images like the reference (they are not model "
+                     "output in [0, 1], e.g. a second folder of real SAR). Default: only sample folders "
+                     "written by sar-ray (with samples.json) count as model output")
+    how.add_argument("--generated-is-model-output", action="store_true",
+                     help="the generated images are model output already in [0, 1] amplitude: only "
+                     "rescale them (for samples written by another tool)")
+    p.add_argument("--bootstrap", type=int, metavar="N",
+                   help="bootstrap resamples for the 95%% intervals (default 200; 0: none)")
     p.add_argument("--size", type=int, help="compare at SIZE x SIZE (default: the first reference image's size)")
     p.add_argument("--max-images", type=int, help="use at most this many images per set")
     p.add_argument("--glcm-levels", type=int, help="GLCM grey levels (2..256, default 64)")

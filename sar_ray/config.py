@@ -357,8 +357,9 @@ class TrackingConfig(_Strict):
 
 
 class EvalConfig(_Strict):
-    metrics: list[Literal["stats", "glcm", "clip"]] = Field(
-        default_factory=lambda: ["stats", "glcm"], min_length=1, description="Metric families to compute."
+    metrics: list[str] = Field(
+        default_factory=lambda: ["stats", "glcm"], min_length=1,
+        description="Metric families to compute (sar_ray.metrics.families: stats, glcm, clip).",
     )
     clip: str | None = Field(
         None, description="Directory of a SAR-CLIP model from `sar-ray clip train` (needed by `clip`)."
@@ -368,10 +369,11 @@ class EvalConfig(_Strict):
         description="Normalisation of the reference images; use the training's data.normalization "
         "so that real and generated images are compared in the space the model learned.",
     )
-    generated_normalized: bool = Field(
-        True,
-        description="Generated images are the model's [0, 1] amplitude (sampler PNG/TIFF): only "
-        "rescaled to [0, 1]. false: normalise them like the reference (two folders of real SAR).",
+    generated_normalized: bool | Literal["auto"] = Field(
+        "auto",
+        description="auto: a sample folder written by sar-ray (it holds samples.json) is the model's "
+        "[0, 1] amplitude and only rescaled to [0, 1]; any other generated set (e.g. real SAR) is "
+        "normalised like the reference. true / false: always the one or the other.",
     )
     size: int | None = Field(
         None, ge=8, description="Compare images at size x size (default: the first reference "
@@ -406,7 +408,23 @@ class EvalConfig(_Strict):
     )
     kid_subset_size: int = Field(1000, ge=2, description="KID subset size (capped at the set sizes).")
     kid_subsets: int = Field(100, gt=0, description="KID random subsets.")
-    seed: int = Field(0, description="Seed of the KID subsets.")
+    bootstrap: int = Field(
+        200, ge=0, description="Bootstrap resamples of the generated images for the 95% interval of "
+        "every metric (0: no intervals)."
+    )
+    seed: int = Field(0, description="Seed of the KID subsets and the bootstrap resamples.")
+
+    @field_validator("metrics")
+    @classmethod
+    def _known_families(cls, v: list[str]) -> list[str]:
+        from sar_ray.metrics.families import FAMILIES  # the registry; numpy-only, imported on use
+
+        unknown = [m for m in v if m not in FAMILIES]
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], list(FAMILIES), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"unknown metric family {unknown[0]!r}{hint}; valid: {', '.join(FAMILIES)}")
+        return v
 
     @field_validator("glcm_distances")
     @classmethod

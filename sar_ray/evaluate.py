@@ -7,21 +7,33 @@ Flow (both sets in one dataset, so every CPU works on whichever set has work lef
 
     list images (driver: caption table or folder listing; no decoding)
       -> ray.data.from_items                          one block per `batch_size` images
-      -> map_batches(_describe_batch)   CPU tasks:    decode, normalise, resize if needed,
-                                                      histograms, speckle + GLCM descriptors
-      -> map_batches(_ClipEmbedder)     actors:       SAR-CLIP image embeddings (GPU if any)
-      -> driver: sums of histograms, descriptor and embedding rows (never images)
-      -> set distances (``_aggregate``), metrics.json, per-image Parquet
+      -> map_batches(_describe_batch)   CPU tasks:    decode, normalise, resize if needed, each
+                                                      model-free family's `describe` (stats, glcm)
+      -> map_batches(_ModelDescriber)   actors:       families with a model (SAR-CLIP; GPU if any)
+      -> driver: per-image descriptor rows, pooled histograms as sums (never images)
+      -> each family's `aggregate`, bootstrap intervals, metrics.json, per-image Parquet
+
+The families (what is described and how it is aggregated, directions, report columns) live in
+:mod:`sar_ray.metrics.families`, one module each.
 
 Normalisation: the reference images are normalised with ``cfg.normalization`` (set it to the
-training's ``data.normalization``). Generated samples are already the model's [0, 1]
-amplitude (16-bit PNG or float TIFF from the sampler), so by default they are only brought
-to [0, 1] (method `none`); ``generated_normalized: false`` normalises them like the reference
-(to compare two folders of real SAR). Both sets are then compared at one size: ``cfg.size``,
-else the first reference image's; other images are resized, with a warning.
+training's ``data.normalization``). The generated set is either model output, already the
+model's [0, 1] amplitude (16-bit PNG or float TIFF from the sampler), and only brought to
+[0, 1] (method `none`), or anything else (e.g. a folder of real SAR), normalised like the
+reference. ``generated_normalized: auto`` (default) decides by the folder: sample folders
+written by sar-ray carry ``samples.json`` (:data:`SAMPLES_MARKER`) and are model output;
+``true`` / ``false`` force either. The result says which each set got. Both sets are then
+compared at one size: ``cfg.size``, else the first reference image's; other images are
+resized, with a warning (as is a generated set at another bit depth than the reference).
 
-Metric names are ``<family>/<metric>[/<detail>]``; :data:`METRIC_DIRECTION` says whether lower
-or higher is better (:func:`metric_direction` resolves per-class and per-property names).
+Uncertainty: every set-level metric gets a 95% bootstrap interval over the generated images
+(``cfg.bootstrap`` resamples with replacement, seeded by ``cfg.seed``), computed from the
+per-image descriptors on the driver. Only the generated set is resampled: strategies are
+compared against one fixed reference, so what separates them is their own samples' variation.
+
+Metric names are ``<family>/<metric>[/<detail>]``, interval bounds ``<metric>.ci_lo`` /
+``<metric>.ci_hi``; :data:`METRIC_DIRECTION` says whether lower or higher is better
+(:func:`metric_direction` resolves per-class, per-property and interval names).
 """
 
 from __future__ import annotations
@@ -31,7 +43,7 @@ import math
 import os
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,53 +51,41 @@ import numpy as np
 
 from sar_ray.config import EvalConfig, NormalizationConfig
 from sar_ray.metrics import caption_for_clip
-from sar_ray.metrics import glcm as glcm_metrics
-from sar_ray.metrics import statistics as stats
+from sar_ray.metrics.families import (
+    CI_LEVEL,
+    METRIC_DIRECTION,
+    Context,
+    Family,
+    SetView,
+    bootstrap_counts,
+    bootstrap_intervals,
+    flat_intervals,
+    metric_direction,
+    requested,
+)
 
 if TYPE_CHECKING:  # torch/open_clip load only when the clip family is asked for
     from sar_ray.metrics.clip import SarClip
 
 # CLIP-free runs (and every Ray worker of the CPU step) never import torch.
 CLIP_CONFIG_NAME = "open_clip_config.json"
+#: A sample folder written by sar-ray holds this file: its images are model output in [0, 1].
+SAMPLES_MARKER = "samples.json"
 
 SETS = ("generated", "reference")
 
-#: "min": lower is better (a distance or gap); "max": higher is better.
-METRIC_DIRECTION: dict[str, str] = {
-    # amplitude distribution of the pooled pixels (normalised [0, 1] amplitude)
-    "stats/kl": "min",  # KL(reference || generated), nats, hist_bins bins + pseudo-count
-    "stats/js": "min",  # Jensen-Shannon divergence, bits, in [0, 1]
-    "stats/wasserstein": "min",  # 1-D earth mover's distance on [0, 1]
-    "stats/ks": "min",  # Kolmogorov-Smirnov statistic, in [0, 1]
-    # speckle descriptors: gap of the set means (relative to the reference for scale-like
-    # descriptors, absolute for the log-cumulants)
-    **{f"stats/{d}_gap": "min" for d in stats.DESCRIPTORS},
-    # GLCM texture (descriptors = property x distance, averaged over angles)
-    "glcm/rel_mean_diff": "min",  # mean over descriptors of |mu_g - mu_r| / mean(|mu_g|, |mu_r|)
-    "glcm/wasserstein": "min",  # mean over descriptors of W1 / reference std
-    "glcm/frechet": "min",  # Frechet distance of descriptor vectors, z-scored by the reference
-    # SAR-CLIP
-    "clip/score": "max",  # mean 100 * max(cos(image, its prompt), 0)
-    "clip/retrieval_top1": "max",  # own prompt is the closest of the distinct prompts
-    "clip/fd": "min",  # Frechet distance of SAR-CLIP image embeddings
-    "clip/kid": "min",  # kernel inception distance of SAR-CLIP embeddings, max(KID, 0)
-}
-
-
-def metric_direction(name: str) -> str:
-    """"min" or "max" for any metric name, including ``stats/kl/<class>`` and
-    ``glcm/rel_mean_diff/<property>``."""
-    if name in METRIC_DIRECTION:
-        return METRIC_DIRECTION[name]
-    base = "/".join(name.split("/")[:2])
-    if base in METRIC_DIRECTION:
-        return METRIC_DIRECTION[base]
-    raise KeyError(f"unknown metric {name!r}; known: {', '.join(METRIC_DIRECTION)}")
+__all__ = [
+    "METRIC_DIRECTION", "SAMPLES_MARKER", "EvalResult", "describe_images", "evaluate", "generated_normalization",
+    "is_model_output", "list_images", "mark_model_output", "metric_direction", "score", "score_arrays",
+]
 
 
 @dataclass
 class EvalResult:
-    """Aggregates of one evaluation and where they were written."""
+    """Aggregates of one evaluation and where they were written.
+
+    metrics: point values; intervals: ``{metric: (lo, hi)}`` 95% bootstrap intervals (empty
+    with ``bootstrap: 0``); normalization: per set, the method used and why."""
 
     metrics: dict[str, float]
     n_generated: int
@@ -95,14 +95,58 @@ class EvalResult:
     per_image_path: Path | None = None
     summary: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
+    normalization: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def flat(self) -> dict[str, float]:
+        """Point values and interval bounds as one ``{name: float}`` (MLflow / Tune metrics)."""
+        return {**self.metrics, **flat_intervals(self.intervals)}
+
+
+# ------------------------------------------------------------------------------- model output
+
+
+def mark_model_output(folder: str | os.PathLike, **info: Any) -> Path:
+    """Declare `folder` a sar-ray sample folder (its images are model output, [0, 1] amplitude)."""
+    path = Path(folder) / SAMPLES_MARKER
+    doc = {"producer": "sar-ray", "kind": "samples", "amplitude": "[0, 1], normalised as in training; "
+           "16-bit PNG value / 65535, float TIFF as is", **info}
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    return path
+
+
+def is_model_output(path: str | os.PathLike) -> bool:
+    """Whether `path` is a folder that sar-ray's sampler wrote (it holds :data:`SAMPLES_MARKER`)."""
+    marker = Path(path).expanduser() / SAMPLES_MARKER
+    try:
+        return json.loads(marker.read_text()).get("producer") == "sar-ray"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def generated_normalization(generated: str | os.PathLike, cfg: EvalConfig) -> tuple[NormalizationConfig, dict[str, str]]:
+    """How the generated set is normalised: (config, {"method", "as", "why"})."""
+    setting = cfg.generated_normalized
+    if setting == "auto":
+        model_output = is_model_output(generated)
+        why = (f"{SAMPLES_MARKER}: a sar-ray sample folder" if model_output else
+               f"no {SAMPLES_MARKER}: not a sar-ray sample folder (--generated-is-model-output to override)")
+    else:
+        model_output = bool(setting)
+        why = f"eval.generated_normalized: {str(model_output).lower()}"
+    if model_output:
+        return NormalizationConfig(method="none"), {"method": "none", "as": "model output (rescaled to [0, 1] only)",
+                                                    "why": why}
+    return cfg.normalization, {"method": cfg.normalization.method, "as": "like the reference", "why": why}
 
 
 # ------------------------------------------------------------------------------- public API
 
 
 def score(generated: str | os.PathLike, reference: str | os.PathLike, cfg: EvalConfig) -> dict[str, float]:
-    """Flat ``{metric name: value}`` of `generated` against `reference` (what a sweep logs)."""
-    return evaluate(generated, reference, cfg, out=None, progress=False).metrics
+    """Flat ``{name: value}`` of `generated` against `reference` (what a sweep logs): each
+    metric's value and its interval bounds ``<metric>.ci_lo`` / ``<metric>.ci_hi``."""
+    return evaluate(generated, reference, cfg, out=None, progress=False).flat()
 
 
 def evaluate(
@@ -126,16 +170,25 @@ def evaluate(
     ref_items, w = list_images(reference, "reference", cfg.max_images)
     warnings += w
     clip_path = _check_clip_inputs(cfg, gen_items, generated)
+    if clip_path is not None:
+        cfg = cfg.model_copy(update={"clip": str(clip_path)})  # absolute: workers run elsewhere
     _assign_classes(gen_items, ref_items)
     size = _target_size(cfg, ref_items)
+    gen_norm, gen_how = generated_normalization(generated, cfg)
+    norms = {"generated": gen_norm, "reference": cfg.normalization}
+    normalization = {"generated": gen_how, "reference": {"method": cfg.normalization.method, "as": "eval.normalization",
+                                                         "why": "the reference is real SAR"}}
+    families = requested(cfg.metrics)
 
     if not ray.is_initialized():
         # Local Ray by default (RAY_ADDRESS, if set, joins a cluster); quiet: the CLI prints.
         ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
     items = [it.row() for it in gen_items + ref_items]
+    counts, w = _resample_plan(len(gen_items), cfg)
+    warnings += w
     with _quiet_ray_data():
-        ds = _pipeline(items, cfg, size, clip_path)
-        accs = {s: _SetAccumulator(cfg.hist_bins) for s in SETS}
+        ds = _pipeline(items, cfg, size, norms, families)
+        accs = {"generated": _SetAccumulator(families, counts), "reference": _SetAccumulator(families)}
         with _progress(len(items), progress) as advance:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 _raise_unreadable(batch)  # the first unreadable image stops the run
@@ -143,51 +196,44 @@ def evaluate(
                     accs[s].add(batch, batch["set"] == s)
                 advance(len(batch["set"]))
 
-    resized = sum(a.resized for a in accs.values())
-    if resized:
-        warnings.append(
-            f"{resized} images were not {size[0]}x{size[1]} and were resized to it (mixed sizes); "
-            "texture and speckle statistics depend on scale"
-        )
-    prompt_emb_fn = None
+    warnings += _input_warnings(accs, size)
+    models = {}
     if clip_path is not None:
-        from sar_ray.metrics.clip import load_clip
-
-        prompt_emb_fn = load_clip(clip_path, device="cpu").encode_texts
-    metrics, summary, per_image, w = _aggregate(accs["generated"], accs["reference"], cfg, prompt_emb_fn)
-    warnings += w
-    summary["size"] = list(size)
-    result = EvalResult(metrics, accs["generated"].n, accs["reference"].n, size, summary=summary, warnings=warnings)
+        models = {f.name: f.load(cfg, "cpu") for f in families if f.load is not None}
+    agg = _aggregate(families, accs["generated"], accs["reference"], cfg, models)
+    warnings += agg.warnings
+    agg.summary["size"] = list(size)
+    result = EvalResult(agg.metrics, accs["generated"].n, accs["reference"].n, size, summary=agg.summary,
+                        warnings=warnings, intervals=agg.intervals, normalization=normalization)
     if out is not None:
-        _write(result, per_image, Path(out), generated, reference, cfg)
+        _write(result, agg.per_image, Path(out), generated, reference, cfg)
     return result
 
 
-def _pipeline(items: list[dict], cfg: EvalConfig, size: tuple[int, int], clip_path: Path | None):
-    """The lazy Ray Data dataset of per-image descriptor (and embedding) rows."""
+def _pipeline(items: list[dict], cfg: EvalConfig, size: tuple[int, int], norms: dict, families: list[Family]):
+    """The lazy Ray Data dataset of per-image descriptor rows (every requested family's)."""
     import ray
 
     ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / cfg.batch_size)))
-    gpus = int(ray.cluster_resources().get("GPU", 0)) if clip_path is not None else 0
-    if clip_path is not None and not gpus:
+    with_model = [f for f in families if f.load is not None]
+    gpus = int(ray.cluster_resources().get("GPU", 0)) if with_model else 0
+    kwargs = {"cfg": cfg, "size": size, "norms": norms}
+    if with_model and not gpus:
         # CPU only: describe and embed in the same actors, as many as there are CPUs (two
         # operators would be fused by Ray Data into one actor anyway, i.e. run serially).
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         return ds.map_batches(
-            _DescribeAndEmbed,
-            fn_constructor_kwargs={"path": str(clip_path), "cfg": cfg, "size": size},
+            _DescribeWithModels, fn_constructor_kwargs=kwargs,
             batch_size=cfg.batch_size, batch_format="numpy", concurrency=(1, cpus), num_cpus=1,
         )
     ds = ds.map_batches(
-        _describe_batch,
-        fn_kwargs={"cfg": cfg, "size": size, "keep_images": clip_path is not None},
+        _describe_batch, fn_kwargs={**kwargs, "keep_images": bool(with_model)},
         batch_size=cfg.batch_size, batch_format="numpy", num_cpus=1,
     )
-    if clip_path is not None:
-        # One actor per GPU, loading the model once; the CPU step above stays tasks.
+    if with_model:
+        # One actor per GPU, loading the models once; the CPU step above stays tasks.
         ds = ds.map_batches(
-            _ClipEmbedder,
-            fn_constructor_kwargs={"path": str(clip_path), "device": "cuda"},
+            _ModelDescriber, fn_constructor_kwargs={"cfg": cfg, "device": "cuda"},
             batch_size=cfg.clip_batch_size, batch_format="numpy",
             concurrency=gpus, num_gpus=1, num_cpus=0,
         )
@@ -201,36 +247,53 @@ def score_arrays(
     prompts: Sequence[str] | None = None,
     clip: SarClip | None = None,
 ) -> dict[str, float]:
-    """The same metrics on in-memory [0, 1] images, without Ray or files (notebooks, quick
-    in-training checks). Each set's images share one shape; `prompts` and a loaded `clip`
-    (default: ``cfg.clip``) are needed for the ``clip`` family."""
+    """The same metrics (and interval bounds, as :func:`score`) on in-memory [0, 1] images,
+    without Ray or files (notebooks, quick in-training checks: ``bootstrap=0`` skips the
+    intervals). Each set's images share one shape; `prompts` and a loaded `clip` (default:
+    ``cfg.clip``) are needed for the ``clip`` family."""
+    families = requested(cfg.metrics)
+    models: dict[str, Any] = {}
+    if "clip" in cfg.metrics:
+        if clip is None:
+            if cfg.clip is None:
+                raise ValueError("metrics include clip: pass clip= or set eval.clip")
+            from sar_ray.metrics.clip import load_clip
+
+            clip = load_clip(cfg.clip)
+        models["clip"] = clip
     accs = {}
     for name, images in (("generated", generated), ("reference", reference)):
         arr = np.asarray(images, dtype=np.float32)
         if arr.ndim != 3 or len(arr) == 0:
             raise ValueError(f"{name}: expected a non-empty (N, H, W) stack of images, got shape {arr.shape}")
-        batch = describe_images(arr, cfg)
-        batch["set"] = np.full(len(arr), name, dtype=object)
-        batch["index"] = np.arange(len(arr))
-        batch["name"] = np.array([f"{name}[{i}]" for i in range(len(arr))], dtype=object)
+        batch = describe_images(arr, cfg, families, models)
         texts = list(prompts) if (name == "generated" and prompts is not None) else [""] * len(arr)
-        batch["text"] = np.array(texts, dtype=object)
-        batch["label"] = np.array([None] * len(arr), dtype=object)
-        batch["resized"] = np.zeros(len(arr), bool)
-        if "clip" in cfg.metrics:
-            if clip is None:
-                if cfg.clip is None:
-                    raise ValueError("metrics include clip: pass clip= or set eval.clip")
-                from sar_ray.metrics.clip import load_clip
-
-                clip = load_clip(cfg.clip)
-            batch["clip_embedding"] = clip.encode_images(arr)
-        accs[name] = _SetAccumulator(cfg.hist_bins)
+        batch.update(_meta_columns(name, len(arr), texts, arr.shape[1:]))
+        counts = _resample_plan(len(arr), cfg)[0] if name == "generated" else None
+        accs[name] = _SetAccumulator(families, counts)
         accs[name].add(batch, np.ones(len(arr), bool))
-    if "clip" in cfg.metrics and (prompts is None or len(prompts) != len(accs["generated"].rows)):
+    if "clip" in cfg.metrics and (prompts is None or len(prompts) != accs["generated"].n):
         raise ValueError("metrics include clip: give one prompt per generated image")
-    metrics, _, _, _ = _aggregate(accs["generated"], accs["reference"], cfg, clip.encode_texts if clip else None)
-    return metrics
+    agg = _aggregate(families, accs["generated"], accs["reference"], cfg, models)
+    return {**agg.metrics, **flat_intervals(agg.intervals)}
+
+
+def _meta_columns(role: str, n: int, texts: list[str], shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    return {
+        "set": np.full(n, role, dtype=object), "index": np.arange(n), "text": np.array(texts, dtype=object),
+        "name": np.array([f"{role}[{i}]" for i in range(n)], dtype=object),
+        "label": np.array([None] * n, dtype=object), "resized": np.zeros(n, bool),
+        "height": np.full(n, shape[0]), "width": np.full(n, shape[1]), "depth": np.full(n, 32),
+    }
+
+
+def _resample_plan(n: int, cfg: EvalConfig) -> tuple[np.ndarray | None, list[str]]:
+    """Bootstrap draws of the generated images ((B, n) counts), or None; and warnings."""
+    if cfg.bootstrap == 0:
+        return None, []
+    if n < 2:
+        return None, [f"no bootstrap intervals: {n} generated image (they need >= 2)"]
+    return bootstrap_counts(n, cfg.bootstrap, cfg.seed), []
 
 
 # ------------------------------------------------------------------------------- listing
@@ -366,34 +429,36 @@ def _fit(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 
-def load_image(path, data, name, role: str, cfg: EvalConfig, size: tuple[int, int]) -> tuple[np.ndarray, bool]:
-    """Decode, normalise (see module docstring) and fit one image; (image, was_resized)."""
+def _bit_depth(pixels: np.ndarray) -> int:
+    """8, 16 or 32 (float): the precision the decoded values were stored with."""
+    vmin, vmax = float(pixels.min()), float(pixels.max())
+    if vmin >= 0 and np.all(pixels == np.round(pixels)):
+        if vmax <= 255:
+            return 8
+        if vmax <= 65535:
+            return 16
+    return 32
+
+
+def load_image(path, data, name, norm: NormalizationConfig, size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int], int]:
+    """Decode, normalise with `norm` and fit one image to `size`: (image, stored shape, bit depth)."""
     from sar_ray.data.normalize import normalize
 
     pixels = _decode(path, data, name)
-    as_model_output = role == "generated" and cfg.generated_normalized
-    img = normalize(pixels, NormalizationConfig(method="none") if as_model_output else cfg.normalization)
-    fitted = _fit(img, size)
-    return fitted, fitted is not img
+    return _fit(normalize(pixels, norm), size), tuple(pixels.shape), _bit_depth(pixels)
 
 
-def describe_images(images: np.ndarray, cfg: EvalConfig) -> dict[str, np.ndarray]:
-    """Per-image sufficient statistics and descriptors of (N, H, W) [0, 1] images."""
-    n = len(images)
-    out: dict[str, np.ndarray] = {
-        "hist": np.stack([stats.amplitude_histogram(im, cfg.hist_bins) for im in images]),
-        "hist_fine": np.stack([stats.amplitude_histogram(im, stats.CDF_BINS) for im in images]).astype(np.int32),
-    }
-    # Speckle descriptors always: cheap next to decoding, and the per-image table shows them.
-    rows = [stats.sar_descriptors(im, cfg.enl_window, cfg.enl_fraction) for im in images]
-    for d in stats.DESCRIPTORS:
-        out[f"stats_{d}"] = np.array([r[d] for r in rows], np.float64)
-    if "glcm" in cfg.metrics:
-        out["glcm"] = glcm_metrics.glcm_descriptors(
-            images, cfg.glcm_levels, cfg.glcm_distances, cfg.glcm_angles, cfg.glcm_symmetric
-        )
-    else:
-        out["glcm"] = np.zeros((n, 0))
+def describe_images(images: np.ndarray, cfg: EvalConfig, families: Sequence[Family] | None = None,
+                    models: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
+    """Per-image descriptors of (N, H, W) [0, 1] images: ``{"<family>/<column>": (N, ...)}``
+    for `families` (default: the model-free ones of ``cfg.metrics``); a family with a model
+    needs it in ``models[name]``."""
+    if families is None:
+        families = [f for f in requested(cfg.metrics) if f.load is None]
+    out: dict[str, np.ndarray] = {}
+    for f in families:
+        for col, v in f.describe(images, cfg, (models or {}).get(f.name)).items():
+            out[f"{f.name}/{col}"] = v
     return out
 
 
@@ -402,24 +467,26 @@ def _cell(value, kind):
     return value if isinstance(value, kind) else None
 
 
-def _describe_batch(batch: dict[str, np.ndarray], cfg: EvalConfig, size: tuple[int, int], keep_images: bool):
+def _describe_batch(batch: dict[str, np.ndarray], cfg: EvalConfig, size: tuple[int, int], norms: dict,
+                    keep_images: bool):
     from sar_ray.data.captions import DataError
     from sar_ray.data.io import ImageReadError
 
-    images, resized, errors = [], [], []
+    images, shapes, depths, errors = [], [], [], []
     for i in range(len(batch["set"])):
         try:
-            img, was = load_image(
+            img, shape, depth = load_image(
                 _cell(batch["path"][i], str), _cell(batch["image_bytes"][i], (bytes, bytearray)),
-                str(batch["name"][i]), str(batch["set"][i]), cfg, size,
+                str(batch["name"][i]), norms[str(batch["set"][i])], size,
             )
             err = ""
         except (ImageReadError, DataError) as e:
             # Returned, not raised: Ray loses the exception type on the way to the driver,
             # which raises it (with the file name) so the CLI exits 2 with one clear line.
-            img, was, err = np.zeros(size, np.float32), False, f"{type(e).__name__}: {e}"
+            img, shape, depth, err = np.zeros(size, np.float32), size, 32, f"{type(e).__name__}: {e}"
         images.append(img)
-        resized.append(was)
+        shapes.append(shape)
+        depths.append(depth)
         errors.append(err)
     arr = np.stack(images)  # (B, H, W) float32 in [0, 1]
     out = describe_images(arr, cfg)
@@ -427,55 +494,67 @@ def _describe_batch(batch: dict[str, np.ndarray], cfg: EvalConfig, size: tuple[i
     for key in ("set", "index", "name", "text"):
         out[key] = np.asarray(batch[key], dtype=object if key != "index" else np.int64)
     out["label"] = np.asarray([_cell(v, str) for v in batch["label"]], dtype=object)
-    out["resized"] = np.asarray(resized, bool)
+    out["height"] = np.asarray([s[0] for s in shapes], np.int64)
+    out["width"] = np.asarray([s[1] for s in shapes], np.int64)
+    out["resized"] = np.asarray([tuple(s) != tuple(size) for s in shapes], bool)
+    out["depth"] = np.asarray(depths, np.int64)
     if keep_images:
         out["image"] = arr
     return out
 
 
-class _ClipEmbedder:
-    """Ray Data actor: SAR-CLIP image embeddings of a batch (model loaded once per actor)."""
+class _ModelDescriber:
+    """Ray Data actor: the descriptors of the families with a model (SAR-CLIP embeddings),
+    each model loaded once per actor."""
 
-    def __init__(self, path: str, device: str):
-        from sar_ray.metrics.clip import load_clip
-
+    def __init__(self, cfg: EvalConfig, device: str):
         if device == "cpu":
             import torch
 
             torch.set_num_threads(1)  # one CPU per actor, as Ray reserved
-        self.clip = load_clip(path, device=device)
+        self.cfg = cfg
+        self.families = [f for f in requested(cfg.metrics) if f.load is not None]
+        self.models = {f.name: f.load(cfg, device) for f in self.families}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         batch = dict(batch)
-        batch["clip_embedding"] = self.clip.encode_images(batch.pop("image"))
+        batch.update(describe_images(batch.pop("image"), self.cfg, self.families, self.models))
         return batch
 
 
-class _DescribeAndEmbed(_ClipEmbedder):
-    """CPU-only Ray Data actor: the descriptors of :func:`_describe_batch`, then embeddings."""
+class _DescribeWithModels(_ModelDescriber):
+    """CPU-only Ray Data actor: the descriptors of :func:`_describe_batch`, then the models'."""
 
-    def __init__(self, path: str, cfg: EvalConfig, size: tuple[int, int]):
-        super().__init__(path, "cpu")
-        self.cfg, self.size = cfg, size
+    def __init__(self, cfg: EvalConfig, size: tuple[int, int], norms: dict):
+        super().__init__(cfg, "cpu")
+        self.size, self.norms = size, norms
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return super().__call__(_describe_batch(batch, self.cfg, self.size, keep_images=True))
+        return super().__call__(_describe_batch(batch, self.cfg, self.size, self.norms, keep_images=True))
 
 
 # ------------------------------------------------------------------------------- driver
 
+_META = ("set", "index", "name", "text", "label", "resized", "height", "width", "depth")
+
 
 class _SetAccumulator:
-    """Sufficient statistics of one set, summed batch by batch on the driver."""
+    """One set's descriptors, gathered batch by batch on the driver (batches arrive in any
+    order): per-image columns as rows; a family's pooled columns (histograms) as sums, per
+    class, and per bootstrap resample when `counts` ((B, N) draws per image) is given, so the
+    driver never holds a histogram per image."""
 
-    def __init__(self, bins: int):
-        self.hist = np.zeros(bins, np.int64)
-        self.fine = np.zeros(stats.CDF_BINS, np.int64)
-        self.class_hist: dict[str, list[np.ndarray]] = {}
-        self.rows: list[dict] = []  # per-image descriptors (no pixels)
-        self.glcm: list[np.ndarray] = []
-        self.emb: list[np.ndarray] = []
-        self.resized = 0
+    def __init__(self, families: Sequence[Family], counts: np.ndarray | None = None):
+        self.prefixes = tuple(f"{f.name}/" for f in families)
+        self.pooled = {f"{f.name}/{c}" for f in families for c in f.pooled}
+        self.counts = counts
+        self.sums: dict[str, np.ndarray] = {}
+        self.class_sums: dict[str, dict[str, np.ndarray]] = defaultdict(dict)
+        self.boot: dict[str, np.ndarray] = {}  # key -> (B, ...) sums of each resample
+        self.class_boot: dict[str, dict[str, np.ndarray]] = defaultdict(dict)
+        self.cols: dict[str, list[np.ndarray]] = defaultdict(list)
+        self.rows: list[dict] = []  # per-image metadata (no pixels)
+        self._order: np.ndarray | None = None
 
     @property
     def n(self) -> int:
@@ -484,125 +563,146 @@ class _SetAccumulator:
     def add(self, batch: dict[str, np.ndarray], mask: np.ndarray) -> None:
         if not mask.any():
             return
-        hist, fine = batch["hist"][mask], batch["hist_fine"][mask]
-        self.hist += hist.sum(axis=0)
-        self.fine += fine.sum(axis=0, dtype=np.int64)
-        labels = batch["label"][mask]
-        for lab in set(v for v in labels if isinstance(v, str)):
-            sel = labels == lab
-            acc = self.class_hist.setdefault(lab, [np.zeros_like(self.hist), np.zeros_like(self.fine)])
-            acc[0] += hist[sel].sum(axis=0)
-            acc[1] += fine[sel].sum(axis=0, dtype=np.int64)
-        self.resized += int(batch["resized"][mask].sum())
-        self.glcm.extend(batch["glcm"][mask])
-        if "clip_embedding" in batch:
-            self.emb.extend(batch["clip_embedding"][mask])
-        idx = np.flatnonzero(mask)
-        for i in idx:
-            row = {
-                "set": str(batch["set"][i]),
-                "index": int(batch["index"][i]),
-                "name": str(batch["name"][i]),
-                "text": str(batch["text"][i] or ""),
-                "label": _cell(batch["label"][i], str),
-                "resized": bool(batch["resized"][i]),
-            }
-            for d in stats.DESCRIPTORS:
-                row[d] = float(batch[f"stats_{d}"][i])
-            self.rows.append(row)
+        self._order = None
+        idx = np.asarray(batch["index"])[mask].astype(np.int64)
+        labels = np.asarray(batch["label"], dtype=object)[mask]
+        classes = {lab: labels == lab for lab in set(v for v in labels if isinstance(v, str))}
+        for key in (k for k in batch if k.startswith(self.prefixes)):
+            values = np.asarray(batch[key])[mask]
+            if key not in self.pooled:
+                self.cols[key].extend(values)
+                continue
+            _add(self.sums, key, _sum(values))
+            for lab, sel in classes.items():
+                _add(self.class_sums[lab], key, _sum(values[sel]))
+            if self.counts is not None:
+                w = self.counts[:, idx].astype(np.float64)  # (B, n) draws of these images
+                flat = values.reshape(len(values), -1).astype(np.float64)
+                shape = (len(w), *values.shape[1:])
+                _add(self.boot, key, (w @ flat).reshape(shape))
+                for lab, sel in classes.items():
+                    _add(self.class_boot[lab], key, (w[:, sel] @ flat[sel]).reshape(shape))
+        for i in np.flatnonzero(mask):
+            row = {k: batch[k][i] for k in _META}
+            self.rows.append({
+                "set": str(row["set"]), "index": int(row["index"]), "name": str(row["name"]),
+                "text": str(row["text"] or ""), "label": _cell(row["label"], str), "resized": bool(row["resized"]),
+                "height": int(row["height"]), "width": int(row["width"]), "depth": int(row["depth"]),
+            })
 
-    def ordered(self) -> tuple[list[dict], np.ndarray, np.ndarray]:
-        """Rows, GLCM matrix and embeddings in input order (batches arrive in any order)."""
-        order = np.argsort([r["index"] for r in self.rows], kind="stable")
-        rows = [self.rows[i] for i in order]
-        glcm = np.asarray(self.glcm, np.float64)[order] if self.glcm else np.zeros((len(rows), 0))
-        emb = np.asarray(self.emb, np.float64)[order] if self.emb else np.zeros((len(rows), 0))
-        return rows, glcm, emb
+    def ordered_rows(self) -> list[dict]:
+        return [self.rows[i] for i in self._sorted()]
+
+    def _sorted(self) -> np.ndarray:
+        if self._order is None:
+            self._order = np.argsort([r["index"] for r in self.rows], kind="stable")
+        return self._order
+
+    def view(self, family: Family, resample: int | None = None) -> SetView:
+        """What `family` sees of this set: all images, or bootstrap resample `resample`."""
+        order, prefix = self._sorted(), f"{family.name}/"
+        columns = {k[len(prefix):]: np.asarray(v)[order] for k, v in self.cols.items() if k.startswith(prefix)}
+        rows = self.ordered_rows()
+        text = np.array([r["text"] for r in rows], dtype=object)
+        label = np.array([r["label"] for r in rows], dtype=object)
+
+        def own(d: dict[str, np.ndarray], pick=lambda v: v) -> dict[str, np.ndarray]:
+            return {k[len(prefix):]: pick(v) for k, v in d.items() if k.startswith(prefix)}
+
+        if resample is None:
+            return SetView(self.n, columns, own(self.sums),
+                           {lab: own(d) for lab, d in self.class_sums.items()}, text, label)
+        take = np.repeat(np.arange(self.n), self.counts[resample])  # rows drawn, with repeats
+        pick = lambda v: v[resample]  # noqa: E731
+        return SetView(self.n, {k: v[take] for k, v in columns.items()}, own(self.boot, pick),
+                       {lab: own(d, pick) for lab, d in self.class_boot.items()}, text[take], label[take])
 
 
-def _aggregate(gen: _SetAccumulator, ref: _SetAccumulator, cfg: EvalConfig, encode_texts):
-    """(metrics, summary, per-image rows, warnings) from the two sets' sufficient statistics."""
+def _sum(values: np.ndarray) -> np.ndarray:
+    return values.sum(axis=0, dtype=np.int64 if np.issubdtype(values.dtype, np.integer) else np.float64)
+
+
+def _add(store: dict[str, np.ndarray], key: str, value: np.ndarray) -> None:
+    store[key] = store[key] + value if key in store else value
+
+
+@dataclass
+class _Aggregated:
+    metrics: dict[str, float]
+    intervals: dict[str, tuple[float, float]]
+    summary: dict[str, Any]
+    per_image: list[dict]
+    warnings: list[str]
+
+
+def _aggregate(families: Sequence[Family], gen: _SetAccumulator, ref: _SetAccumulator, cfg: EvalConfig,
+               models: dict[str, Any]) -> _Aggregated:
+    """Every family's metrics from the two sets' descriptors, then the bootstrap intervals
+    (the same ``aggregate`` on each resample of the generated images)."""
     metrics: dict[str, float] = {}
     summary: dict[str, Any] = {}
     warnings: list[str] = []
-    g_rows, g_glcm, g_emb = gen.ordered()
-    r_rows, r_glcm, r_emb = ref.ordered()
+    columns: dict[str, dict[str, np.ndarray]] = {s: {} for s in SETS}
+    # A family with a model but none loaded (clip without a model): skipped, as before.
+    families = [f for f in families if f.load is None or f.name in models]
+    ctxs = {f.name: Context(model=models.get(f.name)) for f in families}
+    ref_views = {f.name: ref.view(f) for f in families}
+    for f in families:
+        agg = f.aggregate(gen.view(f), ref_views[f.name], cfg, ctxs[f.name])
+        metrics.update(agg.metrics)
+        summary.update(agg.summary)
+        warnings += agg.warnings
+        for s, cols in agg.per_image.items():
+            columns[s].update(cols)
 
-    if "stats" in cfg.metrics:
-        for k, v in stats.histogram_distances(ref.hist, gen.hist, ref.fine, gen.fine, cfg.hist_smoothing).items():
-            metrics[f"stats/{k}"] = v
-        g_desc = {d: np.array([r[d] for r in g_rows]) for d in stats.DESCRIPTORS}
-        r_desc = {d: np.array([r[d] for r in r_rows]) for d in stats.DESCRIPTORS}
-        for k, v in stats.descriptor_gaps(r_desc, g_desc).items():
-            metrics[f"stats/{k}"] = v
-        summary["stats"] = {
-            s: {d: _nanmean(desc[d]) for d in stats.DESCRIPTORS} for s, desc in (("generated", g_desc), ("reference", r_desc))
-        }
-        if cfg.per_class:
-            common = sorted(set(gen.class_hist) & set(ref.class_hist))
-            for lab in common:
-                (rh, rf), (gh, gf) = ref.class_hist[lab], gen.class_hist[lab]
-                for k, v in stats.histogram_distances(rh, gh, rf, gf, cfg.hist_smoothing).items():
-                    metrics[f"stats/{k}/{lab}"] = v
-            summary["classes"] = common
-            if not common and gen.n:
-                warnings.append(
-                    "no per-class statistics: generated images have no labels matching the reference "
-                    "(give metadata.jsonl a 'label' column, or prompts equal to reference captions)"
-                )
+    intervals: dict[str, tuple[float, float]] = {}
+    if gen.counts is not None and len(gen.counts):
+        def resample(b: int) -> dict[str, float]:
+            out: dict[str, float] = {}
+            for f in families:
+                ctx = replace(ctxs[f.name], resample=True)  # shares the cache
+                out.update(f.aggregate(gen.view(f, b), ref_views[f.name], cfg, ctx).metrics)
+            return out
 
-    names = glcm_metrics.descriptor_names(cfg.glcm_distances)
-    if "glcm" in cfg.metrics:
-        d = glcm_metrics.set_distances(r_glcm, g_glcm, names)
-        metrics.update({f"glcm/{k}": v for k, v in d.items()})
-        if min(len(g_glcm), len(r_glcm)) < 2:
-            warnings.append("glcm/frechet needs >= 2 images per set: nan")
-        summary["glcm"] = {
-            "generated": dict(zip(names, _colmeans(g_glcm))),
-            "reference": dict(zip(names, _colmeans(r_glcm))),
-        }
-
-    if "clip" in cfg.metrics and encode_texts is not None:
-        from sar_ray.metrics import clip as clip_metrics
-
-        prompts = [r["text"] for r in g_rows]
-        distinct = sorted(set(prompts))
-        p_emb = encode_texts(distinct)  # (T, D)
-        index = np.array([distinct.index(p) for p in prompts])
-        per = clip_metrics.clip_scores(g_emb, p_emb[index])
-        hits = clip_metrics.retrieval_hits(g_emb, p_emb, index)
-        metrics["clip/score"] = float(per.mean())
-        if len(distinct) >= 2:
-            metrics["clip/retrieval_top1"] = float(hits.mean())
-        else:
-            metrics["clip/retrieval_top1"] = float("nan")
-            warnings.append("clip/retrieval_top1 needs >= 2 distinct prompts: nan")
-        d = clip_metrics.embedding_distances(r_emb, g_emb, cfg.kid_subset_size, cfg.kid_subsets, cfg.seed)
-        metrics["clip/fd"], metrics["clip/kid"] = d["fd"], d["kid"]
-        summary["clip"] = {
-            "prompts": len(distinct), "retrieval_chance": 1.0 / len(distinct),
-            "kid_raw": d["kid_raw"], "kid_std": d["kid_std"],
-        }
-        for row, s, h in zip(g_rows, per, hits):
-            row["clip_score"], row["clip_retrieval_hit"] = float(s), bool(h)
+        intervals = bootstrap_intervals(metrics, resample, len(gen.counts), CI_LEVEL)
+        summary["bootstrap"] = {"resamples": len(gen.counts), "seed": cfg.seed, "level": CI_LEVEL,
+                                "resampled": "generated images, with replacement"}
 
     per_image = []
-    for rows, feats in ((g_rows, g_glcm), (r_rows, r_glcm)):
-        for row, f in zip(rows, feats if len(feats) else [None] * len(rows)):
-            if f is not None:
-                row = {**row, **{f"glcm_{n}": float(v) for n, v in zip(names, f)}}
-            per_image.append(row)
-    return metrics, summary, per_image, warnings
+    for s, acc in (("generated", gen), ("reference", ref)):
+        for i, row in enumerate(acc.ordered_rows()):
+            per_image.append({**row, **{k: _scalar(v[i]) for k, v in columns[s].items()}})
+    return _Aggregated(metrics, intervals, summary, per_image, warnings)
 
 
-def _nanmean(x: np.ndarray) -> float:
-    x = np.asarray(x, np.float64)
-    x = x[np.isfinite(x)]
-    return float(x.mean()) if x.size else float("nan")
+def _scalar(v):
+    return v.item() if hasattr(v, "item") else v
 
 
-def _colmeans(x: np.ndarray) -> list[float]:
-    return [float(v) for v in x.mean(axis=0)] if len(x) else []
+def _input_warnings(accs: dict[str, _SetAccumulator], size: tuple[int, int]) -> list[str]:
+    """Sizes and bit depths that differ from what the sets are compared at."""
+    warnings = []
+    for s in SETS:
+        off = Counter(f"{r['height']}x{r['width']}" for r in accs[s].rows if r["resized"])
+        if off:
+            sizes = ", ".join(f"{k}: {v}" for k, v in off.most_common(3)) + (", ..." if len(off) > 3 else "")
+            warnings.append(
+                f"{s}: {sum(off.values())} images were not {size[0]}x{size[1]} and were resized to it ({sizes}); "
+                "texture and speckle statistics depend on scale"
+            )
+    # 8-bit images have 256 grey levels: their histograms comb at the fine (4096-bin) scale that
+    # stats/wasserstein and stats/ks read, a difference no generator can close.
+    depth = {s: sorted({r["depth"] for r in accs[s].rows}) for s in SETS}
+    eight = {s: depth[s] == [8] for s in SETS}
+    if eight["generated"] != eight["reference"]:
+        name = {8: "8-bit", 16: "16-bit", 32: "float"}
+        g, r = (", ".join(name[d] for d in depth[s]) for s in SETS)
+        warnings.append(
+            f"generated images are {g} but the reference {r}: the sets differ in quantisation "
+            "(256 grey levels against more), which the amplitude distances (stats/ks, stats/wasserstein) also "
+            "measure; compare sets stored at the same bit depth"
+        )
+    return warnings
 
 
 def _write(result: EvalResult, per_image: list[dict], out: Path, generated, reference, cfg: EvalConfig) -> None:
@@ -617,9 +717,12 @@ def _write(result: EvalResult, per_image: list[dict], out: Path, generated, refe
     pd.DataFrame(per_image).to_parquet(parquet, index=False)
     doc = {
         "metrics": {k: _json_float(v) for k, v in result.metrics.items()},
+        # [lo, hi]: 95% bootstrap interval over the generated images (summary.bootstrap says how).
+        "intervals": {k: [_json_float(lo), _json_float(hi)] for k, (lo, hi) in result.intervals.items()},
         "direction": {k: metric_direction(k) for k in result.metrics},
         "generated": str(Path(generated).expanduser().absolute()),
         "reference": str(Path(reference).expanduser().absolute()),
+        "normalization": result.normalization,
         "n_generated": result.n_generated,
         "n_reference": result.n_reference,
         "per_image": parquet.name,

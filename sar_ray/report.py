@@ -4,6 +4,10 @@ Reads the sweep's MLflow runs through `tracking.Tracker` (so a report can be reb
 machine that reaches the tracking server) and writes `report.md`, `report.csv`, plots of the
 objective against LoRA rank and learning rate, and one sample grid per strategy. A
 multi-objective study also gets its Pareto front.
+
+Every metric a trial logged with a bootstrap interval (``<metric>.ci_lo`` / ``.ci_hi``, from
+``sar_ray.evaluate``) is shown as ``value [lo, hi]``; the ``vs best`` column marks the
+strategies whose objective interval overlaps the best one's as not separable from it.
 """
 
 from __future__ import annotations
@@ -16,16 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from .config import ObjectiveConfig
+from .metrics.families import CI_SUFFIXES, report_columns
 
-# The columns of the reference study's comparison table: (label, metric key).
+# The columns of the reference study's comparison table: (label, metric key); the metric
+# families' own (sar_ray.metrics.families), then training and cost.
 COLUMNS = [
-    ("stat. JS", "stats/js"),
-    ("stat. Wasserstein", "stats/wasserstein"),
-    ("GLCM Frechet", "glcm/frechet"),
-    ("GLCM rel. diff", "glcm/rel_mean_diff"),
-    ("SAR-CLIP score", "clip/score"),
-    ("SAR-CLIP top-1", "clip/retrieval_top1"),
-    ("SAR-CLIP FD", "clip/fd"),
+    *report_columns(),
     ("val loss", "val/loss"),
     ("trainable params", "cost/trainable_params"),
     ("GPU-hours", "cost/gpu_hours"),
@@ -112,6 +112,40 @@ def pareto_front(rows: list[TrialRow], objectives: list[ObjectiveConfig]) -> lis
     return [r for r in ok if not any(dominates(o, r) for o in ok if o is not r)]
 
 
+def interval_of(r: TrialRow, key: str) -> tuple[float, float] | None:
+    """The run's logged bootstrap interval of `key`, or None."""
+    lo, hi = (r.metrics.get(key + s) for s in CI_SUFFIXES)
+    if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
+        return None
+    return lo, hi
+
+
+BEST, NOT_SEPARABLE, WORSE, NO_INTERVAL = "best", "not separable from the best", "worse", "no interval"
+
+
+def separability(rows: list[TrialRow], key: str) -> dict[str, str]:
+    """``{run_id: verdict}`` for rows sorted best first: the first is ``best``; another is ``not
+    separable from the best`` when its interval of `key` overlaps the best one's, else ``worse``
+    (``no interval`` where either has none, e.g. a validation loss)."""
+    if not rows:
+        return {}
+    best = interval_of(rows[0], key)
+    out = {rows[0].run_id: BEST}
+    for r in rows[1:]:
+        ci = interval_of(r, key)
+        if best is None or ci is None:
+            out[r.run_id] = NO_INTERVAL
+        else:
+            out[r.run_id] = NOT_SEPARABLE if ci[0] <= best[1] and best[0] <= ci[1] else WORSE
+    return out
+
+
+def _fmt_ci(r: TrialRow, key: str) -> str:
+    ci = interval_of(r, key)
+    v = _fmt(r.metrics.get(key))
+    return f"{v} [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci and v != "-" else v
+
+
 def _fmt(v: Any) -> str:
     if v is None:
         return "-"
@@ -141,17 +175,28 @@ def build_report(tracker, parent_run_id: str | None, out: str | Path, objective:
     best = best_per_strategy(rows, objective)
     key = _metric_key(objective.metric)
 
-    header = ["strategy", "best trial", objective.metric] + [label for label, _ in COLUMNS]
-    table = [[r.strategy, r.name, _fmt(r.metrics.get(key))] + [_fmt(r.metrics.get(k)) for _, k in COLUMNS] for r in best]
+    verdict = separability(best, key)
+    header = ["strategy", "best trial", objective.metric, "vs best"] + [label for label, _ in COLUMNS]
+    table = [[r.strategy, r.name, _fmt_ci(r, key), verdict[r.run_id]] + [_fmt_ci(r, k) for _, k in COLUMNS]
+             for r in best]
+    # The CSV keeps numbers in cells of their own: value, then each interval's bounds.
+    ci_keys = [k for k in [key, *(k for _, k in COLUMNS)] if any(interval_of(r, k) for r in best)]
     with open(out / "report.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(table)
+        w.writerow(["strategy", "best trial", objective.metric, "vs best"] + [label for label, _ in COLUMNS]
+                   + [f"{k}{s}" for k in ci_keys for s in CI_SUFFIXES])
+        w.writerows([[r.strategy, r.name, _fmt(r.metrics.get(key)), verdict[r.run_id]]
+                     + [_fmt(r.metrics.get(k)) for _, k in COLUMNS]
+                     + [_fmt(r.metrics.get(k + s)) for k in ci_keys for s in CI_SUFFIXES] for r in best])
     n_done = sum(r.status == "FINISHED" for r in rows)
     md = [f"# Strategy comparison: {tracker.experiment}", "",
           f"Sweep run `{parent_run_id}`: {len(rows)} trials, {n_done} finished; one row per strategy combination "
-          f"(its best trial by `{objective.metric}`, {objective.mode}).", "",
-          "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+          f"(its best trial by `{objective.metric}`, {objective.mode}).", ""]
+    if ci_keys:
+        md += ["`value [lo, hi]`: 95% bootstrap interval over the trial's generated images. `vs best`: "
+               f"*{NOT_SEPARABLE}* where the `{objective.metric}` interval overlaps the best strategy's "
+               "(the data cannot tell them apart), *worse* where it lies clear of it.", ""]
+    md += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join(row) + " |" for row in table]
     if objectives and len(objectives) > 1:
         front = pareto_front([r for r in rows if r.status == "FINISHED"], objectives)

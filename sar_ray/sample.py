@@ -5,8 +5,9 @@ modules) and final samples (a base pipeline with the trial's saved weights loade
 plain diffusers calls, `load_pipeline`), so the two cannot drift apart.
 
 A sample folder holds single-channel amplitude PNGs (16-bit, [0, 1] -> 0..65535), optional
-float32 TIFFs, `metadata.jsonl` (file_name, text = prompt, seed) and `grid.png` (rows:
-prompts, columns: seeds).
+float32 TIFFs, `metadata.jsonl` (file_name, text = prompt, seed), `grid.png` (rows:
+prompts, columns: seeds) and `samples.json`, which tells `sar-ray evaluate` that the folder
+is model output (already [0, 1] amplitude: never normalised a second time).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .config import ModelConfig, SampleConfig
 from .data.io import write_amplitude_png, write_tiff
+from .evaluate import mark_model_output
 
 
 @dataclass
@@ -105,6 +107,8 @@ def generate(pipe, cfg: SampleConfig, resolution: int, out_dir: str | Path, devi
     meta = out / "metadata.jsonl"
     meta.write_text("\n".join(meta_lines) + "\n")
     grid = write_grid(rows, cfg.prompts, cfg.seeds, out / "grid.png")
+    mark_model_output(out, images=len(images), resolution=resolution, prompts=list(cfg.prompts),
+                      seeds=list(cfg.seeds), scheduler=cfg.scheduler, steps=cfg.steps)
     return SampleSet(out, images, grid, meta)
 
 
