@@ -226,26 +226,74 @@ def trial_resources(cfg: TrialConfig, cluster: dict[str, float] | None = None) -
     return res
 
 
-def concurrent_trials(cfg: TrialConfig, search: SearchConfig, cluster: dict[str, float]) -> int | None:
-    """How many trials the cluster fits at once (unless search.max_concurrent_trials says).
-    One CPU stays free for Ray Data (data checks, evaluation): trials that hold every CPU would
-    wait for ever on the tasks they start."""
+def autoscaler_limits() -> dict[str, Any] | None:
+    """What the cluster's autoscaler may bring up, from the node types it reported to the GCS
+    (the config Ray Data's own autoscaling reads; Ray has no public call for it): see
+    `limits_from_config`. None on a local Ray or a cluster without an autoscaler."""
+    try:
+        import ray._private.state
+
+        config = ray._private.state.state.get_cluster_config()
+    except Exception:  # noqa: BLE001 - a private call: without it, the resources up now decide
+        return None
+    return limits_from_config(config)
+
+
+def limits_from_config(config) -> dict[str, Any] | None:
+    """{"max": {resource: most the cluster can have}, "autoscales": bool} from an autoscaler
+    ClusterConfig (node types with their resources and min/max worker counts): per resource the
+    sum over node types of max count x per-node amount (inf for a type without a maximum),
+    capped by the cluster-wide max_resources. `autoscales`: some node type can grow (Ray's
+    own test: max_count -1 or above min_count)."""
+    if config is None or not config.node_group_configs:
+        return None
+    most: dict[str, float] = {}
+    for group in config.node_group_configs:
+        if group.max_count == 0:
+            continue
+        for key, amount in group.resources.items():
+            most[key] = most.get(key, 0) + (math.inf if group.max_count < 0 else group.max_count * amount)
+    for key, cap in config.max_resources.items():
+        if key in most:
+            most[key] = min(most[key], cap)
+    autoscales = any(g.max_count < 0 or g.max_count > g.min_count
+                     for g in config.node_group_configs if g.max_count != 0 and g.resources)
+    return {"max": most, "autoscales": autoscales}
+
+
+def concurrent_trials(cfg: TrialConfig, search: SearchConfig, cluster: dict[str, float],
+                      limits: dict[str, Any] | None = None) -> int | None:
+    """How many trials the cluster fits at once (unless search.max_concurrent_trials says):
+    the resources up now, or on an autoscaling cluster (`limits`, see `autoscaler_limits`) the
+    most its node types' maximum worker counts can bring up, so that the limit neither freezes
+    at the nodes up when the sweep starts nor is missing while none is. One CPU stays free for
+    Ray Data (data checks, evaluation): trials that hold every CPU would wait for ever on the
+    tasks they start."""
     if search.max_concurrent_trials:
         return search.max_concurrent_trials
     s = cfg.scaling
+    most = (limits or {}).get("max") or {}
+
+    def capacity(key: str) -> float:
+        """The autoscaler's maximum where it has a finite one, else what is up now."""
+        up = cluster.get(key, 0)
+        return up if math.isinf(most.get(key, 0)) else max(up, most.get(key, 0))
+
     workers = max(s.num_workers, 1)
     cpu_per_trial = trial_resources(cfg)["CPU"] + (s.num_workers * s.cpus_per_worker)
-    fits = [math.floor((cluster.get("CPU", 1) - DATA_CPUS) / cpu_per_trial)]
+    fits = [math.floor(((capacity("CPU") or 1) - DATA_CPUS) / cpu_per_trial)]
     if s.use_gpu:
-        if not cluster.get("GPU"):
+        gpus = capacity("GPU")
+        if not gpus:
             # An autoscaling cluster starts without GPU nodes. Without a limit Tune would start
             # every trial driver at once (each with a RUNNING MLflow run and a pending placement
             # group) and TPE would suggest every point before any result.
+            why = ("its autoscaler sets no maximum GPU worker count" if math.isinf(most.get("GPU", 0))
+                   else "no autoscaler reports a GPU node type (an autoscaling cluster starts with none)")
             raise ConfigError(
-                "scaling.use_gpu: the cluster has no GPU node up yet (an autoscaling cluster starts with none); "
-                "set search.max_concurrent_trials to what its GPU nodes will fit (max GPU workers x GPUs per node "
-                "/ GPUs per trial)")
-        fits.append(math.floor(cluster.get("GPU", 0) / (workers * (s.gpus_per_worker if s.num_workers else 1))))
+                f"scaling.use_gpu: the cluster has no GPU node up yet and {why}; set search.max_concurrent_trials to "
+                "what its GPU nodes will fit (max GPU workers x GPUs per node / GPUs per trial)")
+        fits.append(math.floor(gpus / (workers * (s.gpus_per_worker if s.num_workers else 1))))
     return max(1, min(fits))
 
 
@@ -469,7 +517,8 @@ def run_sweep(study: StudyConfig, *, resume: bool = False, fresh: bool = False, 
                 search_alg=alg,
                 scheduler=scheduler,
                 num_samples=num_samples,
-                max_concurrent_trials=concurrent_trials(base, study.search, ray.cluster_resources()),
+                max_concurrent_trials=concurrent_trials(base, study.search, ray.cluster_resources(),
+                                                        autoscaler_limits()),
                 # Local mode: one process runs trial after trial, no re-import of torch/diffusers
                 # per trial (measured: 9 s -> 0.1 s between trials on 2 CPUs). With Train worker
                 # groups never: a trial that ASHA stops is still inside `trainer.fit()` in its
@@ -508,24 +557,29 @@ def run_sweep(study: StudyConfig, *, resume: bool = False, fresh: bool = False, 
                        tracker.run_url(parent_run_id) if tracker else None, report_dir, time.time() - started)
 
 
-def check_cluster_paths(study: StudyConfig, nodes: int | None = None) -> None:
-    """On a cluster of several nodes, refuse what resolves on one node only: a relative `out`
-    (under `ray job submit`, a temporary working directory of the head) and a SQLite tracking
-    store (a file only the driver's node sees; trials log from other nodes)."""
+def check_cluster_paths(study: StudyConfig, nodes: int | None = None, autoscales: bool | None = None) -> None:
+    """On a cluster that has or may get several nodes (more than one alive, or an autoscaler
+    allowed to add workers), refuse what resolves on one node only: a relative `out` (under
+    `ray job submit`, a temporary working directory of the head) and a SQLite tracking store (a
+    file only the driver's node sees; trials log from other nodes). Without `nodes`, the
+    connected cluster is asked."""
     import ray
 
     from .tracking import default_uri
 
     if nodes is None:
         nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
-    if nodes <= 1:
+        if autoscales is None:
+            autoscales = bool((autoscaler_limits() or {}).get("autoscales"))
+    if nodes <= 1 and not autoscales:
         return
+    where = f"a cluster of {nodes} nodes" if nodes > 1 else "an autoscaling cluster (it may add nodes)"
     if not study.out or not Path(study.out).is_absolute():
-        raise ConfigError(f"out={study.out or '(default runs/' + study.name + ')'}: on a cluster of {nodes} nodes set "
+        raise ConfigError(f"out={study.out or '(default runs/' + study.name + ')'}: on {where} set "
                           f"an absolute path on storage every node mounts (e.g. out=/data/runs/{study.name})")
     uri = default_uri(study.tracking.uri)
     if uri.startswith("sqlite:"):
-        raise ConfigError(f"tracking.uri={uri}: on a cluster of {nodes} nodes trials log from other nodes; use the "
+        raise ConfigError(f"tracking.uri={uri}: on {where} trials log from other nodes; use the "
                           f"MLflow server (e.g. http://HEAD_PRIVATE_IP:5000, which cluster.yaml starts)")
 
 

@@ -92,6 +92,56 @@ def test_concurrency_follows_cluster_resources_and_leaves_a_cpu_for_data(tmp_pat
     assert concurrent_trials(pinned.trial(), pinned.search, {"CPU": 2}) == 3
 
 
+def _cluster_config(*groups, max_resources=None):
+    """An autoscaler's ClusterConfig as the GCS holds it: (name, resources, min, max) per node type."""
+    from ray.core.generated import autoscaler_pb2 as pb
+
+    return pb.ClusterConfig(
+        node_group_configs=[pb.NodeGroupConfig(name=n, resources=r, min_count=lo, max_count=hi) for n, r, lo, hi in groups],
+        max_resources=max_resources or {})
+
+
+def test_concurrency_on_an_autoscaling_cluster_follows_its_maximum_worker_counts(tmp_path, monkeypatch):
+    """Before: with no GPU node up the sweep had to be told a limit, and with one node up the
+    limit froze at that node's size for the whole sweep."""
+    import ray._private.state
+
+    from sar_ray.sweep import autoscaler_limits
+
+    s = study(tmp_path, {})
+    gpu = s.trial(**{"scaling.num_workers": 2, "scaling.use_gpu": True, "scaling.cpus_per_worker": 4})
+    config = _cluster_config(("head", {"CPU": 8, "trial_driver": 100}, 0, 0),
+                             ("gpu-8x", {"CPU": 64, "GPU": 8}, 0, 4))
+    monkeypatch.setattr(ray._private.state.state, "get_cluster_config", lambda: config)
+    limits = autoscaler_limits()
+    assert limits["autoscales"] and limits["max"]["GPU"] == 32
+    assert concurrent_trials(gpu, s.search, {"CPU": 8}, limits) == 16  # no GPU node up: 4 nodes x 8 GPUs / 2
+    assert concurrent_trials(gpu, s.search, {"CPU": 72, "GPU": 8}, limits) == 16  # one up: still the maximum
+    capped = _cluster_config(("gpu-8x", {"CPU": 64, "GPU": 8}, 0, 4), max_resources={"GPU": 12})
+    monkeypatch.setattr(ray._private.state.state, "get_cluster_config", lambda: capped)
+    assert concurrent_trials(gpu, s.search, {"CPU": 8}, autoscaler_limits()) == 6
+    unbounded = _cluster_config(("gpu-8x", {"CPU": 64, "GPU": 8}, 0, -1))
+    monkeypatch.setattr(ray._private.state.state, "get_cluster_config", lambda: unbounded)
+    with pytest.raises(ConfigError, match="no maximum GPU worker count; set search.max_concurrent_trials"):
+        concurrent_trials(gpu, s.search, {"CPU": 8}, autoscaler_limits())
+    assert concurrent_trials(gpu, s.search, {"CPU": 72, "GPU": 8}, autoscaler_limits()) == 4  # what is up
+    monkeypatch.setattr(ray._private.state.state, "get_cluster_config", lambda: None)  # no autoscaler
+    assert autoscaler_limits() is None
+    with pytest.raises(ConfigError, match="set search.max_concurrent_trials"):
+        concurrent_trials(gpu, s.search, {"CPU": 8}, autoscaler_limits())
+
+
+def test_an_autoscaling_cluster_counts_as_several_nodes_for_paths(tmp_path):
+    from sar_ray.sweep import check_cluster_paths, limits_from_config
+
+    fixed = limits_from_config(_cluster_config(("head", {"CPU": 8}, 1, 1)))
+    growing = limits_from_config(_cluster_config(("head", {"CPU": 8}, 1, 1), ("gpu", {"GPU": 8}, 0, 2)))
+    assert not fixed["autoscales"] and growing["autoscales"]
+    check_cluster_paths(study(tmp_path, {}, "out=runs/x"), nodes=1, autoscales=False)
+    with pytest.raises(ConfigError, match="on an autoscaling cluster .*absolute path"):
+        check_cluster_paths(study(tmp_path, {}, "out=runs/x"), nodes=1, autoscales=True)
+
+
 def _client(tmp_path):
     from mlflow.tracking import MlflowClient
 
