@@ -327,6 +327,50 @@ def _add_data(sub) -> None:
     s.add_argument("--looks", type=int, default=4, help="number of looks L of the speckle (default 4)")
     s.add_argument("--format", choices=["png", "tiff"], default="png", help="16-bit PNG or float32 TIFF amplitude")
     s.set_defaults(func=_cmd_data_synth)
+    i = dsub.add_parser(
+        "inspect",
+        help="counts, members/columns, caption keys, image sizes and amplitude statistics of a dataset",
+        description="Look at a dataset before training on it: a folder, a caption table, WebDataset "
+        "shards (one .tar, a folder, a brace pattern, an s3:// prefix). Counts and member names come "
+        "from every file (tar headers and JSON only); sizes, dtypes and amplitude statistics from a "
+        "seeded sample of images. Exit 2 with one line on unusable input.",
+    )
+    i.add_argument("path", help="e.g. '/data/sarlo80/shard-{000000..000519}.tar' (quote the braces)")
+    i.add_argument("--sample", type=int, default=64, help="images decoded for sizes and amplitude statistics (default 64)")
+    i.add_argument("--seed", type=int, default=0, help="seed of the sample")
+    i.add_argument("--image-column", help="image member / column (default: an .npy, else .png/.tif member; a table's bytes column)")
+    i.add_argument("--json", action="store_true", help="print the result as JSON")
+    i.set_defaults(func=_cmd_data_inspect)
+
+
+def _cmd_data_inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from rich.table import Table
+
+    from .data.inspect import inspect_data
+
+    info = inspect_data(args.path, sample=args.sample, seed=args.seed, image_column=args.image_column)
+    if args.json:
+        print(json.dumps(info.__dict__, indent=2))
+        return EXIT_OK
+    console.print(f"{info.path}: {info.kind}, {info.count} samples in {info.files} file(s)")
+    console.print("members / columns: " + ", ".join(f"{k} ({v})" for k, v in info.members.items()))
+    for member, shapes in info.shapes.items():
+        console.print(f"images ({member}, {info.sampled} sampled): " + ", ".join(f"{k} ({v})" for k, v in shapes.items()))
+    if info.caption_keys:
+        t = Table(title="caption keys (length in words)")
+        for col in ("key", "n", "min", "mean", "max"):
+            t.add_column(col, justify="left" if col == "key" else "right")
+        for k, st in info.caption_keys.items():
+            t.add_row(k, str(st["n"]), str(st["min"]), f"{st['mean']:.1f}", str(st["max"]))
+        console.print(t)
+    if info.amplitude:
+        console.print(f"amplitude ({info.amplitude_member}, linear, before normalisation): "
+                      + ", ".join(f"{k} {v:.4g}" for k, v in info.amplitude.items()))
+    for p in info.problems[:5]:
+        console.print(f"[yellow]unreadable:[/yellow] {p}", markup=True)
+    return EXIT_OK
 
 
 # ------------------------------------------------------------------------------------ evaluate

@@ -99,8 +99,10 @@ class DataConfig(_Strict):
     path: str = Field(
         "synthetic",
         description="A folder of images (imagefolder layout with metadata.jsonl, or a captions "
-        "CSV/Parquet inside), a CSV or Parquet file with image and text columns, or "
-        "`synthetic` for the embedded synthetic SAR scenes (see `data.synthetic`).",
+        "CSV/Parquet inside), a CSV or Parquet file with image and text columns, WebDataset "
+        "shards (one `.tar`, a folder of them, a brace pattern `shard-{000000..000519}.tar`, or "
+        "an `s3://` prefix; Parquet tables may be on `s3://` too), or `synthetic` for the "
+        "embedded synthetic SAR scenes (see `data.synthetic`).",
     )
     captions: str | None = Field(
         None,
@@ -108,9 +110,16 @@ class DataConfig(_Strict):
         "from `data.path`. Default: found in the folder.",
     )
     image_column: str = Field(
-        "file_name", description="Column holding the image path (or bytes, in Parquet)."
+        "file_name",
+        description="Column holding the image path (or bytes, in Parquet); for WebDataset the "
+        "sample member, e.g. `sar.npy` (complex64 SLC, read as amplitude |s|) or `sar.png`.",
     )
-    text_column: str = Field("text", description="Column holding the caption.")
+    text_column: str | list[str] = Field(
+        "text",
+        description="Column holding the caption; for WebDataset a dotted path into the "
+        "sample's JSON member (SARLO-80: `caption.MID`) or a `.txt` member. A list: one of them "
+        "per image, chosen by a seeded hash of the image's name.",
+    )
     synthetic: SynthConfig = Field(default_factory=SynthConfig)
     resolution: int = Field(64, ge=8, description="Training side length in pixels.")
     crop: Literal["center", "random"] = Field(
@@ -144,6 +153,14 @@ class DataConfig(_Strict):
         description="A corrupt or unreadable image: `skip` it and count it, or `error` with its "
         "path.",
     )
+
+    @field_validator("text_column")
+    @classmethod
+    def _text_column(cls, v: str | list[str]) -> str | list[str]:
+        names = [v] if isinstance(v, str) else v
+        if not names or not all(n.strip() for n in names):
+            raise ValueError(f"needs a column name or a non-empty list of them (got {v!r})")
+        return v
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,9 +55,12 @@ def read_table(
     path: str | os.PathLike,
     captions: str | os.PathLike | None = None,
     image_column: str = "file_name",
-    text_column: str = "text",
+    text_column: str | list[str] = "text",
 ) -> list[Record]:
-    """Records of every row of the caption table found from `path` (see module docstring)."""
+    """Records of every row of the caption table found from `path` (see module docstring).
+
+    `text_column` may be a list of columns: each image gets one of them, chosen by a stable
+    hash of its name (the same in every run)."""
     root = Path(path).expanduser()
     if not root.exists():
         raise DataError(
@@ -69,14 +72,15 @@ def read_table(
     rows, columns = _load_rows(table)
     if not rows:
         raise DataError(f"{table}: caption table has no rows; add one row per image")
-    for col, key in ((image_column, "image_column"), (text_column, "text_column")):
+    texts = [text_column] if isinstance(text_column, str) else list(text_column)
+    for col, key in [(image_column, "image_column")] + [(t, "text_column") for t in texts]:
         if col not in columns:
             raise DataError(
                 f"{table}: no column {col!r} (columns: {', '.join(map(str, columns))}); rename "
                 f"it or set data.{key}"
             )
     records = [
-        _record(row, i, table, base, image_column, text_column) for i, row in enumerate(rows)
+        _record(row, i, table, base, image_column, texts) for i, row in enumerate(rows)
     ]
     missing = [r.name for r in records if r.path is not None and not os.path.isfile(r.path)]
     if missing:
@@ -173,13 +177,25 @@ def _load_rows(table: Path) -> tuple[list[dict[str, Any]], list[str]]:
 
 
 def _record(
-    row: dict[str, Any], i: int, table: Path, base: Path, image_column: str, text_column: str
+    row: dict[str, Any], i: int, table: Path, base: Path, image_column: str, texts: list[str]
 ) -> Record:
     where = f"{table.name}[row {i}]"
     value = row.get(image_column)
+    record = _image(row, i, table, base, image_column, value, where)
+    if len(texts) > 1:
+        from sar_ray.data.dataset import stable_hash
+
+        text_column = texts[(stable_hash(record.name) >> 1) % len(texts)]
+    else:
+        text_column = texts[0]
     text = row.get(text_column)
     if text is None:
         raise DataError(f"{table}: row {i} has no {text_column!r}; give every image a caption")
+    return replace(record, text=str(text))
+
+
+def _image(row: dict[str, Any], i: int, table: Path, base: Path, image_column: str, value, where: str) -> Record:
+    text = ""
     label = row.get(LABEL_COLUMN)
     label = None if label is None or label == "" else str(label)
     if isinstance(value, dict):  # Hugging Face Image feature: {"bytes": ..., "path": ...}

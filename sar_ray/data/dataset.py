@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import math
 import os
 import socket
@@ -66,6 +67,12 @@ def build_datasets(cfg: DataConfig, seed: int) -> TrainData:
     # is built, so the training ingest keeps order too.
     ray.data.DataContext.get_current().execution_options.preserve_order = True
 
+    if cfg.path != "synthetic":
+        from sar_ray.data.streamed import open_source
+
+        streamed = open_source(cfg)  # WebDataset shards, Parquet with image bytes, s3://
+        if streamed is not None:
+            return _build_streamed(cfg, seed, streamed)
     if cfg.path == "synthetic":
         source = synthetic_path(cfg.synthetic)
         records = read_table(source)
@@ -109,14 +116,63 @@ def build_datasets(cfg: DataConfig, seed: int) -> TrainData:
             functools.partial(prep, crop="center"), batch_format="numpy",
             batch_size=_batch_size(cfg.resolution),
         )
-    prepared_bytes = (len(train_recs) + len(val_recs)) * 3 * cfg.resolution**2 * 4  # float32 (3, R, R)
-    if cfg.materialize == "always" or (cfg.materialize == "auto" and prepared_bytes <= MATERIALIZE_BUDGET):
+    if _materialize(cfg, len(train_recs) + len(val_recs)):
         # Prepare once, now, while every CPU is free: training workers reserve their CPUs, and
         # a streaming ingest on a small machine (2 CPUs, 2 workers) would have none left.
         # It also spares re-decoding every image each epoch.
         train = train.materialize()
         val = val.materialize() if val is not None else None
     return TrainData(train, val, len(train_recs), len(val_recs), len(skipped), skipped, str(source),
+                     materialized=isinstance(train, MaterializedDataset))
+
+
+def _materialize(cfg: DataConfig, n: int) -> bool:
+    prepared_bytes = n * 3 * cfg.resolution**2 * 4  # float32 (3, R, R)
+    return cfg.materialize == "always" or (cfg.materialize == "auto" and prepared_bytes <= MATERIALIZE_BUDGET)
+
+
+def _build_streamed(cfg: DataConfig, seed: int, source) -> TrainData:
+    """`build_datasets` for data the driver never holds (see `streamed`): a scan in Ray Data
+    counts the samples and finds the unusable ones, then the same preparation as above."""
+    from ray.data.dataset import MaterializedDataset
+
+    from sar_ray.data.streamed import with_rows
+
+    scan = source.scan(cfg.max_images, cfg.val_fraction)
+    if scan.n == 0:
+        raise DataError(f"{source.path}: empty dataset (no samples); point data.path at your data")
+    if scan.bad and cfg.on_corrupt == "error":
+        raise ImageReadError(
+            f"{scan.first_error} ({len(scan.bad)} of {scan.n} images in {source.path} unusable; set "
+            "data.on_corrupt=skip to leave them out)"
+        )
+    if not scan.n_good:
+        raise DataError(f"{source.path}: no usable images (all {scan.n} unusable, first: {scan.first_error})")
+    rule, n_val = scan.rule(cfg.val_fraction)
+    bad = frozenset(scan.bad)
+    materialize = _materialize(cfg, scan.n_good)
+    prep = functools.partial(
+        _prepare_batch, norm=cfg.normalization, resolution=cfg.resolution, seed=seed,
+        skip_unreadable=cfg.on_corrupt == "skip",
+    )
+
+    def side(want_val: bool, crop: str):
+        ds, to_rows, fmt = source.rows(seed, cfg.max_images)
+        ds = ds.map_batches(
+            with_rows, fn_kwargs={"to_rows": to_rows, "bad": bad, "rule": rule, "want_val": want_val,
+                                  "prefix": cfg.caption_prefix},
+            batch_format=fmt, batch_size=ROWS_PER_BLOCK,
+        ).map_batches(functools.partial(prep, crop=crop), batch_format="numpy",
+                      batch_size=_batch_size(cfg.resolution))
+        # The order is the shards' (or Parquet files') in a seeded permutation: a worker's part
+        # of the data spans many shards, never the first ones only; within a shard, tar order.
+        return ds.materialize() if materialize else ds
+
+    train = side(False, cfg.crop)
+    # Validation always center-crops: the val loss must compare across trials and steps.
+    val = side(True, "center") if n_val else None
+    skipped = sorted(scan.bad.values())
+    return TrainData(train, val, scan.n_good - n_val, n_val, len(skipped), skipped, str(source.path),
                      materialized=isinstance(train, MaterializedDataset))
 
 
@@ -312,19 +368,30 @@ def _prepare_batch(
     resolution: int,
     seed: int,
     crop: str,
+    skip_unreadable: bool = False,
 ) -> dict[str, np.ndarray]:
-    pixels, originals, crops = [], [], []
+    """`skip_unreadable`: drop rows whose image does not decode (streamed data, whose scan
+    reads headers only) rather than fail the epoch."""
+    pixels, originals, crops, texts, names = [], [], [], [], []
     for row in _rows(batch):
         # The crop position depends on (seed, file) only: the same rows every run and epoch.
         rng = np.random.default_rng([seed % 2**63, int(row["key"])]) if crop == "random" else None
-        img, original, top_left = prepare_image_geometry(_decode(row), norm, resolution, crop, rng)
+        try:
+            img, original, top_left = prepare_image_geometry(_decode(row), norm, resolution, crop, rng)
+        except ImageReadError as e:
+            if not skip_unreadable:
+                raise
+            logging.getLogger(__name__).warning("skipped unreadable image: %s", e)
+            continue
         pixels.append(to_three_channels(to_model_range(img)))  # (3, R, R)
         originals.append(original)
         crops.append(top_left)
-    names = [_cell(p, str) or n for p, n in zip(batch["path"], batch["name"])]
+        texts.append(row["text"])
+        names.append(_cell(row["path"], str) or row["name"])
     return {
-        "pixel_values": np.stack(pixels).astype(np.float32),  # (B, 3, R, R) in [-1, 1]
-        "text": np.asarray(batch["text"], dtype=object),
+        "pixel_values": np.stack(pixels).astype(np.float32) if pixels
+        else np.zeros((0, 3, resolution, resolution), np.float32),  # (B, 3, R, R) in [-1, 1]
+        "text": np.asarray(texts, dtype=object),
         "path": np.asarray(names, dtype=object),
         "original_size": np.asarray(originals, np.int32).reshape(-1, 2),  # (B, 2): h, w before resizing
         "crop_top_left": np.asarray(crops, np.int32).reshape(-1, 2),  # (B, 2): top, left in the resized image

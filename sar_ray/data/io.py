@@ -2,9 +2,12 @@
 
     read_image("scene.tif")         # (H, W) float32, e.g. calibrated amplitude
     read_image("chip.png")          # 16-bit PNG keeps its 0..65535 values
+    read_image_bytes(npy, "shard-000000.tar:0001.sar.npy")   # complex64 SLC -> amplitude |s|
 
 The format is taken from the file's first bytes, not its extension, so a `.png` that is
-really a TIFF still reads. Every failure is an :class:`ImageReadError` naming the file.
+really a TIFF still reads. NumPy ``.npy`` arrays (a WebDataset member, SARLO-80's SLC) are
+loaded without pickle; complex values become the amplitude ``|s|``. Every failure is an
+:class:`ImageReadError` naming the file.
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ import numpy as np
 import tifffile
 from PIL import Image, UnidentifiedImageError
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".npy")
 
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF
+_NPY_MAGIC = b"\x93NUMPY"
 
 
 class ImageReadError(ValueError):
@@ -50,6 +54,8 @@ def read_image_bytes(data: bytes | dict, name: str) -> np.ndarray:
     try:
         if data[:4] in _TIFF_MAGIC:
             arr = _decode_tiff(data)
+        elif data[:6] == _NPY_MAGIC:
+            arr = _decode_npy(data)
         else:
             arr = _decode_pil(data)
     except ImageReadError as e:
@@ -61,6 +67,25 @@ def read_image_bytes(data: bytes | dict, name: str) -> np.ndarray:
     except Exception as e:  # noqa: BLE001 - decoders raise anything from OSError to struct.error
         raise ImageReadError(f"{name}: not a readable image ({type(e).__name__}: {e})") from None
     return _check(arr, name)
+
+
+def probe_image_bytes(data: bytes) -> tuple[tuple[int, ...], str]:
+    """(shape, stored dtype) of an encoded image from its first bytes, without decoding the
+    pixels: ``((1024, 1024), "complex64")`` for an SLC .npy, ``((512, 512), "uint16")`` for a
+    16-bit PNG. Raises :class:`ImageReadError` when the bytes are no image header."""
+    data = bytes(data)
+    if data[:6] == _NPY_MAGIC:
+        shape, dtype = npy_header(data)
+        return tuple(shape), str(dtype)
+    try:
+        with Image.open(io.BytesIO(data)) as im:  # lazy: reads the header only
+            w, h = im.size
+            mode = im.mode
+    except Exception as e:  # noqa: BLE001 - truncated or unknown header
+        raise ImageReadError(f"not an image header PIL can read ({type(e).__name__})") from None
+    dtype = {"I;16": "uint16", "I;16B": "uint16", "I;16L": "uint16", "I": "int32", "F": "float32"}.get(mode, "uint8")
+    bands = {"RGB": 3, "RGBA": 4, "LA": 2}.get(mode)
+    return ((h, w, bands) if bands else (h, w)), dtype
 
 
 def _decode_pil(data: bytes) -> np.ndarray:
@@ -84,6 +109,52 @@ def _decode_pil(data: bytes) -> np.ndarray:
             im = im.convert("RGB")
         rgb = np.asarray(im)[..., :3].astype(np.float32)
         return rgb.mean(axis=-1)
+
+
+def npy_header(data: bytes) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) of an ``.npy`` file from its first bytes (the header is < 4 KiB); raises
+    :class:`ImageReadError` when it is not a usable single-band image (see `check_npy`)."""
+    f = io.BytesIO(data)
+    try:
+        major, _ = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(f)
+    except Exception as e:  # noqa: BLE001 - ValueError for a bad magic or header
+        raise ImageReadError(f"not a readable .npy array ({e})") from None
+    return check_npy(tuple(shape), np.dtype(dtype)), np.dtype(dtype)
+
+
+def check_npy(shape: tuple[int, ...], dtype: np.dtype) -> tuple[int, ...]:
+    """The (H, W) an array of `shape`, `dtype` gives, or :class:`ImageReadError` saying why
+    it is no SAR image: complex (SLC) or real numbers, one 2-D band (length-1 axes dropped)."""
+    if dtype.fields is not None and len(dtype.fields) == 2:
+        # CInt16-style (re, im) records, as some SLC products store them.
+        raise ImageReadError(
+            f"complex samples stored as a record dtype {dtype} ({dtype.itemsize} bytes); save "
+            "them as numpy complex64 (H, W), e.g. (a['re'] + 1j * a['im']).astype(np.complex64)"
+        )
+    ok = dtype.kind in "fiu" or dtype in (np.complex64, np.complex128)
+    if not ok:
+        raise ImageReadError(
+            f"array dtype {dtype}; expected complex64 (SLC, read as |s|) or real amplitude / "
+            "intensity numbers"
+        )
+    band = tuple(n for n in shape if n != 1) if len(shape) > 2 else shape
+    if len(band) != 2:
+        hint = ""
+        if dtype.kind in "fiu" and 2 in (shape[0], shape[-1]) and len(shape) == 3:
+            hint = " (real and imaginary parts on their own axis? store them as complex64 (H, W))"
+        raise ImageReadError(f"array of shape {tuple(shape)}; expected one 2-D band (H, W){hint}")
+    return band
+
+
+def _decode_npy(data: bytes) -> np.ndarray:
+    shape, _ = npy_header(data)
+    # allow_pickle=False: an object array cannot run code (npy_header refused it already).
+    arr = np.load(io.BytesIO(data), allow_pickle=False).reshape(shape)
+    if np.iscomplexobj(arr):
+        arr = np.abs(arr)  # single-look complex: the amplitude |s| is what we model
+    return arr.astype(np.float32)
 
 
 def _decode_tiff(data: bytes) -> np.ndarray:
