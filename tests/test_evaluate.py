@@ -232,3 +232,71 @@ def test_cli_clip_train(tmp_path, capsys):
     assert (tmp_path / "clip" / "open_clip_model.safetensors").is_file()
     code, _, err = run(["clip", "train", "--data", str(data), "--out", str(tmp_path / "x"), "--arch", "nope"], capsys)
     assert code == 2 and "unknown CLIP architecture" in err
+
+
+# ------------------------------------------------------------------------------- what it is given
+
+
+def test_real_sar_as_generated_is_normalised_like_the_reference(ray_local, sets, tmp_path, capsys):
+    # Two splits of one distribution of real SAR: close, whether --normalize-generated is given
+    # or not (auto: no samples.json); forcing "model output" reports them far apart.
+    _, a, b = sets
+    args = ["evaluate", "--generated", str(a), "--reference", str(b), "-q", "--metrics", "stats"]
+    code, out, err = run(args + ["--out", str(tmp_path / "auto.json")], capsys)
+    assert code == 0, err
+    assert "like the reference" in out and "samples.json" in out
+    auto = json.loads((tmp_path / "auto.json").read_text())
+    assert auto["normalization"]["generated"]["as"] == "like the reference"
+    code, _, err = run(args + ["--normalize-generated", "--out", str(tmp_path / "forced.json")], capsys)
+    assert code == 0, err
+    code, out, err = run(args + ["--generated-is-model-output", "--out", str(tmp_path / "raw.json")], capsys)
+    assert code == 0, err
+    assert "model output" in out
+    forced, raw = (json.loads((tmp_path / f"{n}.json").read_text())["metrics"] for n in ("forced", "raw"))
+    assert auto["metrics"] == forced
+    assert auto["metrics"]["stats/js"] < 0.05 and raw["stats/js"] > 5 * auto["metrics"]["stats/js"]
+
+
+def test_sample_folder_is_not_normalised_again_and_says_so(ray_local, sets, tmp_path):
+    _, a, _ = sets
+    norm = NormalizationConfig()
+    images, records = load_folder_arrays(a, norm)
+    gen = sampler_folder(tmp_path / "samples", images, [r.text for r in records])
+    result = evaluate(gen, a, EvalConfig(normalization=norm, per_class=False, metrics=["stats"]), progress=False)
+    assert result.normalization["generated"]["method"] == "none"
+    assert "samples.json" in result.normalization["generated"]["why"]
+    assert result.metrics["stats/ks"] < 1e-3  # the reference's own normalised images, 16-bit rounding only
+    (gen / "samples.json").unlink()  # the same folder, no longer declared model output
+    again = evaluate(gen, a, EvalConfig(normalization=norm, per_class=False, metrics=["stats"]), progress=False)
+    assert again.normalization["generated"]["as"] == "like the reference"
+
+
+def test_metrics_json_carries_intervals_that_contain_each_value(ray_local, sets, tmp_path):
+    _, a, b = sets
+    cfg = EvalConfig(generated_normalized=False, bootstrap=50)
+    result = evaluate(a, b, cfg, out=tmp_path / "metrics.json", progress=False)
+    doc = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(doc["intervals"]) == set(doc["metrics"])
+    for k, (lo, hi) in doc["intervals"].items():
+        if doc["metrics"][k] is not None and lo is not None:
+            assert lo <= doc["metrics"][k] <= hi, k
+    assert doc["summary"]["bootstrap"]["resamples"] == 50
+    flat = result.flat()
+    assert flat["stats/js.ci_hi"] == result.intervals["stats/js"][1]  # what a sweep logs to MLflow
+
+
+def test_generated_set_of_another_size_and_bit_depth_is_scored_with_warnings(ray_local, sets, tmp_path):
+    from PIL import Image
+
+    _, a, _ = sets
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):  # 8-bit, 48 x 48 against 16-bit 32 x 32 references
+        Image.fromarray((rng.random((48, 48)) * 255).astype(np.uint8)).save(odd / f"{i}.png")
+    result = evaluate(odd, a, EvalConfig(metrics=["stats"], bootstrap=0), out=tmp_path / "m.json", progress=False)
+    assert np.isfinite(result.metrics["stats/js"])
+    text = " ".join(result.warnings)
+    assert "generated: 4 images were not 32x32 and were resized" in text and "48x48" in text
+    assert "8-bit" in text and "16-bit" in text
+    assert json.loads((tmp_path / "m.json").read_text())["warnings"] == result.warnings
