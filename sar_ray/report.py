@@ -216,10 +216,10 @@ def build_report(tracker, parent_run_id: str | None, out: str | Path, objective:
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
         lora = [p for p in pts if r_mode(p[0], comp) == "lora" and p[1] not in (None, "None")]
         if lora:
-            axes[0].scatter([int(p[1]) for p in lora], [p[3] for p in lora])
+            _points(axes[0], [int(p[1]) for p in lora], [p[0] for p in lora], key)
         axes[0].set_xlabel(f"{comp} LoRA rank")
-        lrs = [(float(p[2]) if p[2] not in (None, "None") else float(p[0].params.get("train.lr", "nan")), p[3]) for p in pts]
-        axes[1].scatter([x for x, _ in lrs], [y for _, y in lrs])
+        lrs = [float(p[2]) if p[2] not in (None, "None") else float(p[0].params.get("train.lr", "nan")) for p in pts]
+        _points(axes[1], lrs, [p[0] for p in pts], key)
         axes[1].set_xscale("log")
         axes[1].set_xlabel(f"{comp} learning rate")
         for ax in axes:
@@ -253,6 +253,18 @@ def build_report(tracker, parent_run_id: str | None, out: str | Path, objective:
     for name in ["report.md", "report.csv", *(p.name for p in plots)] + (["sample_grids.png"] if grids else []):
         tracker.log_artifact(parent_run_id, out / name, "report")
     return out
+
+
+def _points(ax, xs: list[float], runs: list[TrialRow], key: str) -> None:
+    """The objective per trial, with its 95% interval as an error bar where the trial has one
+    (so that a spread of 1e-5 between trials reads against the noise)."""
+    ys = [r.metrics[key] for r in runs]
+    ax.scatter(xs, ys)
+    cis = [(x, y, interval_of(r, key)) for x, y, r in zip(xs, ys, runs)]
+    cis = [(x, y, ci) for x, y, ci in cis if ci is not None]
+    if cis:
+        ax.errorbar([x for x, _, _ in cis], [y for _, y, _ in cis], fmt="none", capsize=3,
+                    yerr=[[max(y - ci[0], 0) for _, y, ci in cis], [max(ci[1] - y, 0) for _, y, ci in cis]])
 
 
 def r_mode(r: TrialRow, comp: str) -> str:
