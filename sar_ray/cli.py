@@ -123,6 +123,8 @@ def _cmd_trial(args: argparse.Namespace) -> int:
         study = study.model_copy(update={"out": f"{study.out}/{study.strategy.slug}"})
         fresh = True  # a check runs from step 0 each time
     cfg = study.trial()
+    if cfg.scaling.storage_path:  # unreachable storage: exit 2 before any compute
+        trial.probe_storage(cfg.scaling.storage_path)
     result = trial.run_trial(cfg, fresh=fresh, progress=not args.quiet, console=console)
     console.print(trial.summary(result), soft_wrap=True)
     return EXIT_OK
@@ -164,6 +166,10 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             console.print(f"smoke: replaced the earlier smoke run in {study.out}", markup=False, soft_wrap=True)
     if args.fresh and args.resume:
         raise UserError("--fresh and --resume exclude each other: --fresh deletes what --resume would continue")
+    if study.scaling.storage_path:  # unreachable storage: exit 2 before any trial starts
+        from .trial import probe_storage
+
+        probe_storage(study.scaling.storage_path)
     result = sweep.run_sweep(study, resume=args.resume, fresh=args.fresh, console=console, progress=not args.quiet)
     objective = study.search.objectives[0].metric
     console.print(sweep.summary(result, objective), soft_wrap=True)

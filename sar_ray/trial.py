@@ -146,6 +146,58 @@ def clear_run_storage(storage_path: str, name: str) -> None:
             f"and credentials, or drop --fresh") from None
 
 
+def probe_storage(storage_path: str, timeout: float = 20.0) -> None:
+    """Write and delete a tiny marker under `storage_path` before any compute, so that an
+    unreachable endpoint, a missing bucket or a folder that cannot be written is refused with
+    one line instead of failing the first checkpoint (or, for a black-holed endpoint, hanging).
+    `timeout`: seconds the whole probe may take (pyarrow calls cannot be cancelled; the probe
+    runs in a daemon thread)."""
+    import uuid
+
+    def probe() -> None:
+        import pyarrow.fs as pafs
+
+        fs, root = storage_filesystem(storage_path)
+        root = root.rstrip("/")
+        if isinstance(fs, pafs.S3FileSystem):  # the same settings, but no minutes of retries
+            options = fs.__reduce__()[1][0]
+            fs = pafs.S3FileSystem(**{**options, "connect_timeout": min(5.0, timeout), "request_timeout": timeout,
+                                      "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=1)})
+        try:
+            fs.create_dir(root, recursive=True)
+        except OSError:  # object storage: a bucket prefix needs no folder; the write below says
+            pass
+        marker = f"{root}/.sar_ray_probe-{uuid.uuid4().hex[:8]}"
+        with fs.open_output_stream(marker) as f:
+            f.write(b"sar-ray storage probe\n")
+        fs.delete_file(marker)
+
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            probe()
+            outcome.append(None)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            outcome.append(e)
+
+    worker = threading.Thread(target=run, daemon=True, name="storage-probe")
+    worker.start()
+    worker.join(timeout)
+    if not outcome:
+        why = f"no answer within {timeout:g} s"
+    elif outcome[0] is None:
+        return
+    else:
+        e = outcome[0]
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    hint = ("check the bucket name, the endpoint (s3://BUCKET/PATH?endpoint_override=HOST:PORT&scheme=http, or "
+            "AWS_ENDPOINT_URL on every node) and the credentials" if "://" in storage_path and
+            not storage_path.startswith("file://") else "choose a folder this user can write (on storage every "
+            "node mounts)")
+    raise config_mod.ConfigError(f"scaling.storage_path={storage_path!r}: cannot write a file there ({why}); {hint}")
+
+
 def _gpu_hours(cfg: TrialConfig, wall_s: float) -> float:
     s = cfg.scaling
     if not s.use_gpu:

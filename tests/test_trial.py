@@ -185,3 +185,104 @@ def test_a_crashed_train_worker_is_restarted_in_place_from_its_newest_checkpoint
     log = read_log(r.out / "train_log.jsonl")
     assert r.step == 4 and any(rec.get("event") == "resumed" and rec["step"] == 2 for rec in log)
     assert sorted(rec["step"] for rec in log if "loss" in rec) == [1, 2, 3, 4]
+
+
+# --------------------------------------------------------------------------------------------
+# object storage (`s3://` against a local S3 server) and unreachable storage paths
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    """moto's S3 on 127.0.0.1 (dummy credentials): a bucket `sar-runs`; yields host:port."""
+    import os
+
+    moto_server = pytest.importorskip("moto.server")
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    import pyarrow.fs as pafs
+
+    pafs.S3FileSystem(endpoint_override=f"{host}:{port}", scheme="http", allow_bucket_creation=True).create_dir("sar-runs")
+    yield f"{host}:{port}"
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def _s3(endpoint: str, path: str) -> str:
+    return f"s3://{path}?endpoint_override={endpoint}&scheme=http"
+
+
+def _s3_keys(endpoint: str, prefix: str) -> set[str]:
+    import pyarrow.fs as pafs
+
+    fs = pafs.S3FileSystem(endpoint_override=endpoint, scheme="http")
+    return {i.path for i in fs.get_file_info(pafs.FileSelector(prefix, recursive=True, allow_not_found=True))
+            if i.type == pafs.FileType.File}
+
+
+def _s3_put(endpoint: str, key: str) -> None:
+    import pyarrow.fs as pafs
+
+    with pafs.S3FileSystem(endpoint_override=endpoint, scheme="http").open_output_stream(key) as f:
+        f.write(b"x")
+
+
+def test_fresh_clears_train_runs_on_s3_storage_and_leaves_the_others(s3_server, tmp_path):
+    """--fresh on `s3://` storage: `sar-ray trial` clears its own Train run; a sweep clears
+    its <study>-* runs (and nothing of another study sharing the bucket)."""
+    from sar_ray.sweep import _clear_sweep
+    from sar_ray.trial import clear_run_storage, probe_storage
+
+    storage = _s3(s3_server, "sar-runs/team")
+    for key in ("trial-a/checkpoint_000001/state.json", "quickstart-t1_00000/checkpoint_000001/state.json",
+                "quickstart-t1_00001/checkpoint_000002/state.json", "other-t1_00000/checkpoint_000001/state.json"):
+        _s3_put(s3_server, f"sar-runs/team/{key}")
+    clear_run_storage(storage, "trial-a")
+    assert _s3_keys(s3_server, "sar-runs/team/trial-a") == set()
+    study = config.load(None, ["name=quickstart", f"scaling.storage_path={storage}", f"out={tmp_path / 'sweep'}",
+                               'search={"space": {"train.lr": {"grid": [1.0e-4]}}}'])
+    _clear_sweep(tmp_path / "sweep", study)
+    assert _s3_keys(s3_server, "sar-runs/team") == {"sar-runs/team/other-t1_00000/checkpoint_000001/state.json"}
+    probe_storage(storage)  # reachable and writable: passes, and leaves no marker behind
+    assert _s3_keys(s3_server, "sar-runs/team") == {"sar-runs/team/other-t1_00000/checkpoint_000001/state.json"}
+
+
+def _refusal(capsys, argv: list[str]) -> str:
+    from sar_ray import cli
+
+    assert cli.main(argv) == 2
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert len(lines) == 1, lines  # one line: what, where, how to fix
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", ["trial", "sweep"])
+def test_unreachable_storage_is_refused_before_any_compute_with_exit_2(command, s3_server, tmp_path, capsys,
+                                                                       monkeypatch):
+    import socket
+
+    from sar_ray import trial as trial_mod
+
+    # Nothing may start: the probe must refuse first.
+    monkeypatch.setattr(trial_mod, "run_trial", lambda *a, **k: pytest.fail("a trial started"))
+    monkeypatch.setattr("sar_ray.sweep.run_sweep", lambda *a, **k: pytest.fail("a sweep started"))
+    study = str(Path(__file__).resolve().parents[1] / "sweeps" / "quickstart.yaml")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    line = _refusal(capsys, [command, study, "-q", "--set", f"scaling.storage_path={blocker / 'runs'}"])
+    assert "scaling.storage_path=" in line and "a-file/runs" in line and "choose a folder" in line
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    line = _refusal(capsys, [command, study, "-q", "--set", f"scaling.storage_path={_s3(f'127.0.0.1:{closed}', 'sar-runs/x')}"])
+    assert "cannot write a file there" in line and "endpoint_override" in line
+    line = _refusal(capsys, [command, study, "-q", "--set", f"scaling.storage_path={_s3(s3_server, 'no-such-bucket/x')}"])
+    assert "NO_SUCH_BUCKET" in line or "does not exist" in line
