@@ -536,6 +536,7 @@ class _DescribeWithModels(_ModelDescriber):
 # ------------------------------------------------------------------------------- driver
 
 _META = ("set", "index", "name", "text", "label", "resized", "height", "width", "depth")
+_MAX_BOOTSTRAP_CLASSES = 32
 
 
 class _SetAccumulator:
@@ -581,7 +582,10 @@ class _SetAccumulator:
                 shape = (len(w), *values.shape[1:])
                 _add(self.boot, key, (w @ flat).reshape(shape))
                 for lab, sel in classes.items():
-                    _add(self.class_boot[lab], key, (w[:, sel] @ flat[sel]).reshape(shape))
+                    # Bounded memory (B x bins per class): classes past the first few get no
+                    # per-class interval (nan), their point values stay.
+                    if lab in self.class_boot or len(self.class_boot) < _MAX_BOOTSTRAP_CLASSES:
+                        _add(self.class_boot[lab], key, (w[:, sel] @ flat[sel]).reshape(shape))
         for i in np.flatnonzero(mask):
             row = {k: batch[k][i] for k in _META}
             self.rows.append({
