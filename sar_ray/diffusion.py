@@ -119,11 +119,14 @@ def speckle_loss(recon: torch.Tensor, target: torch.Tensor, eps: float = 1e-3) -
 
 
 def draw_noise(latents: torch.Tensor, generator: torch.Generator, noise_offset: float) -> torch.Tensor:
-    noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
+    # Drawn where the generator lives: the training loop keeps it on the device (no host
+    # round trip per step); validation passes a CPU generator and moves the draw.
+    noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype,
+                        device=generator.device).to(latents.device)
     if noise_offset > 0:
         # Offset noise (Guttenberg 2023): lets the model learn very dark/bright images, which
         # matters for SAR, where water and radar shadow are near zero amplitude.
-        offset = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator)
+        offset = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator, device=generator.device)
         noise = noise + noise_offset * offset.to(latents.device, latents.dtype)
     return noise
 
@@ -200,7 +203,7 @@ def compute_loss(
         noise = draw_noise(latents, generator, tcfg.noise_offset)
         bsz = latents.shape[0]
         timesteps = torch.randint(
-            0, scheduler.config.num_train_timesteps, (bsz,), generator=generator
+            0, scheduler.config.num_train_timesteps, (bsz,), generator=generator, device=generator.device
         ).to(device)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         prompt_embeds, added = conditioning(c, batch, resolution)

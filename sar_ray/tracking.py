@@ -159,6 +159,17 @@ class Tracker:
         return self._upload(run_id, Path(local_file).name,
                             lambda: self.client.log_artifact(run_id, str(local_file), artifact_path))
 
+    def log_image(self, run_id: str, png: bytes, key: str, step: int) -> bool:
+        """A PNG (an intermediate sample grid) under `key` at `step`: the MLflow UI shows it
+        in the run's image grid with a step slider. Never raises: see `_upload`."""
+        import io
+
+        from PIL import Image
+
+        image = Image.open(io.BytesIO(png))
+        image.load()
+        return self._upload(run_id, f"image.{key}", lambda: self.client.log_image(run_id, image, key=key, step=int(step)))
+
     def _upload(self, run_id: str, what: str, call, attempts: int = 3) -> bool:
         """An upload retried with backoff; if it still fails the run is tagged with the error
         instead: a slow or broken artifact store must not turn a finished trial into a failed

@@ -2,11 +2,14 @@
 
 `worker_loop(config)` runs on every Ray Train worker (or in-process with
 `ScalingConfig(num_workers=0)`, Ray Train's local mode). It reads only its argument: the
-resolved trial config and the output folder. Rank 0 writes files; every rank calls
-`ray.train.report` the same number of times.
+resolved trial config and the output folder. Rank 0 writes files and sends its log
+records to the trial driver through a `ProgressChannel`; every rank calls `ray.train.report`
+the same number of times. The loop is phases around one `TrainState`: setup, resume, step
+(micro-batches, gradient sync during backward, the update), log / eval / samples /
+checkpoint at their cadence, finish.
 
 Outputs in the trial folder (`cfg.out_dir`):
-    train_log.jsonl          one line per logged step: loss, lr, images/s (rank 0)
+    train_log.jsonl          one line per logged step: loss, lr, images/s (written by the driver)
     checkpoints/step-N/      resume state (local mode; Ray Train storage holds them otherwise)
     weights/                 what the trial learned, in diffusers-loadable formats
     samples/step-N/, final/  validation and final samples (PNG + metadata.jsonl + grid.png)
@@ -15,12 +18,12 @@ Outputs in the trial folder (`cfg.out_dir`):
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -35,7 +38,7 @@ from ray.train.torch import TorchTrainer
 
 from . import checkpoint as ckpt
 from .config import TrialConfig
-from .diffusion import Batch, compute_loss, validation_loss
+from .diffusion import Batch, StepOutput, compute_loss, validation_loss
 from .models import Components, load_components
 from .strategies import Applied, apply, enable_checkpointing, full_components, make_optimizer, place
 
@@ -46,11 +49,50 @@ CHECKPOINTS_DIR = "checkpoints"
 CRASH_ENV = "SAR_RAY_CRASH_AT_STEP"
 
 
+@ray.remote(num_cpus=0)
+class ProgressChannel:
+    """What a trial's rank 0 tells its driver while it trains (log records: losses, lr,
+    throughput, validation, events, sample grids as PNG bytes). An actor, so the driver needs
+    no filesystem shared with the workers, and a Ray Train restart of the worker group keeps
+    reporting to the same driver."""
+
+    def __init__(self):
+        self._records: list[dict] = []
+
+    def put(self, records: list[dict]) -> None:
+        self._records.extend(records)
+
+    def drain(self) -> list[dict]:
+        out, self._records = self._records, []
+        return out
+
+
+class _Progress:
+    """Rank 0's side of the channel: `log` sends without waiting (actor calls from one caller
+    arrive in order); `flush` waits until everything sent has arrived."""
+
+    def __init__(self, channel, rank: int):
+        self.channel = channel if rank == 0 else None
+
+    def log(self, record: dict) -> None:
+        if self.channel is not None:
+            self.channel.put.remote([record])
+
+    def flush(self) -> None:
+        if self.channel is None:
+            return
+        try:
+            ray.get(self.channel.put.remote([]), timeout=60)
+        except Exception:  # noqa: BLE001 - a driver that is gone reads nothing; training results stand
+            pass
+
+
 @dataclass
 class Session:
     """The loop's one seam to Ray, built from public `ray.train` / `ray.tune` calls only:
-    who this worker is, how it reports (metrics and checkpoints), where it resumes from and
-    its dataset shards. The loop reads nothing else of Ray's."""
+    who this worker is, how it reports (metrics and checkpoints), where it resumes from, its
+    dataset shards, and the channel its log records take to the trial driver. The loop reads
+    nothing else of Ray's."""
 
     rank: int
     world_size: int
@@ -58,6 +100,8 @@ class Session:
     report: Callable[..., None]  # report(metrics, checkpoint=None)
     get_checkpoint: Callable[[], Checkpoint | None]
     dataset_shard: Callable[[str], Any]
+    log: Callable[[dict], None] = lambda record: None  # a log record for the driver (rank 0 only)
+    flush: Callable[[], None] = lambda: None
 
 
 def session_for(config: dict[str, Any]) -> Session:
@@ -68,11 +112,14 @@ def session_for(config: dict[str, Any]) -> Session:
     if config.get("local_mode") and config.get("report_to") == "tune":
         from ray import tune
 
+        progress = _Progress(config.get("progress"), 0)
         return Session(0, 1, True, lambda metrics, checkpoint=None: tune.report(dict(metrics)),
-                       lambda: None, ray.train.get_dataset_shard)
+                       lambda: None, ray.train.get_dataset_shard, progress.log, progress.flush)
     ctx = ray.train.get_context()
+    progress = _Progress(config.get("progress"), ctx.get_world_rank())
     return Session(ctx.get_world_rank(), ctx.get_world_size(), bool(config.get("local_mode")),
-                   ray.train.report, ray.train.get_checkpoint, ray.train.get_dataset_shard)
+                   ray.train.report, ray.train.get_checkpoint, ray.train.get_dataset_shard, progress.log,
+                   progress.flush)
 
 
 class TrainingError(RuntimeError):
@@ -124,16 +171,41 @@ def _ema_state(ema, c: Components) -> dict[str, torch.Tensor] | None:
 # --------------------------------------------------------------------------------------------
 
 
+
 _COLUMNS = ("pixel_values", "text", "original_size", "crop_top_left")
 
 
 def _to_batch(cols: dict[str, np.ndarray], device: torch.device) -> Batch:
-    """Numpy columns of a micro-batch -> the step's Batch on `device`."""
+    """Numpy columns of a micro-batch -> the step's Batch on `device`.
+
+    Pixels may arrive lean (uint8 / uint16 / float16, one channel) and become the model's
+    (B, 3, R, R) float32 in [-1, 1] on the device: the copy to the device moves the narrow
+    array (pinned, non-blocking on CUDA), and SAR amplitude is replicated to 3 channels there."""
     def geometry(key: str) -> torch.Tensor | None:
         return torch.from_numpy(np.array(cols[key], dtype=np.float32)).reshape(-1, 2) if key in cols else None
 
-    pixels = torch.from_numpy(np.array(cols["pixel_values"], dtype=np.float32))  # (B, 3, R, R), a writable copy
-    return Batch(pixels.to(device), [str(t) for t in cols["text"]], geometry("original_size"), geometry("crop_top_left"))
+    arr = cols["pixel_values"]
+    arr = np.stack(list(arr)) if arr.dtype == object else np.array(arr)  # a writable copy
+    px = torch.from_numpy(arr)
+    if device.type == "cuda":
+        px = px.pin_memory().to(device, non_blocking=True)
+    return Batch(model_pixels(px.to(device)), [str(t) for t in cols["text"]], geometry("original_size"),
+                 geometry("crop_top_left"))
+
+
+def model_pixels(px: torch.Tensor) -> torch.Tensor:
+    """(B, R, R), (B, 1, R, R) or (B, 3, R, R) pixels, integer in [0, max] or float in [-1, 1]
+    -> float32 (B, 3, R, R) in [-1, 1]."""
+    if px.dtype in (torch.uint8, torch.uint16, torch.int32):
+        scale = {torch.uint8: 255.0, torch.uint16: 65535.0, torch.int32: 65535.0}[px.dtype]
+        px = px.float() * (2.0 / scale) - 1.0
+    else:
+        px = px.float()
+    if px.dim() == 3:
+        px = px[:, None]
+    if px.shape[1] == 1:
+        px = px.expand(-1, 3, -1, -1).contiguous()
+    return px
 
 
 class EpochOrder:
@@ -191,16 +263,16 @@ def _drop_mask(n: int, p: float, generator: torch.Generator) -> torch.Tensor | N
     """(n,) bool: which captions this step drops (unconditional examples), or None."""
     if p <= 0:
         return None
-    return torch.rand(n, generator=generator) < p
+    return torch.rand(n, generator=generator, device=generator.device) < p
 
 
 def _flip(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    flip = torch.rand(pixels.shape[0], generator=generator) < 0.5
+    flip = torch.rand(pixels.shape[0], generator=generator, device=generator.device) < 0.5
     return torch.where(flip[:, None, None, None].to(pixels.device), pixels.flip(-1), pixels)
 
 
 # --------------------------------------------------------------------------------------------
-# distributed helpers (manual all-reduce: one path for any mix of trainable components)
+# gradient sync: torch DDP over the trainable modules, bucketed and overlapped with backward
 # --------------------------------------------------------------------------------------------
 
 
@@ -214,32 +286,69 @@ def _broadcast_params(params: list[torch.nn.Parameter]) -> None:
             dist.broadcast(p.data, src=0)
 
 
-def _allreduce_grads(params: list[torch.nn.Parameter]) -> None:
-    """Average gradients over workers (what DDP does, for parameters spread over several
-    modules, with and without adapters, in one bucket)."""
-    if not _distributed():
-        return
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    grads = [p.grad for p in params]
-    flat = torch._utils._flatten_dense_tensors(grads)
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-        g.copy_(synced)
+def _mean_over_workers(value: torch.Tensor | float, device: torch.device) -> float:
+    """The mean over workers of a scalar (a host sync: only where a value is logged)."""
+    t = torch.as_tensor(value, dtype=torch.float64, device=device).detach().reshape(1).clone()
+    if _distributed():
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return float(t.item())
 
 
-def _mean_over_workers(value: float, device: torch.device) -> float:
-    if not _distributed():
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return float(t.item() / dist.get_world_size())
+class _LossModule(torch.nn.Module):
+    """Holds every component that trains, so that one DDP wraps them all (UNet, text
+    encoders, VAE decoder, token rows, with or without adapters); its forward is the step's
+    loss, so DDP sees the whole graph it has to reduce."""
+
+    def __init__(self, modules: dict[str, torch.nn.Module]):
+        super().__init__()
+        self.parts = torch.nn.ModuleDict(modules)
+
+    def forward(self, fn: Callable[..., StepOutput], *args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        out = fn(*args)
+        return out.loss, out.diffusion_loss, out.vae_loss
+
+
+class GradSync:
+    """Averages gradients over workers during backward: torch DDP's bucketed all-reduce, each
+    bucket launched as soon as its gradients are ready, gradients kept as views of the buckets
+    (no flat copy of all of them). One worker (or local mode): plain calls.
+
+    `find_unused_parameters` where a rank's batch may leave a trainable parameter without a
+    gradient: a text side that trains sees no `<SAR>` row when every caption of a rank is
+    dropped, and SDXL's first encoder never uses its last layer. Gradient accumulation syncs
+    on the last micro-batch only (`no_sync` before)."""
+
+    def __init__(self, c: Components, applied: Applied, cfg: TrialConfig, device: torch.device):
+        self.ddp = None
+        if not _distributed():
+            return
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        trains = {n: m for n, m in c.modules().items() if any(p.requires_grad for p in m.parameters())}
+        text_trains = cfg.strategy.token == "learn" or any(
+            applied.modes.get(n, "frozen") != "frozen" for n in c.text_encoder_names)
+        self.ddp = DDP(
+            _LossModule(trains),
+            device_ids=[device.index] if device.type == "cuda" and device.index is not None else None,
+            broadcast_buffers=False,  # frozen buffers are equal on every rank; nothing to send
+            init_sync=False,  # trainable weights are broadcast once (_broadcast_params), not the frozen model
+            find_unused_parameters=text_trains,
+            gradient_as_bucket_view=True,
+        )
+
+    def accumulating(self, sync: bool):
+        """Context of one micro-batch: `sync` False (not the last of an accumulation) keeps
+        its gradients local, as DDP's `no_sync`."""
+        return self.ddp.no_sync() if self.ddp is not None and not sync else nullcontext()
+
+    def forward(self, fn: Callable[..., StepOutput], *args) -> StepOutput:
+        """The step's loss, through DDP when there is one (so that its backward reduces)."""
+        return fn(*args) if self.ddp is None else StepOutput(*self.ddp(fn, *args))
 
 
 # --------------------------------------------------------------------------------------------
-# resume state
+# the training state: what a worker holds between steps, and its resume file
 # --------------------------------------------------------------------------------------------
 
 
@@ -250,43 +359,67 @@ class Position:
     micro_in_epoch: int = 0  # micro-batches consumed in the current epoch
 
 
-def _save_resume_state(path: Path, applied, optimizer, lr_sched, generator, ema, c, pos: Position, extra: dict) -> None:
-    tensors = {f"param/{k}": v for k, v in ckpt.trainable_state(applied).items()}
-    opt_t, opt_meta = ckpt.optimizer_state_to_tensors(optimizer)
-    tensors.update({f"optim/{k}": v for k, v in opt_t.items()})
-    tensors["rng/generator"] = generator.get_state()
-    ema_state = _ema_state(ema, c)
-    if ema_state:
-        tensors.update({f"ema/{k}": v for k, v in ema_state.items()})
-    meta = {
-        "step": pos.step,
-        "epoch": pos.epoch,
-        "micro_in_epoch": pos.micro_in_epoch,
-        "optimizer": opt_meta,
-        "lr_scheduler": lr_sched.state_dict(),
-        "ema_step": getattr(ema, "optimization_step", None),
-        **extra,
-    }
-    ckpt.save_state(path, {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, meta)
+@dataclass
+class TrainState:
+    """Everything one worker's training holds between steps; `save` / `load` are its resume
+    state (trainable weights, optimizer, lr schedule, random stream, EMA, grad scaler, position)."""
 
+    cfg: TrialConfig
+    device: torch.device
+    c: Components
+    applied: Applied
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    lr_sched: Any
+    ema: Any
+    scaler: Any
+    generator: torch.Generator  # every random draw of this rank (noise, timesteps, dropout, flips)
+    sync: GradSync
+    pos: Position = field(default_factory=Position)
+    # The first step whose loss was not finite (0: none), kept on the device so that the
+    # check costs no host sync per step; read where the loss is logged or a checkpoint is due.
+    first_bad: torch.Tensor | None = None
+    loss: torch.Tensor | None = None  # the newest step's loss, on the device
+    val_loss: float | None = None
 
-def _load_resume_state(path: Path, applied, optimizer, lr_sched, generator, ema, c) -> tuple[Position, dict]:
-    tensors, meta = ckpt.load_state(path)
+    def save(self, path: Path, extra: dict) -> None:
+        tensors = {f"param/{k}": v for k, v in ckpt.trainable_state(self.applied).items()}
+        opt_t, opt_meta = ckpt.optimizer_state_to_tensors(self.optimizer)
+        tensors.update({f"optim/{k}": v for k, v in opt_t.items()})
+        tensors["rng/generator"] = self.generator.get_state()
+        ema_state = _ema_state(self.ema, self.c)
+        if ema_state:
+            tensors.update({f"ema/{k}": v for k, v in ema_state.items()})
+        meta = {
+            "step": self.pos.step,
+            "epoch": self.pos.epoch,
+            "micro_in_epoch": self.pos.micro_in_epoch,
+            "optimizer": opt_meta,
+            "lr_scheduler": self.lr_sched.state_dict(),
+            "ema_step": getattr(self.ema, "optimization_step", None),
+            "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            **extra,
+        }
+        ckpt.save_state(path, {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, meta)
 
-    def section(prefix: str) -> dict[str, torch.Tensor]:
-        return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    def load(self, path: Path) -> dict:
+        tensors, meta = ckpt.load_state(path)
 
-    ckpt.load_trainable_state(applied, section("param/"))
-    ckpt.optimizer_state_from_tensors(optimizer, section("optim/"), meta["optimizer"])
-    lr_sched.load_state_dict(meta["lr_scheduler"])
-    generator.set_state(tensors["rng/generator"])
-    if ema is not None:
-        ema_t = section("ema/")
-        names = [n for n, _ in c.unet.named_parameters()]
-        if ema_t:
-            ema.shadow_params = [ema_t[n].to(p.device) for n, p in zip(names, c.unet.parameters())]
-            ema.optimization_step = meta.get("ema_step") or 0
-    return Position(meta["step"], meta["epoch"], meta["micro_in_epoch"]), meta
+        def section(prefix: str) -> dict[str, torch.Tensor]:
+            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+        ckpt.load_trainable_state(self.applied, section("param/"))
+        ckpt.optimizer_state_from_tensors(self.optimizer, section("optim/"), meta["optimizer"])
+        self.lr_sched.load_state_dict(meta["lr_scheduler"])
+        self.generator.set_state(tensors["rng/generator"])
+        if self.ema is not None and (ema_t := section("ema/")):
+            names = [n for n, _ in self.c.unet.named_parameters()]
+            self.ema.shadow_params = [ema_t[n].to(p.device) for n, p in zip(names, self.c.unet.parameters())]
+            self.ema.optimization_step = meta.get("ema_step") or 0
+        if self.scaler is not None and meta.get("grad_scaler"):
+            self.scaler.load_state_dict(meta["grad_scaler"])
+        self.pos = Position(meta["step"], meta["epoch"], meta["micro_in_epoch"])
+        return meta
 
 
 def _newest_local_checkpoint(out: Path) -> Path | None:
@@ -298,35 +431,34 @@ def _newest_local_checkpoint(out: Path) -> Path | None:
 
 
 # --------------------------------------------------------------------------------------------
-# the loop
+# the loop, in phases: setup, resume, step, eval, checkpoint, finish
 # --------------------------------------------------------------------------------------------
-
-
-def _append_log(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """A resumed run rewrites history after its checkpoint: keep only lines up to `step`."""
-    if not path.is_file():
-        return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in keep))
 
 
 def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
     """Train one trial on this worker. `config = {"cfg": TrialConfig as dict, "out": str,
-    "local_mode": bool}`."""
+    "local_mode": bool, "materialized": bool, "progress": ProgressChannel | None, ...}`."""
     cfg = TrialConfig.model_validate(config["cfg"])
     out = Path(config["out"])
-    local_mode = bool(config.get("local_mode"))
-    t = cfg.train
     api = session_for(config)
-    rank, world = api.rank, api.world_size
-    device = _device(cfg, local_mode)
-    log_path = out / LOG_FILE
+    try:
+        state = _setup(cfg, api)
+        _resume(state, api, out)
+        order = EpochOrder(api.dataset_shard("train"), cfg.train.batch_size, cfg.train.seed, api.rank,
+                           in_memory=bool(config.get("materialized")))
+        val_batches = _load_val_batches(cfg, state.device, api)
+        # Fault injection; only a fresh start crashes, so the retry that resumes goes through.
+        crash_at = int(config.get("crash_at") or os.environ.get(CRASH_ENV, "0") or 0) if state.pos.step == 0 else 0
+        _train(state, api, out, order, val_batches, crash_at)
+        return _finish(state, api, out)
+    finally:
+        api.flush()  # everything rank 0 logged reaches the driver, also when a step raised
 
+
+def _setup(cfg: TrialConfig, api: Session) -> TrainState:
+    """Phase setup: load the model, apply the strategy, place it, build optimizer and sync."""
+    t = cfg.train
+    device = _device(cfg, api.local_mode)
     # Same seed on every rank: identical initial weights and adapters (also broadcast below).
     torch.manual_seed(t.seed)
     # Fully tuned components load in fp32 straight away (a bf16 load then upcast loses bits).
@@ -340,146 +472,222 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
     params = applied.trainable_parameters()
     _broadcast_params(params)
     optimizer = make_optimizer(applied, cfg)
-    lr_sched = make_lr_scheduler(optimizer, cfg)
     ema = _ema_for(c, applied, cfg)
     if ema is not None:
         ema.to(device)
-    # fp16 needs loss scaling (bf16 has fp32's range and does not).
-    scaler = torch.amp.GradScaler(device.type) if t.mixed_precision == "fp16" and device.type == "cuda" else None
-    # Per-rank stream of every random draw (noise, timesteps, dropout, flips); saved in checkpoints.
-    generator = torch.Generator().manual_seed(t.seed * 1000 + rank + 1)
+    state = TrainState(
+        cfg=cfg, device=device, c=c, applied=applied, params=params, optimizer=optimizer,
+        lr_sched=make_lr_scheduler(optimizer, cfg), ema=ema,
+        # fp16 needs loss scaling (bf16 has fp32's range and does not).
+        scaler=torch.amp.GradScaler(device.type) if t.mixed_precision == "fp16" and device.type == "cuda" else None,
+        generator=torch.Generator(device=device).manual_seed(t.seed * 1000 + api.rank + 1),
+        sync=GradSync(c, applied, cfg, device),
+        first_bad=torch.zeros((), dtype=torch.long, device=device),
+    )
+    optimizer.zero_grad(set_to_none=True)
+    return state
 
+
+def _resume(state: TrainState, api: Session, out: Path) -> None:
+    """Phase resume: from Ray Train's newest checkpoint (or, in local mode, the trial
+    folder's), or refuse to start again into a known divergence."""
+    cfg = state.cfg
     # A divergence is deterministic: a restart (Ray Train's in place, Tune's retry, a rerun of
     # the same command) would resume into the same NaN. Fail at once instead of computing again.
     diverged = _diverged(out, cfg)
     if diverged:
         raise TrainingError(f"{diverged} (diverged before with this exact config: change it, or use --fresh)")
-    pos, meta = Position(), {}
     resume_from = api.get_checkpoint()
     if resume_from is not None:
         with resume_from.as_directory() as d:
-            pos, meta = _load_resume_state(Path(d), applied, optimizer, lr_sched, generator, ema, c)
-    elif local_mode and (newest := _newest_local_checkpoint(out)) is not None:
-        pos, meta = _load_resume_state(newest, applied, optimizer, lr_sched, generator, ema, c)
-    if pos.step and scaler is not None and meta.get("grad_scaler"):
-        scaler.load_state_dict(meta["grad_scaler"])
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        if pos.step:
-            _truncate_log(log_path, pos.step)
-            _append_log(log_path, {"event": "resumed", "step": pos.step, "time": time.time()})
-        elif log_path.exists():
-            log_path.unlink()
-        _append_log(log_path, {"event": "start", "step": pos.step, "trainable_params": applied.num_trainable(),
-                               "device": str(device), "world_size": world, "time": time.time()})
+            state.load(Path(d))
+    elif api.local_mode and (newest := _newest_local_checkpoint(out)) is not None:
+        state.load(newest)
+    if state.pos.step:
+        api.log({"event": "resumed", "step": state.pos.step, "time": time.time()})
+    api.log({"event": "start", "step": state.pos.step, "trainable_params": state.applied.num_trainable(),
+             "device": str(state.device), "world_size": api.world_size, "time": time.time()})
 
-    order = EpochOrder(api.dataset_shard("train"), t.batch_size, t.seed, rank,
-                       in_memory=bool(config.get("materialized")))
-    val_batches = _load_val_batches(cfg, device, api)
-    tune_vae = applied.modes.get("vae", "frozen") != "frozen"
-    # Only a fresh start crashes: the retry that resumes from the checkpoint then goes through.
-    crash_at = int(config.get("crash_at") or os.environ.get(CRASH_ENV, "0") or 0) if pos.step == 0 else 0
 
-    last_loss = float("nan")
-    last_val: float | None = None
-    t_last, images_since = time.perf_counter(), 0
+def _train(state: TrainState, api: Session, out: Path, order: EpochOrder, val_batches: list[Batch],
+           crash_at: int) -> None:
+    """Epochs of micro-batches until `train.max_steps` optimizer steps, with eval, samples
+    and checkpoints at their cadence."""
+    cfg, t, pos = state.cfg, state.cfg.train, state.pos
+    tune_vae = state.applied.modes.get("vae", "frozen") != "frozen"
+    meter = _Throughput()
     micro = 0
-    optimizer.zero_grad(set_to_none=True)
     while pos.step < t.max_steps:
         seen_in_epoch = pos.micro_in_epoch  # resumed mid-epoch: those batches were already trained on
         for cols in order.epoch(pos.epoch, skip=pos.micro_in_epoch):
             seen_in_epoch += 1
             pos.micro_in_epoch += 1
-            batch = _to_batch(cols, device)
-            if cfg.data.flip:
-                batch.pixels = _flip(batch.pixels, generator)
-            batch.drop = _drop_mask(len(batch.captions), cfg.data.caption_dropout, generator)
-            pixels = batch.pixels
-            out_step = compute_loss(c, batch, t, generator, tune_vae, cfg.data.resolution)
-            scaled = out_step.loss / t.grad_accum
-            (scaler.scale(scaled) if scaler is not None else scaled).backward()
             micro += 1
-            images_since += pixels.shape[0] * world
-            if micro % t.grad_accum:
+            batch = _to_batch(cols, state.device)
+            meter.images += batch.pixels.shape[0] * api.world_size
+            last_micro = micro % t.grad_accum == 0
+            step_out = _micro_step(state, batch, tune_vae, last_micro)
+            if not last_micro:
                 continue
-
-            # All-reduce before unscaling: every rank then sees the same inf/NaN and the
-            # GradScaler skips (or takes) the step on all of them alike.
-            _allreduce_grads(params)
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            if t.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            lr_sched.step()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.step(c.unet.parameters())
-            pos.step += 1
-            loss_value = _mean_over_workers(float(out_step.loss.detach()), device)
-            if not math.isfinite(loss_value):
-                message = (
-                    f"loss is {loss_value} at step {pos.step} ({cfg.strategy.slug}); lower train.lr "
-                    f"(now {t.lr}), set train.max_grad_norm, or use train.mixed_precision=bf16 instead of "
-                    f"fp16; checkpoints up to step {pos.step - 1 - (pos.step - 1) % t.checkpoint_every} are kept"
-                )
-                if rank == 0:
-                    _mark_diverged(out, cfg, message)
-                raise TrainingError(message)
-            last_loss = loss_value
-
-            if rank == 0 and (pos.step % t.log_every == 0 or pos.step == t.max_steps):
-                now = time.perf_counter()
-                record = {
-                    "step": pos.step,
-                    "epoch": pos.epoch,
-                    "loss": loss_value,
-                    "lr": lr_sched.get_last_lr()[0],
-                    "images_per_s": images_since / max(now - t_last, 1e-9),
-                    "time": time.time(),
-                }
-                if out_step.vae_loss is not None:
-                    record["vae_loss"] = float(out_step.vae_loss)
-                _append_log(log_path, record)
-                t_last, images_since = now, 0
-
-            is_last = pos.step == t.max_steps
-            metrics: dict[str, Any] = {"step": pos.step, "loss": loss_value}
-            do_eval = pos.step % t.eval_every == 0 or is_last
-            if do_eval and val_batches:
-                last_val = _validate(c, val_batches, cfg, device)
-                metrics["val_loss"] = last_val
-                if rank == 0:
-                    _append_log(log_path, {"step": pos.step, "val_loss": last_val, "time": time.time()})
-            if rank == 0 and t.sample_every and pos.step % t.sample_every == 0 and not is_last:
-                _validation_samples(c, cfg, out / "samples" / f"step-{pos.step:06d}", device)
-            if pos.step % t.checkpoint_every == 0 or is_last:
-                extra = {"slug": cfg.strategy.slug, "keep": t.checkpoints_to_keep, "grad_scaler": scaler.state_dict() if scaler is not None else None}
-                _report_with_checkpoint(api, metrics, out, rank, extra, applied, optimizer, lr_sched, generator, ema, c, pos)
-            elif do_eval:
-                api.report(metrics)
+            _optimizer_step(state, step_out)
+            _after_step(state, api, out, val_batches, meter, step_out)
             if crash_at and pos.step == crash_at:
                 raise RuntimeError(f"simulated crash after step {pos.step} ({CRASH_ENV})")
-            if is_last:
+            if pos.step == t.max_steps:
                 break
         else:
             if seen_in_epoch == 0:
                 raise TrainingError(
-                    f"worker {rank} got no full batch of {t.batch_size} images: the training set is smaller "
+                    f"worker {api.rank} got no full batch of {t.batch_size} images: the training set is smaller "
                     f"than train.batch_size x scaling.num_workers; lower train.batch_size or add images"
                 )
             pos.epoch += 1
             pos.micro_in_epoch = 0
 
-    result = {"step": pos.step, "loss": last_loss, "val_loss": last_val}
-    if rank == 0:
-        _finish(c, applied, cfg, out, ema, device)
-        _append_log(log_path, {"event": "end", "step": pos.step, "peak_memory_mb": _peak_memory_mb(device),
-                               "time": time.time()})
+
+class _Throughput:
+    def __init__(self):
+        self.images, self.t0 = 0, time.perf_counter()
+
+    def rate(self) -> float:
+        now = time.perf_counter()
+        r = self.images / max(now - self.t0, 1e-9)
+        self.images, self.t0 = 0, now
+        return r
+
+
+def _micro_step(state: TrainState, batch: Batch, tune_vae: bool, sync: bool) -> StepOutput:
+    """Phase step, one micro-batch: random augmentations from this rank's stream, the loss,
+    backward (DDP all-reduces its buckets during backward on the last micro-batch)."""
+    cfg, t = state.cfg, state.cfg.train
+    if cfg.data.flip:
+        batch.pixels = _flip(batch.pixels, state.generator)
+    batch.drop = _drop_mask(len(batch.captions), cfg.data.caption_dropout, state.generator)
+    with state.sync.accumulating(sync):
+        step_out = state.sync.forward(compute_loss, state.c, batch, t, state.generator, tune_vae, cfg.data.resolution)
+        scaled = step_out.loss / t.grad_accum
+        (state.scaler.scale(scaled) if state.scaler is not None else scaled).backward()
+    return step_out
+
+
+def _optimizer_step(state: TrainState, step_out: StepOutput) -> None:
+    """Phase step, the update: gradients are already averaged over workers (every rank then
+    sees the same inf/NaN, so the GradScaler skips or takes the step on all of them alike)."""
+    t, opt = state.cfg.train, state.optimizer
+    if state.scaler is not None:
+        state.scaler.unscale_(opt)
+    if t.max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(state.params, t.max_grad_norm)
+    if state.scaler is not None:
+        state.scaler.step(opt)
+        state.scaler.update()
+    else:
+        opt.step()
+    state.lr_sched.step()
+    # DDP keeps each gradient as a view of its bucket: zero it in place (set_to_none would
+    # make backward allocate every gradient again, then copy it into the bucket).
+    opt.zero_grad(set_to_none=state.sync.ddp is None)
+    if state.ema is not None:
+        state.ema.step(state.c.unet.parameters())
+    state.pos.step += 1
+    state.loss = step_out.loss.detach()
+    bad = (state.first_bad == 0) & ~torch.isfinite(state.loss)
+    state.first_bad = torch.where(bad, torch.full_like(state.first_bad, state.pos.step), state.first_bad)
+
+
+def _check_finite(state: TrainState, api: Session, out: Path) -> None:
+    """A non-finite loss on any rank fails the trial (before a checkpoint could keep it)."""
+    first_bad = _first_bad_step(state)
+    if first_bad is None:
+        return
+    cfg, t = state.cfg, state.cfg.train
+    kept = (first_bad - 1) - (first_bad - 1) % t.checkpoint_every
+    message = (
+        f"loss is nan at step {first_bad} ({cfg.strategy.slug}); lower train.lr (now {t.lr}), set "
+        f"train.max_grad_norm, or use train.mixed_precision=bf16 instead of fp16; checkpoints up to step "
+        f"{kept} are kept"
+    )
+    if api.rank == 0:
+        _mark_diverged(out, cfg, message)
+    raise TrainingError(message)
+
+
+_NONE = 2**62
+
+
+def _first_bad_step(state: TrainState) -> int | None:
+    """The first step with a non-finite loss on any rank, or None (a collective: ranks agree)."""
+    t = torch.where(state.first_bad == 0, torch.full_like(state.first_bad, _NONE), state.first_bad).reshape(1)
+    if _distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    step = int(t.item())
+    return None if step == _NONE else step
+
+
+def _after_step(state: TrainState, api: Session, out: Path, val_batches: list[Batch], meter: _Throughput,
+                step_out: StepOutput) -> None:
+    """Phases log, eval, samples and checkpoint, each at its cadence. The host waits for the
+    device only here (the logged loss), never on the other steps."""
+    cfg, t, step = state.cfg, state.cfg.train, state.pos.step
+    is_last = step == t.max_steps
+    do_log = step % t.log_every == 0 or is_last
+    do_eval = step % t.eval_every == 0 or is_last
+    do_ckpt = step % t.checkpoint_every == 0 or is_last
+    if not (do_log or do_eval or do_ckpt):
+        return
+    _check_finite(state, api, out)
+    loss = _mean_over_workers(state.loss, state.device)
+    if do_log:
+        record = {"step": step, "epoch": state.pos.epoch, "loss": loss, "lr": state.lr_sched.get_last_lr()[0],
+                  "images_per_s": meter.rate(), "time": time.time()}
+        if step_out.vae_loss is not None:
+            record["vae_loss"] = float(step_out.vae_loss)
+        api.log(record)
+    metrics: dict[str, Any] = {"step": step, "loss": loss}
+    if do_eval and val_batches:
+        state.val_loss = _validate(state.c, val_batches, cfg, state.device)
+        metrics["val_loss"] = state.val_loss
+        api.log({"step": step, "val_loss": state.val_loss, "time": time.time()})
+    if api.rank == 0 and t.sample_every and step % t.sample_every == 0 and not is_last:
+        folder = out / "samples" / f"step-{step:06d}"
+        _validation_samples(state.c, cfg, folder, state.device)
+        _log_grid(api, folder, step)
+    if do_ckpt:
+        _report_with_checkpoint(state, api, metrics, out)
+    elif do_eval:
+        api.report(metrics)
+
+
+def _log_grid(api: Session, folder: Path, step: int | str) -> None:
+    grid = folder / "grid.png"
+    if grid.is_file():  # the bytes travel: the driver may share no filesystem with this worker
+        api.log({"event": "samples", "step": step, "folder": folder.name, "grid_png": grid.read_bytes(),
+                 "time": time.time()})
+
+
+def _finish(state: TrainState, api: Session, out: Path) -> dict[str, Any]:
+    """Phase finish (rank 0): save diffusers-loadable weights, then sample from them through
+    the same loading code a user runs (so the samples prove the saved files, not the
+    in-memory modules)."""
+    result = {"step": state.pos.step, "loss": _mean_over_workers(state.loss, state.device) if state.loss is not None
+              else float("nan"), "val_loss": state.val_loss}
+    if api.rank != 0:
+        return result
+    from .sample import generate, load_pipeline
+
+    cfg = state.cfg
+    weights = out / WEIGHTS_DIR
+    tmp = out / (WEIGHTS_DIR + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    ckpt.save_outputs(state.c, state.applied, cfg.strategy, tmp, ema_unet_state=_ema_state(state.ema, state.c))
+    shutil.rmtree(weights, ignore_errors=True)
+    tmp.rename(weights)
+    pipe = load_pipeline(cfg.model, weights, cfg.sample.scheduler, state.device)
+    generate(pipe, cfg.sample, cfg.sample_resolution, out / "samples" / "final", device=state.device,
+             mixed_precision=cfg.train.mixed_precision)
+    _log_grid(api, out / "samples" / "final", state.pos.step)
+    api.log({"event": "end", "step": state.pos.step, "peak_memory_mb": _peak_memory_mb(state.device),
+             "time": time.time()})
     return result
 
 
@@ -512,23 +720,23 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def _report_with_checkpoint(api, metrics, out, rank, extra, applied, optimizer, lr_sched, generator, ema, c, pos) -> None:
-    """Every rank reports; rank 0 attaches the resume state. Local mode writes it straight
-    into the trial folder (nothing else persists it); otherwise Ray Train copies it to storage
-    and keeps the newest `checkpoints_to_keep`."""
-    if rank != 0:
+def _report_with_checkpoint(state: TrainState, api: Session, metrics: dict, out: Path) -> None:
+    """Phase checkpoint. Every rank reports; rank 0 attaches the resume state. Local mode
+    writes it straight into the trial folder (nothing else persists it); otherwise Ray Train
+    copies it to storage and keeps the newest `checkpoints_to_keep`."""
+    extra = {"slug": state.cfg.strategy.slug, "keep": state.cfg.train.checkpoints_to_keep}
+    if api.rank != 0:
         api.report(metrics)
         return
     if api.local_mode:
-        target = out / CHECKPOINTS_DIR / f"step-{pos.step:06d}"
-        _save_resume_state(target, applied, optimizer, lr_sched, generator, ema, c, pos, extra)
+        target = out / CHECKPOINTS_DIR / f"step-{state.pos.step:06d}"
+        state.save(target, extra)
         api.report(metrics, Checkpoint.from_directory(str(target)))
-        old = sorted((out / CHECKPOINTS_DIR).glob("step-*"))[: -extra["keep"]]
-        for p in old:
+        for p in sorted((out / CHECKPOINTS_DIR).glob("step-*"))[: -extra["keep"]]:
             shutil.rmtree(p, ignore_errors=True)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        _save_resume_state(Path(tmp), applied, optimizer, lr_sched, generator, ema, c, pos, extra)
+        state.save(Path(tmp), extra)
         api.report(metrics, Checkpoint.from_directory(tmp))
 
 
@@ -567,22 +775,6 @@ def _validation_samples(c: Components, cfg: TrialConfig, out: Path, device) -> N
     generate(pipe, cfg.sample, cfg.sample_resolution, out, device=device, mixed_precision=cfg.train.mixed_precision)
     for n, m in c.modules().items():
         m.train(was[n])
-
-
-def _finish(c: Components, applied: Applied, cfg: TrialConfig, out: Path, ema, device) -> None:
-    """Rank 0: save diffusers-loadable weights, then sample from them through the same loading
-    code a user runs (so the samples prove the saved files, not the in-memory modules)."""
-    from .sample import generate, load_pipeline
-
-    weights = out / WEIGHTS_DIR
-    tmp = out / (WEIGHTS_DIR + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    ckpt.save_outputs(c, applied, cfg.strategy, tmp, ema_unet_state=_ema_state(ema, c))
-    shutil.rmtree(weights, ignore_errors=True)
-    tmp.rename(weights)
-    pipe = load_pipeline(cfg.model, weights, cfg.sample.scheduler, device)
-    generate(pipe, cfg.sample, cfg.sample_resolution, out / "samples" / "final", device=device,
-             mixed_precision=cfg.train.mixed_precision)
 
 
 # --------------------------------------------------------------------------------------------
@@ -644,10 +836,11 @@ def run_name(cfg: TrialConfig) -> str:
 
 
 def build_trainer(cfg: TrialConfig, datasets: dict, out: Path, callbacks: list | None = None,
-                  name: str | None = None, report_to: str = "train") -> TorchTrainer:
+                  name: str | None = None, report_to: str = "train", progress=None) -> TorchTrainer:
     """The TorchTrainer of one trial. `name`: its Ray Train run name (a sweep passes
     `<sweep>-<tune trial id>`; default `run_name(cfg)`). `report_to="tune"`: local mode inside a
-    Tune trial, where the loop reports to Tune itself (see `session_for`)."""
+    Tune trial, where the loop reports to Tune itself (see `session_for`). `progress`: a
+    `ProgressChannel` the loop's log records go to (the driver's monitor drains it)."""
     s = cfg.scaling
     local_mode = s.num_workers == 0
     resources = {"CPU": s.cpus_per_worker}
@@ -658,7 +851,7 @@ def build_trainer(cfg: TrialConfig, datasets: dict, out: Path, callbacks: list |
         worker_loop,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "out": str(out.resolve()), "local_mode": local_mode,
                            "materialized": isinstance(datasets.get("train"), MaterializedDataset),
-                           "report_to": report_to,
+                           "report_to": report_to, "progress": progress,
                            # fault injection reaches workers started before the variable was set
                            "crash_at": int(os.environ.get(CRASH_ENV, "0") or 0)},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,

@@ -13,7 +13,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from . import config as config_mod
 from .config import TrialConfig
@@ -71,42 +71,127 @@ def read_log(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-class LogFollower(threading.Thread):
-    """Follows `train_log.jsonl` while training runs (the worker may be another process or
-    node), feeding each new record to `on_record`. Works the same in local and DDP mode."""
+class TrialMonitor:
+    """The driver's view of a running trial. Drains the workers' `ProgressChannel` (no
+    filesystem shared with them is needed) and fans each record out: `train_log.jsonl` in
+    the trial folder (a resumed run's history after its checkpoint is dropped), the progress
+    bar, MLflow metrics (batched, every 2 s, off the progress path) and intermediate sample
+    grids (MLflow images at their step). Works the same in local mode and with workers."""
 
-    def __init__(self, path: Path, on_record: Callable[[dict], None], interval: float = 0.5):
-        super().__init__(daemon=True)
-        self.path, self.on_record, self.interval = path, on_record, interval
-        self._stop_event = threading.Event()
-        self._offset = 0
+    METRICS = {"loss": "train/loss", "lr": "train/lr", "images_per_s": "train/images_per_s",
+               "vae_loss": "train/vae_loss", "val_loss": "val/loss"}
 
+    def __init__(self, out: Path, tracker=None, run_id: str | None = None, bar=None, interval: float = 0.5):
+        import ray
+
+        from .train import ProgressChannel
+
+        self.out, self.tracker, self.run_id, self.bar, self.interval = out, tracker, run_id, bar, interval
+        # On the driver's node: it lives and dies with this trial's driver.
+        self.channel = ProgressChannel.options(
+            scheduling_strategy=ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(
+                ray.get_runtime_context().get_node_id(), soft=True)).remote()
+        self.state: dict[str, Any] = {"step": 0, "loss": None, "val_loss": None, "trainable_params": None,
+                                      "peak_memory_mb": None}
+        self._pending: list[tuple[str, float, int]] = []
+        self._grids: list[tuple[bytes, int]] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._last_flush = time.monotonic()
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Read what is left (the loop flushed it before returning) and write it out."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+        self.poll()
+        self.flush()
+        import ray
+
+        ray.kill(self.channel)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.poll()
+                if time.monotonic() - self._last_flush > 2.0:
+                    self.flush()
+            except Exception:  # noqa: BLE001 - a hiccup of the channel or the store must not stop training
+                pass
+
+    # -- records ------------------------------------------------------------------------------
     def poll(self) -> None:
-        if not self.path.is_file():
-            return
-        with open(self.path) as f:
-            size = f.seek(0, 2)
-            if size < self._offset:  # the log was truncated (a resumed run rewrote it)
-                self._offset = 0
-            f.seek(self._offset)
-            chunk = f.read()
-        done = chunk.rfind("\n") + 1  # only whole lines
-        self._offset += len(chunk[:done].encode())
-        for line in chunk[:done].splitlines():
-            if line.strip():
+        import ray
+
+        with self._lock:  # the thread and stop() may both poll
+            records = ray.get(self.channel.drain.remote(), timeout=30)
+            for rec in records:
                 try:
-                    self.on_record(json.loads(line))
+                    self.on_record(rec)
                 except Exception:  # noqa: BLE001 - progress must never kill training
                     pass
 
-    def run(self) -> None:
-        while not self._stop_event.wait(self.interval):
-            self.poll()
+    def on_record(self, rec: dict) -> None:
+        event, step = rec.get("event"), int(rec.get("step") or 0)
+        if event == "samples":
+            self._grids.append((rec.pop("grid_png"), step))
+            self._write(rec)
+            return
+        if event == "resumed":
+            self._truncate(step)  # the run rewrites its history after the checkpoint
+            if self.bar is not None:
+                self.bar.note(f"resumed from checkpoint at step {step}")
+        elif event == "start":
+            self.state["trainable_params"] = rec.get("trainable_params")
+            if step == 0:
+                self._truncate(-1)  # a fresh start: no history
+        elif event == "end":
+            self.state["peak_memory_mb"] = rec.get("peak_memory_mb")
+        self._write(rec)
+        if event:
+            return
+        self._pending.extend((name, rec[k], step) for k, name in self.METRICS.items() if k in rec)
+        if "loss" in rec:
+            self.state["step"], self.state["loss"] = step, rec["loss"]
+        if "val_loss" in rec:
+            self.state["val_loss"] = rec["val_loss"]
+        if self.bar is not None:
+            self.bar.update(self.state)
 
-    def stop(self) -> None:
-        self._stop_event.set()
-        self.join(timeout=5)
-        self.poll()
+    def flush(self) -> None:
+        """MLflow writes: metrics in one batch, then any new sample grids."""
+        self._last_flush = time.monotonic()
+        if self.tracker is None:
+            self._pending, self._grids = [], []
+            return
+        batch, self._pending = self._pending, []
+        grids, self._grids = self._grids, []
+        if batch:
+            self.tracker.log_metrics(self.run_id, batch)
+        for png, step in grids:
+            self.tracker.log_image(self.run_id, png, "samples", step)
+
+    # -- train_log.jsonl ---------------------------------------------------------------------
+    @property
+    def log_path(self) -> Path:
+        return self.out / LOG_FILE
+
+    def _write(self, rec: dict) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    def _truncate(self, step: int) -> None:
+        """Keep only the lines up to `step` (-1: none)."""
+        if not self.log_path.is_file():
+            return
+        keep = [r for r in read_log(self.log_path) if int(r.get("step") or 0) <= step] if step >= 0 else []
+        self.log_path.write_text("".join(json.dumps(r) + "\n" for r in keep))
 
 
 def _clean(out: Path) -> None:
@@ -309,61 +394,14 @@ def run_trial(
         tracker.log_params(run_id, {"data.n_train": data.n_train, "data.n_val": data.n_val,
                                     "data.n_skipped": data.n_skipped, "data.source": data.source})
 
-    state: dict[str, Any] = {"step": 0, "loss": None, "val_loss": None, "trainable_params": None,
-                             "peak_memory_mb": None}
-    pending: list[tuple[str, float, int]] = []
-    lock = threading.Lock()
-
     bar = _ProgressBar(cfg, console) if progress else None
-
-    def on_record(rec: dict) -> None:
-        if rec.get("event") == "start":
-            state["trainable_params"] = rec.get("trainable_params")
-            return
-        if rec.get("event") == "end":
-            state["peak_memory_mb"] = rec.get("peak_memory_mb")
-            return
-        if rec.get("event") == "resumed" and bar is not None:
-            bar.note(f"resumed from checkpoint at step {rec['step']}")
-            return
-        step = int(rec.get("step", 0))
-        with lock:
-            for key in ("loss", "lr", "images_per_s", "vae_loss", "val_loss"):
-                if key in rec:
-                    pending.append((f"train/{key}" if key != "val_loss" else "val/loss", rec[key], step))
-        if "loss" in rec:
-            state["step"], state["loss"] = step, rec["loss"]
-        if "val_loss" in rec:
-            state["val_loss"] = rec["val_loss"]
-        if bar is not None:
-            bar.update(state)
-
-    def flush_metrics() -> None:
-        if tracker is None:
-            return
-        with lock:
-            batch, pending[:] = list(pending), []
-        if batch:
-            tracker.log_metrics(run_id, batch)
-
-    follower = LogFollower(out / LOG_FILE, on_record)
-    flusher_stop = threading.Event()
-
-    def flusher() -> None:  # MLflow writes off the progress path, every 2 s
-        while not flusher_stop.wait(2.0):
-            try:
-                flush_metrics()
-            except Exception:  # noqa: BLE001 - a hiccup of the store must not stop training
-                pass
-
-    flusher_thread = threading.Thread(target=flusher, daemon=True)
+    monitor = TrialMonitor(out, tracker, run_id, bar)
     trainer = build_trainer(cfg, {"train": data.train, **({"val": data.val} if data.val is not None else {})}, out,
-                            callbacks, name=run_name, report_to=report_to)
+                            callbacks, name=run_name, report_to=report_to, progress=monitor.channel)
     error: BaseException | None = None
     if bar is not None:
         bar.start()
-    follower.start()
-    flusher_thread.start()
+    monitor.start()
     try:
         trainer.fit()
     except TrainingError as e:
@@ -376,12 +414,10 @@ def run_trial(
             f"checkpoint in {out / CHECKPOINTS_DIR if cfg.scaling.num_workers == 0 else out / 'ray'})"
         )
     finally:
-        follower.stop()
-        flusher_stop.set()
-        flusher_thread.join(timeout=5)
+        monitor.stop()
         if bar is not None:
             bar.stop()
-    flush_metrics()
+    state = monitor.state
 
     if error is not None:
         if tracker is not None:

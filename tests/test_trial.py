@@ -32,7 +32,7 @@ def in_tmp(tmp_path, monkeypatch, ray_local):
 
 def test_trial_writes_loadable_outputs_samples_and_one_mlflow_run(in_tmp):
     cfg = small_cfg(in_tmp, "strategy.unet.mode=lora", "strategy.text_encoder.mode=lora", "strategy.token=learn",
-                    model="tiny-sdxl")
+                    "train.sample_every=2", model="tiny-sdxl")
     r = run_trial(cfg, progress=False)
     assert r.step == 4 and np.isfinite(r.loss) and r.val_loss is not None
     assert (r.weights / "pytorch_lora_weights.safetensors").is_file()
@@ -61,6 +61,33 @@ def test_trial_writes_loadable_outputs_samples_and_one_mlflow_run(in_tmp):
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"weights", "samples", "config.yaml", "train_log.jsonl"} <= arts
     assert "grid.png" in {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "samples/final")}
+    # Sample grids as MLflow images at their step: the intermediate one (step 2) and the final one.
+    images = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "images")}
+    assert {n.split("+")[2] for n in images if n.startswith("samples+step+") and n.endswith(".png")} == {"2", "4"}
+
+
+def test_monitor_keeps_the_log_from_the_workers_channel_and_drops_history_after_a_resume(ray_local, tmp_path):
+    """The driver's log comes through the channel (no filesystem shared with the workers);
+    a run resumed at step 2 replaces what the interrupted run logged after step 2."""
+    import ray
+
+    from sar_ray.trial import TrialMonitor
+
+    m = TrialMonitor(tmp_path / "trial")
+
+    def put(*records):
+        ray.get(m.channel.put.remote(list(records)))
+
+    put({"event": "start", "step": 0, "trainable_params": 5}, {"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.9},
+        {"step": 3, "loss": 0.8})
+    m.poll()
+    put({"event": "resumed", "step": 2}, {"event": "start", "step": 2, "trainable_params": 5},
+        {"step": 3, "loss": 0.7}, {"step": 3, "val_loss": 0.5}, {"event": "end", "step": 3, "peak_memory_mb": 12.0})
+    m.stop()
+    log = read_log(tmp_path / "trial" / "train_log.jsonl")
+    assert [(r["step"], r["loss"]) for r in log if "loss" in r] == [(1, 1.0), (2, 0.9), (3, 0.7)]
+    assert [r["event"] for r in log if "event" in r] == ["start", "resumed", "start", "end"]
+    assert m.state == {"step": 3, "loss": 0.7, "val_loss": 0.5, "trainable_params": 5, "peak_memory_mb": 12.0}
 
 
 def test_resume_after_a_crash_reproduces_the_uninterrupted_losses(in_tmp, monkeypatch):
