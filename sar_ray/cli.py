@@ -425,7 +425,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         raise config.ConfigError(config.format_validation_error(e, "sar-ray evaluate", config.EvalConfig)) from None
 
     try:
-        result = evaluate(args.generated, args.reference, cfg, out=args.out, progress=not args.quiet)
+        columns = (study.data.image_column, study.data.text_column) if args.config else None  # WebDataset members
+        result = evaluate(args.generated, args.reference, cfg, out=args.out, progress=not args.quiet,
+                          reference_columns=columns)
     except ClipError as e:
         raise UserError(str(e)) from None
 
@@ -464,7 +466,8 @@ def _add_evaluate(sub) -> None:
         "labels) or CSV/Parquet caption tables.",
     )
     p.add_argument("--generated", required=True, help="generated samples (folder with metadata.jsonl, or a table)")
-    p.add_argument("--reference", required=True, help="real SAR images (folder or caption table)")
+    p.add_argument("--reference", required=True, help="real SAR images (folder, caption table, or WebDataset "
+                   "shards: .tar, folder, brace pattern, s3:// prefix; --config names their image member and caption)")
     p.add_argument("--out", help="metrics.json path (or a folder); the per-image Parquet goes next to it")
     p.add_argument("--metrics", help="comma-separated families: stats,glcm,clip (default stats,glcm; "
                    "clip added when --clip is given)")

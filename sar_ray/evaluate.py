@@ -155,8 +155,13 @@ def evaluate(
     cfg: EvalConfig,
     out: str | os.PathLike | None = None,
     progress: bool = True,
+    reference_columns: tuple | None = None,
 ) -> EvalResult:
     """Score two image sets with Ray Data; write ``metrics.json`` + per-image Parquet if `out`.
+
+    `reference` may also be WebDataset shards (a ``.tar``, a folder, a brace pattern, an
+    ``s3://`` prefix); `reference_columns` = (image_column, text_column) name their image
+    member and caption (a study's `data` section; default: the first ``.npy``/``.png``, no captions).
 
     `out`: a ``.json`` path (Parquet next to it as ``<stem>_per_image.parquet``) or a folder
     (``metrics.json`` and ``metrics_per_image.parquet`` inside). Raises ``DataError`` /
@@ -167,7 +172,7 @@ def evaluate(
     warnings: list[str] = []
     gen_items, w = list_images(generated, "generated", cfg.max_images)
     warnings += w
-    ref_items, w = list_images(reference, "reference", cfg.max_images)
+    ref_items, w = list_images(reference, "reference", cfg.max_images, reference_columns)
     warnings += w
     clip_path = _check_clip_inputs(cfg, gen_items, generated)
     if clip_path is not None:
@@ -313,7 +318,8 @@ class _Item:
         return dict(self.__dict__)
 
 
-def list_images(path: str | os.PathLike, role: str, max_images: int | None = None) -> tuple[list[_Item], list[str]]:
+def list_images(path: str | os.PathLike, role: str, max_images: int | None = None,
+                columns: tuple | None = None) -> tuple[list[_Item], list[str]]:
     """The images of one set, without decoding: a caption table's rows, or a folder's images.
 
     A folder with ``metadata.jsonl`` (or one CSV/Parquet table) is read with the training
@@ -322,7 +328,11 @@ def list_images(path: str | os.PathLike, role: str, max_images: int | None = Non
     """
     from sar_ray.data.captions import TABLE_EXTENSIONS, DataError, read_table
     from sar_ray.data.io import IMAGE_EXTENSIONS
+    from sar_ray.data.webdataset import list_streamed
 
+    shards = list_streamed(path, max_images, columns)  # WebDataset: members named, not read
+    if shards is not None:
+        return [_Item(role, i, r.path, r.image_bytes, r.name, r.text, r.label) for i, r in enumerate(shards)], []
     root = Path(path).expanduser().absolute()
     warnings: list[str] = []
     if not root.exists():

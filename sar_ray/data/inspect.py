@@ -28,7 +28,6 @@ from sar_ray.data.storage import display, is_remote, list_files
 
 PIXELS_PER_IMAGE = 1 << 16  # amplitude statistics: a seeded subsample of each image's pixels
 PERCENTILES = (1, 5, 50, 95, 99)
-IMAGE_SUFFIXES = ("npy", "png", "tif", "tiff", "jpg", "jpeg")
 
 
 @dataclass
@@ -132,11 +131,7 @@ def _get(doc, dotted: str):
 
 def _image_member(members: Counter) -> str | None:
     """The image member a SAR user most likely means: an SLC .npy first, then amplitude files."""
-    for ext in IMAGE_SUFFIXES:
-        found = sorted(m for m in members if m.split(".")[-1].lower() == ext)
-        if found:
-            return found[0]
-    return None
+    return wds._first_image_member(members)
 
 
 # ------------------------------------------------------------------------------ tables, folders

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,22 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", "
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF
 _NPY_MAGIC = b"\x93NUMPY"
+_TAR_MEMBER = re.compile(r"^(.+\.tar)!(.+)@(\d+)\+(\d+)$")  # shard.tar!KEY.member@offset+size
+
+
+def _read_range(shard: str, member: str, offset: str, size: str) -> bytes:
+    from sar_ray.data.storage import filesystem
+
+    fs, p = filesystem(shard)
+    try:
+        with fs.open_input_file(p) as f:
+            f.seek(int(offset))
+            data = f.read(int(size))
+    except Exception as e:  # noqa: BLE001 - OSError (S3, permissions), FileNotFoundError
+        raise ImageReadError(f"{shard}!{member}: cannot read ({' '.join(str(e).split())[:200]})") from None
+    if len(data) != int(size):
+        raise ImageReadError(f"{shard}!{member}: shard shorter than its index says (rewritten since?)")
+    return data
 
 
 class ImageReadError(ValueError):
@@ -32,7 +49,14 @@ class ImageReadError(ValueError):
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """The image at `path` as (H, W) float32 linear pixel values; RGB(A) -> mean of R, G, B."""
+    """The image at `path` as (H, W) float32 linear pixel values; RGB(A) -> mean of R, G, B.
+
+    `path` may name one member of a tar shard, local or in object storage, as
+    `webdataset.member_path` writes it (``shard.tar!KEY.sar.npy@OFFSET+SIZE``): a worker reads
+    just those bytes, so a list of such paths is small wherever it travels."""
+    member = _TAR_MEMBER.match(str(path))
+    if member is not None:
+        return read_image_bytes(_read_range(*member.groups()), str(path))
     p = Path(path)
     try:
         data = p.read_bytes()

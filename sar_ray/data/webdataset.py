@@ -266,6 +266,70 @@ def read_rows(shards: list[str], fs, spec: Spec, text_members: list[str]):
     )
 
 
+def member_path(shard: str, fs, member: str, info: tarfile.TarInfo) -> str:
+    """A path `io.read_image` reads one member of a shard from (see there)."""
+    return f"{display(shard, fs)}!{member}@{info.offset_data}+{info.size}"
+
+
+def list_samples(path: str, image_column: str | None = None, text_column: str | list[str] | None = None,
+                 max_images: int | None = None) -> list:
+    """Records of a WebDataset's samples (the first `max_images` in shard order) whose `path`
+    is a member path, so nothing but names travels (``sar-ray evaluate --reference``).
+
+    `image_column` None: the first ``.npy`` member, else ``.png``/``.tif``; `text_column` None:
+    no captions. Samples without the image member are left out, a JSON path that does not
+    resolve is a DataError (the caption spec is wrong)."""
+    from sar_ray.data.captions import Record
+
+    shards, fs = list_shards(path)
+    texts = () if text_column is None else ((text_column,) if isinstance(text_column, str) else tuple(text_column))
+    records = []
+    for shard in shards:
+        where_shard = display(shard, fs)
+        with _open(shard, fs, stream=False) as f:
+            for key, sample in iter_samples(f, where_shard, heads=True, full=lambda m: m.endswith(("json", "txt"))):
+                infos = sample["__info__"]
+                member = image_column or _first_image_member(infos)
+                if member not in infos:
+                    continue
+                where = f"{where_shard}: sample {key}"
+                try:
+                    caption = [resolve_text(t, sample, where) for t in texts]
+                except SampleError as e:
+                    raise DataError(str(e)) from None
+                text = pick_text(caption, _hash(f"{key}")) if caption else ""
+                records.append(Record(member_path(shard, fs, f"{key}.{member}", infos[member]), None, text, None,
+                                      sample_name(shard, fs, key)))
+                if max_images is not None and len(records) >= max_images:
+                    return records
+    if not records:
+        raise DataError(f"{path}: empty dataset (no sample has an image member"
+                        f"{f' {image_column!r}' if image_column else ''})")
+    return records
+
+
+def list_streamed(path, max_images: int | None = None, columns: tuple | None = None) -> list | None:
+    """`list_samples` of `path` when it names WebDataset shards (local, a pattern or s3://),
+    None for a folder or caption table. `columns`: (image_column, text_column) or None."""
+    if not (is_webdataset(str(path)) or "://" in str(path)):
+        return None
+    return list_samples(str(path), *(columns or (None, None)), max_images=max_images)
+
+
+def _first_image_member(members) -> str | None:
+    for ext in ("npy", "png", "tif", "tiff", "jpg", "jpeg"):
+        found = sorted(m for m in members if m.split(".")[-1].lower() == ext)
+        if found:
+            return found[0]
+    return None
+
+
+def _hash(name: str) -> int:
+    from sar_ray.data.dataset import stable_hash
+
+    return stable_hash(name) >> 1
+
+
 def _has_caption_table(folder: str) -> bool:
     from sar_ray.data.captions import TABLE_EXTENSIONS
 
@@ -284,6 +348,6 @@ def decode_member(spec: Spec, sample: dict, where: str) -> np.ndarray:
 
 __all__ = [
     "PEEK_SAMPLES", "SHARD_EXTENSIONS", "SampleError", "Spec", "check_sample", "decode_member",
-    "is_webdataset", "iter_samples", "json_paths", "list_shards", "peek", "pick_text",
+    "is_webdataset", "iter_samples", "json_paths", "list_samples", "list_shards", "list_streamed", "member_path", "peek", "pick_text",
     "read_rows", "resolve_text", "sample_name", "scan_shard",
 ]

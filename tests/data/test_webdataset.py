@@ -142,3 +142,27 @@ def test_config_that_fits_no_sample_fails_on_the_driver_before_any_scan(tmp_path
     write_sarlo(tmp_path, n_shards=1, per_shard=2)
     with pytest.raises(DataError, match=r"shard-000000.tar: sample 0000: no member 'slc.npy'"):
         build_datasets(_cfg(tmp_path, image_column="slc.npy"), seed=0)
+
+
+def test_parquet_with_image_bytes_streams_with_the_caption_tables_names_split_and_skips(ray_local, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from sar_ray.data import read_table
+
+    rows = [{"image": sample(f"{i:04d}")["sar.png"], "text": f"scene {i}"} for i in range(12)]
+    rows[3]["image"] = b"\x89PNG\r\n\x1a\n truncated"
+    # Two row groups: names come from each row's index in the file, not in its batch.
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "t.parquet", row_group_size=5)
+    cfg = _cfg(tmp_path / "t.parquet", image_column="image", text_column="text", val_fraction=0.3)
+    data = build_datasets(cfg, seed=0)
+    records = [r for r in read_table(tmp_path / "t.parquet", image_column="image") if r.name != "t.parquet[row 3]"]
+    want_train, want_val = split_records(records, 0.3)
+    assert (data.n_train, data.n_val, data.n_skipped, data.skipped) == (len(want_train), len(want_val), 1, ["t.parquet[row 3]"])
+    assert sorted(r["path"] for r in data.val.take_all()) == sorted(r.name for r in want_val)
+    got = {r["path"]: r["text"] for r in data.train.take_all()}
+    assert got == {r.name: f"<SAR> {r.text}" for r in want_train}
+    with pytest.raises(ImageReadError, match=r"t.parquet\[row 3\]: .*\(1 of 12 images"):
+        build_datasets(cfg.model_copy(update={"on_corrupt": "error"}), seed=0)
+    with pytest.raises(DataError, match=r"t.parquet: no column 'caption' \(columns: image, text\)"):
+        build_datasets(cfg.model_copy(update={"text_column": "caption"}), seed=0)
