@@ -107,10 +107,6 @@ FAMILIES: dict[str, Family] = _load_registry()
 METRIC_DIRECTION: dict[str, str] = {k: v for f in FAMILIES.values() for k, v in f.directions.items()}
 
 
-def family_names() -> list[str]:
-    return list(FAMILIES)
-
-
 def requested(names: Sequence[str]) -> list[Family]:
     """The families named in `names` (``eval.metrics``), in registry order; unknown -> KeyError."""
     unknown = [n for n in names if n not in FAMILIES]
@@ -199,6 +195,6 @@ def is_interval_key(name: str) -> bool:
 
 __all__ = [
     "CI_LEVEL", "CI_SUFFIXES", "FAMILIES", "METRIC_DIRECTION", "Aggregate", "Context", "Family", "SetView",
-    "bootstrap_counts", "bootstrap_intervals", "family_names", "flat_intervals", "interval", "is_interval_key",
+    "bootstrap_counts", "bootstrap_intervals", "flat_intervals", "interval", "is_interval_key",
     "metric_direction", "report_columns", "requested",
 ]
