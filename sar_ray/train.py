@@ -450,7 +450,7 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
         # Fault injection; only a fresh start crashes, so the retry that resumes goes through.
         crash_at = int(config.get("crash_at") or os.environ.get(CRASH_ENV, "0") or 0) if state.pos.step == 0 else 0
         _train(state, api, out, order, val_batches, crash_at)
-        return _finish(state, api, out)
+        return _finish(state, api, out, config.get("outputs"))
     finally:
         api.flush()  # everything rank 0 logged reaches the driver, also when a step raised
 
@@ -665,10 +665,11 @@ def _log_grid(api: Session, folder: Path, step: int | str) -> None:
                  "time": time.time()})
 
 
-def _finish(state: TrainState, api: Session, out: Path) -> dict[str, Any]:
+def _finish(state: TrainState, api: Session, out: Path, outputs: dict | None = None) -> dict[str, Any]:
     """Phase finish (rank 0): save diffusers-loadable weights, then sample from them through
     the same loading code a user runs (so the samples prove the saved files, not the
-    in-memory modules)."""
+    in-memory modules). Where the driver cannot see this folder (another node, no shared
+    filesystem) they also go to the run's storage for the driver to fetch (`publish_outputs`)."""
     result = {"step": state.pos.step, "loss": _mean_over_workers(state.loss, state.device) if state.loss is not None
               else float("nan"), "val_loss": state.val_loss}
     if api.rank != 0:
@@ -686,9 +687,64 @@ def _finish(state: TrainState, api: Session, out: Path) -> dict[str, Any]:
     generate(pipe, cfg.sample, cfg.sample_resolution, out / "samples" / "final", device=state.device,
              mixed_precision=cfg.train.mixed_precision)
     _log_grid(api, out / "samples" / "final", state.pos.step)
+    if outputs and publish_outputs(out, outputs):
+        api.log({"event": "published", "step": state.pos.step, "uri": outputs["uri"], "time": time.time()})
     api.log({"event": "end", "step": state.pos.step, "peak_memory_mb": _peak_memory_mb(state.device),
              "time": time.time()})
     return result
+
+
+
+# --------------------------------------------------------------------------------------------
+# outputs without a shared filesystem: rank 0 -> the run's storage -> the driver
+# --------------------------------------------------------------------------------------------
+
+DRIVER_MARK = ".driver"
+OUTPUT_DIRS = (WEIGHTS_DIR, "samples")
+
+
+def _storage(uri: str):
+    from .trial import storage_filesystem
+
+    return storage_filesystem(uri)
+
+
+def driver_sees(out: Path, token: str) -> bool:
+    """Whether this process sees the driver's trial folder: the driver wrote `token` there."""
+    try:
+        return (out / DRIVER_MARK).read_text().strip() == token
+    except OSError:
+        return False
+
+
+def publish_outputs(out: Path, outputs: dict) -> bool:
+    """Rank 0: copy weights and samples to `outputs["uri"]` (the Train run's storage: shared by
+    definition) unless the driver sees `out` itself. True when copied."""
+    if driver_sees(out, outputs["token"]):
+        return False
+    import pyarrow.fs as pafs
+
+    fs, root = _storage(outputs["uri"])
+    for name in OUTPUT_DIRS:
+        if (out / name).is_dir():
+            fs.create_dir(f"{root}/{name}", recursive=True)
+            pafs.copy_files(str(out / name), f"{root}/{name}", source_filesystem=pafs.LocalFileSystem(),
+                            destination_filesystem=fs)
+    return True
+
+
+def fetch_outputs(out: Path, uri: str) -> None:
+    """The driver: replace `out`'s weights and samples by what rank 0 published to `uri`
+    (it ran where this folder is not)."""
+    import pyarrow.fs as pafs
+
+    fs, root = _storage(uri)
+    for name in OUTPUT_DIRS:
+        if fs.get_file_info(f"{root}/{name}").type != pafs.FileType.NotFound:
+            shutil.rmtree(out / name, ignore_errors=True)
+            (out / name).mkdir(parents=True)
+            pafs.copy_files(f"{root}/{name}", str(out / name), source_filesystem=fs,
+                            destination_filesystem=pafs.LocalFileSystem())
 
 
 DIVERGED_FILE = "diverged.json"
@@ -836,28 +892,34 @@ def run_name(cfg: TrialConfig) -> str:
 
 
 def build_trainer(cfg: TrialConfig, datasets: dict, out: Path, callbacks: list | None = None,
-                  name: str | None = None, report_to: str = "train", progress=None) -> TorchTrainer:
+                  name: str | None = None, report_to: str = "train", progress=None,
+                  driver_token: str | None = None) -> TorchTrainer:
     """The TorchTrainer of one trial. `name`: its Ray Train run name (a sweep passes
     `<sweep>-<tune trial id>`; default `run_name(cfg)`). `report_to="tune"`: local mode inside a
     Tune trial, where the loop reports to Tune itself (see `session_for`). `progress`: a
-    `ProgressChannel` the loop's log records go to (the driver's monitor drains it)."""
+    `ProgressChannel` the loop's log records go to (the driver's monitor drains it).
+    `driver_token`: what the driver wrote to `out/.driver`; rank 0 publishes its outputs to
+    storage where it does not read it back (see `publish_outputs`)."""
     s = cfg.scaling
     local_mode = s.num_workers == 0
     resources = {"CPU": s.cpus_per_worker}
     if s.use_gpu:
         resources["GPU"] = s.gpus_per_worker
     storage = s.storage_path or str((out / "ray").resolve())
+    name = name or run_name(cfg)
+    outputs = None if local_mode or not driver_token else {
+        "uri": f"{storage.rstrip('/')}/{name}/outputs", "token": driver_token}
     return TorchTrainer(
         worker_loop,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "out": str(out.resolve()), "local_mode": local_mode,
                            "materialized": isinstance(datasets.get("train"), MaterializedDataset),
-                           "report_to": report_to, "progress": progress,
+                           "report_to": report_to, "progress": progress, "outputs": outputs,
                            # fault injection reaches workers started before the variable was set
                            "crash_at": int(os.environ.get(CRASH_ENV, "0") or 0)},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                      resources_per_worker=None if local_mode else resources),
         run_config=RunConfig(
-            name=name or run_name(cfg),
+            name=name,
             storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
             failure_config=FailureConfig(max_failures=s.max_failures),

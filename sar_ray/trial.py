@@ -11,13 +11,15 @@ import json
 import shutil
 import threading
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import config as config_mod
 from .config import TrialConfig
-from .train import CHECKPOINTS_DIR, LOG_FILE, WEIGHTS_DIR, TrainingError, build_trainer, connect_ray
+from .train import (CHECKPOINTS_DIR, DRIVER_MARK, LOG_FILE, WEIGHTS_DIR, TrainingError, build_trainer,
+                    connect_ray, fetch_outputs)
 from .train import run_name as train_run_name
 
 
@@ -152,6 +154,8 @@ class TrialMonitor:
                 self._truncate(-1)  # a fresh start: no history
         elif event == "end":
             self.state["peak_memory_mb"] = rec.get("peak_memory_mb")
+        elif event == "published":  # rank 0 ran where the trial folder is not: fetch its outputs
+            self.state["published"] = rec["uri"]
         self._write(rec)
         if event:
             return
@@ -195,7 +199,7 @@ class TrialMonitor:
 
 
 def _clean(out: Path) -> None:
-    for name in (CHECKPOINTS_DIR, "ray", WEIGHTS_DIR, "samples", LOG_FILE, "summary.json", "mlflow_run.json",
+    for name in (CHECKPOINTS_DIR, "ray", WEIGHTS_DIR, "samples", LOG_FILE, "summary.json", "mlflow_run.json", DRIVER_MARK,
                  "diverged.json"):
         p = out / name
         if p.is_dir():
@@ -396,8 +400,13 @@ def run_trial(
 
     bar = _ProgressBar(cfg, console) if progress else None
     monitor = TrialMonitor(out, tracker, run_id, bar)
+    # Workers that cannot read this token back (another node, no shared filesystem) hand their
+    # weights and samples over through the run's storage (train.publish_outputs).
+    token = uuid.uuid4().hex
+    (out / DRIVER_MARK).write_text(token)
     trainer = build_trainer(cfg, {"train": data.train, **({"val": data.val} if data.val is not None else {})}, out,
-                            callbacks, name=run_name, report_to=report_to, progress=monitor.channel)
+                            callbacks, name=run_name, report_to=report_to, progress=monitor.channel,
+                            driver_token=token)
     error: BaseException | None = None
     if bar is not None:
         bar.start()
@@ -418,6 +427,12 @@ def run_trial(
         if bar is not None:
             bar.stop()
     state = monitor.state
+    if error is None and state.get("published"):
+        try:
+            fetch_outputs(out, state["published"])
+        except OSError as e:
+            error = TrainingError(f"trial {cfg.strategy.slug} trained, but its weights could not be fetched from "
+                                  f"{state['published']} ({e}); check scaling.storage_path")
 
     if error is not None:
         if tracker is not None:

@@ -313,3 +313,27 @@ def test_unreachable_storage_is_refused_before_any_compute_with_exit_2(command, 
     assert "cannot write a file there" in line and "endpoint_override" in line
     line = _refusal(capsys, [command, study, "-q", "--set", f"scaling.storage_path={_s3(s3_server, 'no-such-bucket/x')}"])
     assert "NO_SUCH_BUCKET" in line or "does not exist" in line
+
+
+def test_outputs_reach_a_driver_that_shares_no_filesystem_with_rank_0(tmp_path):
+    """Rank 0 on another node (its trial folder is not the driver's): weights and samples go
+    through the run's storage; on a shared filesystem nothing is copied."""
+    from sar_ray.train import DRIVER_MARK, fetch_outputs, publish_outputs
+
+    worker, driver = tmp_path / "worker-node" / "trial", tmp_path / "driver-node" / "trial"
+    (worker / "weights").mkdir(parents=True)
+    (worker / "weights" / "pytorch_lora_weights.safetensors").write_bytes(b"lora")
+    (worker / "samples" / "final").mkdir(parents=True)
+    (worker / "samples" / "final" / "grid.png").write_bytes(b"png")
+    driver.mkdir(parents=True)
+    (driver / DRIVER_MARK).write_text("token")
+    (driver / "weights").mkdir()
+    (driver / "weights" / "stale.safetensors").write_bytes(b"old")  # an earlier run's, replaced
+    for uri in (f"file://{tmp_path}/bucket/run/outputs", str(tmp_path / "plain" / "run" / "outputs")):
+        assert publish_outputs(worker, {"uri": uri, "token": "token"})
+        fetch_outputs(driver, uri)
+        assert sorted(p.name for p in (driver / "weights").iterdir()) == ["pytorch_lora_weights.safetensors"]
+        assert (driver / "samples" / "final" / "grid.png").read_bytes() == b"png"
+    (worker / DRIVER_MARK).write_text("token")  # a shared filesystem: the worker sees the driver's mark
+    assert not publish_outputs(worker, {"uri": str(tmp_path / "unused"), "token": "token"})
+    assert not (tmp_path / "unused").exists()
