@@ -175,7 +175,9 @@ def _holds_bytes(table, image_column: str) -> bool:
     if image_column not in schema.names:
         return False
     t = schema.field(image_column).type
-    return pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_struct(t)
+    if pa.types.is_struct(t):  # Hugging Face Image feature: {"bytes": ..., "path": ...}
+        return "bytes" in {f.name for f in t}
+    return pa.types.is_binary(t) or pa.types.is_large_binary(t)
 
 
 def _texts(cfg: DataConfig) -> list[str]:
@@ -220,7 +222,7 @@ def _scan_shard_rows(item: dict, fs, spec: wds.Spec, wanted: tuple[str, ...]) ->
     ]
 
 
-def _wds_rows(batch: dict[str, np.ndarray], spec: wds.Spec, fs) -> list[dict]:
+def _wds_rows(batch: dict[str, np.ndarray], spec: wds.Spec, fs) -> list[tuple[str, dict]]:
     """(split name, row) of each sample of a read_webdataset batch."""
     out = []
     members = [c for c in batch if not c.startswith("__")]
@@ -244,6 +246,9 @@ class ParquetSource:
         import pyarrow.parquet as pq
 
         self.path, self.files, self.fs = path, files, fs
+        self._datasets: dict[tuple[str, ...], object] = {}
+        # Rows of an HF image struct with a path but no bytes name a file next to the table.
+        self.base = None if is_remote(path) else os.path.dirname(os.path.abspath(files[0]))
         self.image_column, self.texts = cfg.image_column, _texts(cfg)
         try:
             schema = pq.read_schema(files[0], filesystem=fs)
@@ -268,16 +273,21 @@ class ParquetSource:
         files = list(self.files)
         if order_seed is not None and len(files) > 1:
             files = [files[i] for i in np.random.default_rng(order_seed).permutation(len(files))]
-        # include_row_hash: Ray's per-row hash of (file, row index), from which _row_names
-        # recovers the row index that names an image without a path (`t.parquet[row 7]`).
-        return ray.data.read_parquet(files, filesystem=self.fs, columns=self.columns,
-                                     include_paths=True, include_row_hash=True)
+        if tuple(files) not in self._datasets:
+            # One lazy dataset per file order, reused by the scan and both sides of the split:
+            # creating one reads footers and samples the files (Ray tasks) each time.
+            # include_row_hash: Ray's per-row hash of (file, row index), from which _row_names
+            # recovers the row index that names an image without a path (`t.parquet[row 7]`).
+            self._datasets[tuple(files)] = ray.data.read_parquet(
+                files, filesystem=self.fs, columns=self.columns, include_paths=True, include_row_hash=True)
+        return self._datasets[tuple(files)]
 
     def scan(self, max_images: int | None, val_fraction: float) -> Scan:
         ds = self._read()
         if max_images is not None:
             ds = ds.limit(max_images)
-        rows = ds.map_batches(functools.partial(_parquet_scan_batch, image=self.image_column, texts=self.texts),
+        rows = ds.map_batches(functools.partial(_parquet_scan_batch, image=self.image_column, texts=self.texts,
+                                                base=self.base),
                               batch_format="pyarrow", batch_size=64)
         return _collect(rows, val_fraction)
 
@@ -285,10 +295,10 @@ class ParquetSource:
         ds = self._read(order_seed if max_images is None else None)
         if max_images is not None:
             ds = ds.limit(max_images)
-        return ds, functools.partial(_parquet_rows, image=self.image_column, texts=self.texts), "pyarrow"
+        return ds, functools.partial(_parquet_rows, image=self.image_column, texts=self.texts, base=self.base), "pyarrow"
 
 
-def _parquet_rows(batch, image: str, texts: list[str]) -> list[tuple[str, dict]]:
+def _parquet_rows(batch, image: str, texts: list[str], base: str | None = None) -> list[tuple[str, dict]]:
     """(split name, row) of each row of a pyarrow batch of a Parquet caption table."""
     import pyarrow as pa
 
@@ -304,20 +314,26 @@ def _parquet_rows(batch, image: str, texts: list[str]) -> list[tuple[str, dict]]
     for i, (b, p, n) in enumerate(zip(data, paths, names)):
         row_texts = [c[i] for c in text_cols]
         name = p or n
-        out.append((name, {"image_bytes": b, "name": name,
+        path = os.path.join(base, p) if b is None and p and base else None  # abspath of a relative path
+        out.append((name, {"image_bytes": b, "path": path, "name": name,
                            "texts": None if any(t is None for t in row_texts) else [str(t) for t in row_texts]}))
     return out
 
 
-def _parquet_scan_batch(batch, image: str, texts: list[str]) -> dict[str, np.ndarray]:
+def _parquet_scan_batch(batch, image: str, texts: list[str], base: str | None = None) -> dict[str, np.ndarray]:
+    from sar_ray.data.io import read_image
+
     names, wheres, errors = [], [], []
-    for name, row in _parquet_rows(batch, image, texts):
+    for name, row in _parquet_rows(batch, image, texts, base):
         err = ""
         if row["texts"] is None:
             err = f"{name}: no caption in {', '.join(map(repr, texts))}; give every image a caption"
         else:
             try:
-                read_image_bytes(row["image_bytes"], name)
+                if row["path"] is not None:
+                    read_image(row["path"])
+                else:
+                    read_image_bytes(row["image_bytes"], name)
             except ImageReadError as e:
                 err = str(e)
         names.append(name)
@@ -365,15 +381,15 @@ def with_rows(batch, to_rows, bad: frozenset, rule: SplitRule, want_val: bool, p
 
     keep = []
     for split_name, row in to_rows(batch):
-        if split_name in bad or row["texts"] is None or row["image_bytes"] is None:
+        if split_name in bad or row["texts"] is None or (row["image_bytes"] is None and not row.get("path")):
             continue
         if rule.in_val(split_name) != want_val:
             continue
         key = stable_hash(split_name) >> 1
-        keep.append({"path": None, "image_bytes": row["image_bytes"], "name": row["name"],
+        keep.append({"path": row.get("path"), "image_bytes": row["image_bytes"], "name": row["name"],
                      "text": with_prefix(pick_text(row["texts"], key), prefix), "key": key})
     return {
-        "path": np.asarray([None] * len(keep), dtype=object),
+        "path": np.asarray([r["path"] for r in keep], dtype=object),
         "image_bytes": np.asarray([r["image_bytes"] for r in keep], dtype=object),
         "name": np.asarray([r["name"] for r in keep], dtype=object),
         "text": np.asarray([r["text"] for r in keep], dtype=object),
