@@ -25,7 +25,7 @@ from .models import Components, encode_text
 class Batch:
     """One micro-batch as the step sees it."""
 
-    pixels: torch.Tensor  # (B, 3, R, R) in [-1, 1]
+    pixels: torch.Tensor | None  # (B, 3, R, R) in [-1, 1]; None when the latent cache feeds the step
     captions: list[str]
     # SDXL micro-conditioning (Podell et al. 2023): each image's size before resizing and the
     # top-left corner of its crop in the resized image, (B, 2) as (h, w) and (top, left).
@@ -34,6 +34,36 @@ class Batch:
     crop_top_left: torch.Tensor | None = None
     # (B,) bool: caption dropped (an unconditional example for classifier-free guidance).
     drop: torch.Tensor | None = None
+    # The latent cache (`data.cache`): the frozen encoder's posterior moments, mean and
+    # log-variance concatenated on the channel axis as diffusers' DiagonalGaussianDistribution
+    # takes them, (B, 2C, R/8, R/8); `_flip` the same of the horizontally flipped image (the VAE
+    # is not flip-equivariant, so a flip of the latent would be a different sample).
+    latent_moments: torch.Tensor | None = None
+    latent_moments_flip: torch.Tensor | None = None
+
+    @property
+    def size(self) -> int:
+        return len(self.captions)
+
+    @property
+    def device(self) -> torch.device:
+        return (self.pixels if self.pixels is not None else self.latent_moments).device
+
+
+def random_flip(batch: Batch, generator: torch.Generator) -> Batch:
+    """Each image flipped horizontally with probability 1/2, drawn from `generator`: the pixels,
+    or (cached) the posterior of the flipped image. One draw of (B,) either way, so a cached and
+    an uncached step consume the generator alike and pick the same images."""
+    flip = torch.rand(batch.size, generator=generator, device=generator.device) < 0.5
+    if batch.pixels is not None:
+        batch.pixels = torch.where(flip[:, None, None, None].to(batch.device), batch.pixels.flip(-1), batch.pixels)
+    if batch.latent_moments is not None:
+        if batch.latent_moments_flip is None:
+            raise ValueError("data.flip is on but the latent cache holds no flipped posteriors (built without flip)")
+        batch.latent_moments = torch.where(flip[:, None, None, None].to(batch.device), batch.latent_moments_flip,
+                                           batch.latent_moments)
+        batch.latent_moments_flip = None
+    return batch
 
 
 @dataclass
@@ -64,7 +94,7 @@ def sdxl_time_ids(batch: Batch, resolution: int) -> torch.Tensor:
     the resized image, so that the model learns what an upscaled chip or an off-centre crop
     looks like (and sampling with (R, R, 0, 0, R, R) asks for a sharp, centred full image).
     """
-    b, device = batch.pixels.shape[0], batch.pixels.device
+    b, device = batch.size, batch.device
     original = batch.original_size if batch.original_size is not None else torch.full((b, 2), float(resolution))
     crop = batch.crop_top_left if batch.crop_top_left is not None else torch.zeros(b, 2)
     target = torch.full((b, 2), float(resolution))
@@ -83,6 +113,16 @@ def encode_latents(vae, pixel_values: torch.Tensor, generator: torch.Generator) 
     z = posterior(vae, pixel_values).sample(generator=generator)
     # The scale comes from the model's own config (0.18215 SD, 0.13025 SDXL), never hard-coded.
     return z.float() * vae.config.scaling_factor
+
+
+def sample_cached(vae, moments: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Cached posterior moments (B, 2C, h, w) -> scaled latents, one draw: the same
+    distribution and code as `encode_latents` (given the same generator state, the same latents),
+    with no encoder call. The moments are cast to the encoder's dtype, where the uncached draw lives."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    dist = DiagonalGaussianDistribution(moments.to(vae.encoder.conv_in.weight.dtype))
+    return dist.sample(generator=generator).float() * vae.config.scaling_factor
 
 
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
@@ -165,7 +205,7 @@ def conditioning(c: Components, batch: Batch, resolution: int) -> tuple[torch.Te
     SDXL (`force_zeros_for_empty_prompt`), the encoding of "" for SD 1.x/2.x; training on any
     other "empty" would teach classifier-free guidance a different unconditional branch.
     """
-    device = batch.pixels.device
+    device = batch.device
     zeros = c.force_zeros_for_empty_prompt and batch.drop is not None
     captions = batch.captions
     if batch.drop is not None and not zeros:
@@ -190,12 +230,18 @@ def compute_loss(
     resolution: int,
 ) -> StepOutput:
     """One micro-batch -> the weighted diffusion loss (+ the VAE decoder's loss when tuned)."""
-    device = batch.pixels.device
+    device = batch.device
     scheduler = c.noise_scheduler
     # Latents: one posterior draw of the frozen encoder, outside autocast in the VAE's dtype.
-    # The UNet learns on them, and a tuned decoder reconstructs from the same draw.
+    # The UNet learns on them, and a tuned decoder reconstructs from the same draw. With the
+    # latent cache the posterior was computed once ahead (data.cache): only the draw is new.
     with torch.no_grad():
-        latents = encode_latents(c.vae, batch.pixels, generator)  # (B, 4, H/8, W/8)
+        if batch.latent_moments is not None:
+            if tune_vae:  # the decoder learns against pixels, which a cached batch does not carry
+                raise ValueError("a VAE-tuning trial cannot read the latent cache (it trains against pixels)")
+            latents = sample_cached(c.vae, batch.latent_moments, generator)  # (B, 4, H/8, W/8)
+        else:
+            latents = encode_latents(c.vae, batch.pixels, generator)  # (B, 4, H/8, W/8)
     vae_loss = None
     if tune_vae:
         vae_loss = speckle_loss(decode_latents(c.vae, latents), batch.pixels)

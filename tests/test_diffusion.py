@@ -83,3 +83,56 @@ def test_speckle_loss_is_zero_on_the_target_and_punishes_smoothing():
     l1_ratio = (blurred - x).abs().mean() / (noisy - x).abs().mean()
     ratio = speckle_loss(blurred, x) / speckle_loss(noisy, x)
     assert ratio > 1 and ratio > 2 * l1_ratio
+
+
+# ---------------------------------------------------------------------------------- latent cache
+
+
+def _moments(vae, px: torch.Tensor) -> torch.Tensor:
+    from sar_ray.diffusion import posterior
+
+    with torch.no_grad():
+        return posterior(vae, px).parameters  # (B, 2C, h, w): what the cache stores
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_cached_posterior_gives_the_uncached_loss_with_no_encoder_call(kind):
+    """The same generator state: the cached draw equals encode_latents' draw, so the loss does."""
+    c = models.load_components(ModelConfig(pretrained=f"tiny-{kind}"))
+    px, tcfg = _pixels(), TrainConfig(noise_offset=0.05, min_snr_gamma=5.0)
+    cached = Batch(None, CAPTIONS, latent_moments=_moments(c.vae, px))
+    calls = []
+    c.vae.encoder.register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        got = compute_loss(c, cached, tcfg, torch.Generator().manual_seed(3), tune_vae=False, resolution=64)
+        assert calls == []  # the cached step never ran the encoder
+        want = compute_loss(c, Batch(px, CAPTIONS), tcfg, torch.Generator().manual_seed(3), tune_vae=False,
+                            resolution=64)
+    assert calls == [1]
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
+    # another generator state: another latent sample (the cache stores no fixed sample)
+    other = compute_loss(c, cached, tcfg, torch.Generator().manual_seed(4), tune_vae=False, resolution=64)
+    assert not torch.allclose(other.loss, got.loss)
+
+
+def test_cached_flip_picks_the_flipped_images_posterior_like_pixel_flip():
+    from sar_ray.diffusion import random_flip, sample_cached
+
+    vae = models.build_tiny("sdxl").vae
+    px = _pixels(8)
+    pixel_batch = random_flip(Batch(px.clone(), [""] * 8), torch.Generator().manual_seed(1))
+    cached = random_flip(Batch(None, [""] * 8, latent_moments=_moments(vae, px),
+                               latent_moments_flip=_moments(vae, px.flip(-1))), torch.Generator().manual_seed(1))
+    flipped = [not torch.equal(a, b) for a, b in zip(pixel_batch.pixels, px)]
+    assert 0 < sum(flipped) < 8  # a mix, so the test can tell the two views apart
+    torch.testing.assert_close(cached.latent_moments, _moments(vae, pixel_batch.pixels))
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    torch.testing.assert_close(sample_cached(vae, cached.latent_moments, g1),
+                               encode_latents(vae, pixel_batch.pixels, g2))
+
+
+def test_a_vae_tuning_step_refuses_cached_posteriors():
+    c = models.load_components(ModelConfig(pretrained="tiny-sd15"))
+    batch = Batch(None, CAPTIONS, latent_moments=_moments(c.vae, _pixels()))
+    with pytest.raises(ValueError, match="VAE-tuning"):
+        compute_loss(c, batch, TrainConfig(), torch.Generator().manual_seed(0), tune_vae=True, resolution=64)
