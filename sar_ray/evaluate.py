@@ -193,7 +193,8 @@ def evaluate(
     warnings += w
     with _quiet_ray_data():
         ds = _pipeline(items, cfg, size, norms, families)
-        accs = {"generated": _SetAccumulator(families, counts), "reference": _SetAccumulator(families)}
+        accs = {"generated": _SetAccumulator(families, counts, _bootstrap_classes(gen_items, ref_items)),
+                "reference": _SetAccumulator(families)}
         with _progress(len(items), progress) as advance:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 _raise_unreadable(batch)  # the first unreadable image stops the run
@@ -290,6 +291,14 @@ def _meta_columns(role: str, n: int, texts: list[str], shape: tuple[int, ...]) -
         "label": np.array([None] * n, dtype=object), "resized": np.zeros(n, bool),
         "height": np.full(n, shape[0]), "width": np.full(n, shape[1]), "depth": np.full(n, 32),
     }
+
+
+def _bootstrap_classes(gen_items: list[_Item], ref_items: list[_Item]) -> set[str]:
+    """The classes that get per-class intervals: bounded memory (B x 4096 bins each), so past
+    the first few (sorted: the same whatever order batches arrive in) a class keeps its value
+    but gets no interval (nan)."""
+    common = {it.label for it in gen_items if it.label} & {it.label for it in ref_items if it.label}
+    return set(sorted(common)[:_MAX_BOOTSTRAP_CLASSES])
 
 
 def _resample_plan(n: int, cfg: EvalConfig) -> tuple[np.ndarray | None, list[str]]:
@@ -555,7 +564,10 @@ class _SetAccumulator:
     class, and per bootstrap resample when `counts` ((B, N) draws per image) is given, so the
     driver never holds a histogram per image."""
 
-    def __init__(self, families: Sequence[Family], counts: np.ndarray | None = None):
+    def __init__(self, families: Sequence[Family], counts: np.ndarray | None = None,
+                 boot_classes: set[str] | None = None):
+        # boot_classes: the classes whose per-resample sums are kept (None: all).
+        self.boot_classes = boot_classes
         self.prefixes = tuple(f"{f.name}/" for f in families)
         self.pooled = {f"{f.name}/{c}" for f in families for c in f.pooled}
         self.counts = counts
@@ -592,9 +604,7 @@ class _SetAccumulator:
                 shape = (len(w), *values.shape[1:])
                 _add(self.boot, key, (w @ flat).reshape(shape))
                 for lab, sel in classes.items():
-                    # Bounded memory (B x bins per class): classes past the first few get no
-                    # per-class interval (nan), their point values stay.
-                    if lab in self.class_boot or len(self.class_boot) < _MAX_BOOTSTRAP_CLASSES:
+                    if self.boot_classes is None or lab in self.boot_classes:
                         _add(self.class_boot[lab], key, (w[:, sel] @ flat[sel]).reshape(shape))
         for i in np.flatnonzero(mask):
             row = {k: batch[k][i] for k in _META}
