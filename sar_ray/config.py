@@ -153,6 +153,19 @@ class DataConfig(_Strict):
         description="A corrupt or unreadable image: `skip` it and count it, or `error` with its "
         "path.",
     )
+    cache: Literal["auto", "off"] = Field(
+        "off",
+        description="The shared latent cache: `auto` encodes every training image once with the frozen "
+        "VAE encoder (a Ray Data job; under `scaling.storage_path`/latents, else "
+        ".sar-ray-cache/latents) and trials that do not tune the VAE read the stored posteriors "
+        "instead of pixels (no encoder call per step); `off`: every step encodes its pixels.",
+    )
+
+    @field_validator("cache", mode="before")
+    @classmethod
+    def _cache(cls, v):
+        # YAML 1.1 reads a bare `off` as false: `data.cache: off` means "off".
+        return "off" if v is False else v
 
     @field_validator("text_column")
     @classmethod

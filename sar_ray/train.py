@@ -38,7 +38,7 @@ from ray.train.torch import TorchTrainer
 
 from . import checkpoint as ckpt
 from .config import TrialConfig
-from .diffusion import Batch, StepOutput, compute_loss, validation_loss
+from .diffusion import Batch, StepOutput, compute_loss, random_flip, validation_loss
 from .models import Components, load_components
 from .strategies import Applied, apply, enable_checkpointing, full_components, make_optimizer, place
 
@@ -172,7 +172,7 @@ def _ema_state(ema, c: Components) -> dict[str, torch.Tensor] | None:
 
 
 
-_COLUMNS = ("pixel_values", "text", "original_size", "crop_top_left")
+_COLUMNS = ("pixel_values", "text", "original_size", "crop_top_left", "latent_moments", "latent_moments_flip")
 
 
 def _to_batch(cols: dict[str, np.ndarray], device: torch.device) -> Batch:
@@ -184,6 +184,15 @@ def _to_batch(cols: dict[str, np.ndarray], device: torch.device) -> Batch:
     def geometry(key: str) -> torch.Tensor | None:
         return torch.from_numpy(np.array(cols[key], dtype=np.float32)).reshape(-1, 2) if key in cols else None
 
+    if "latent_moments" in cols:  # the latent cache (data.cache): posteriors, no pixels
+        def moments(key: str) -> torch.Tensor | None:
+            if key not in cols:
+                return None
+            m = cols[key]
+            return torch.from_numpy(np.stack(list(m)) if m.dtype == object else np.array(m)).to(device)
+
+        return Batch(None, [str(t) for t in cols["text"]], geometry("original_size"), geometry("crop_top_left"),
+                     latent_moments=moments("latent_moments"), latent_moments_flip=moments("latent_moments_flip"))
     arr = cols["pixel_values"]
     arr = np.stack(list(arr)) if arr.dtype == object else np.array(arr)  # a writable copy
     px = torch.from_numpy(arr)
@@ -264,11 +273,6 @@ def _drop_mask(n: int, p: float, generator: torch.Generator) -> torch.Tensor | N
     if p <= 0:
         return None
     return torch.rand(n, generator=generator, device=generator.device) < p
-
-
-def _flip(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    flip = torch.rand(pixels.shape[0], generator=generator, device=generator.device) < 0.5
-    return torch.where(flip[:, None, None, None].to(pixels.device), pixels.flip(-1), pixels)
 
 
 # --------------------------------------------------------------------------------------------
@@ -381,6 +385,7 @@ class TrainState:
     first_bad: torch.Tensor | None = None
     loss: torch.Tensor | None = None  # the newest step's loss, on the device
     val_loss: float | None = None
+    encoder_calls: Any = None  # data.cache.EncoderCalls: VAE encoder forward calls of this worker
 
     def save(self, path: Path, extra: dict) -> None:
         tensors = {f"param/{k}": v for k, v in ckpt.trainable_state(self.applied).items()}
@@ -485,6 +490,9 @@ def _setup(cfg: TrialConfig, api: Session) -> TrainState:
         first_bad=torch.zeros((), dtype=torch.long, device=device),
     )
     optimizer.zero_grad(set_to_none=True)
+    from .data.cache import EncoderCalls
+
+    state.encoder_calls = EncoderCalls(c.vae)
     return state
 
 
@@ -524,7 +532,7 @@ def _train(state: TrainState, api: Session, out: Path, order: EpochOrder, val_ba
             pos.micro_in_epoch += 1
             micro += 1
             batch = _to_batch(cols, state.device)
-            meter.images += batch.pixels.shape[0] * api.world_size
+            meter.images += batch.size * api.world_size
             last_micro = micro % t.grad_accum == 0
             step_out = _micro_step(state, batch, tune_vae, last_micro)
             if not last_micro:
@@ -561,7 +569,7 @@ def _micro_step(state: TrainState, batch: Batch, tune_vae: bool, sync: bool) -> 
     backward (DDP all-reduces its buckets during backward on the last micro-batch)."""
     cfg, t = state.cfg, state.cfg.train
     if cfg.data.flip:
-        batch.pixels = _flip(batch.pixels, state.generator)
+        batch = random_flip(batch, state.generator)  # pixels, or the cached flipped posterior
     batch.drop = _drop_mask(len(batch.captions), cfg.data.caption_dropout, state.generator)
     with state.sync.accumulating(sync):
         step_out = state.sync.forward(compute_loss, state.c, batch, t, state.generator, tune_vae, cfg.data.resolution)
@@ -690,6 +698,7 @@ def _finish(state: TrainState, api: Session, out: Path, outputs: dict | None = N
     if outputs and publish_outputs(out, outputs):
         api.log({"event": "published", "step": state.pos.step, "uri": outputs["uri"], "time": time.time()})
     api.log({"event": "end", "step": state.pos.step, "peak_memory_mb": _peak_memory_mb(state.device),
+             "vae_encoder_calls": state.encoder_calls.n if state.encoder_calls is not None else None,
              "time": time.time()})
     return result
 

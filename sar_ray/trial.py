@@ -154,6 +154,8 @@ class TrialMonitor:
                 self._truncate(-1)  # a fresh start: no history
         elif event == "end":
             self.state["peak_memory_mb"] = rec.get("peak_memory_mb")
+            if rec.get("vae_encoder_calls") is not None:  # rank 0's count (zero when the latent cache fed it)
+                self._pending.append(("data/vae_encoder_calls", rec["vae_encoder_calls"], step))
         elif event == "published":  # rank 0 ran where the trial folder is not: fetch its outputs
             self.state["published"] = rec["uri"]
         self._write(rec)
@@ -354,6 +356,7 @@ def run_trial(
     `cfg.data` (a sweep builds them once for all its trials). `run_name`, `report_to`: see
     `train.build_trainer` (a sweep names each trial's run after its Tune trial)."""
     from .data import build_datasets
+    from .data import cache as latent_cache
 
     started = time.time()
     if check_memory and cfg.scaling.gpu_memory_gb is not None:
@@ -379,6 +382,7 @@ def run_trial(
     connect_ray(cfg.scaling.address)
     if data is None:
         data = build_datasets(cfg.data, cfg.train.seed)
+    data, tags = latent_cache.for_trial(cfg, data, tags)  # cached posteriors where the VAE is frozen
     _check_ingest_cpus(cfg, data.materialized)
     (out / "config.yaml").write_text(config_mod.dump_yaml(cfg))
 

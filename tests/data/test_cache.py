@@ -1,0 +1,152 @@
+"""The shared latent cache (data.cache): its key, what a trial reads, what it refuses."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from sar_ray import config
+from sar_ray.data import cache
+from sar_ray.models import build_tiny
+from sar_ray.trial import read_log, run_trial
+
+PROMPTS = '["<SAR> image of open water with a ship"]'
+BASE = [
+    "model.pretrained=tiny-sdxl",
+    "data.synthetic.n=12", "data.synthetic.size=32", "data.resolution=32", "data.val_fraction=0.2",
+    "train.max_steps=3", "train.batch_size=2", "train.eval_every=3", "train.checkpoint_every=3",
+    "train.eval_batches=1", f"sample.prompts={PROMPTS}", "sample.seeds=[0]", "sample.steps=1",
+]
+
+
+def _cfg(tmp_path: Path, *sets: str, out: str = "out"):
+    return config.load(None, [*BASE, f"out={tmp_path / out}", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+                              "tracking.experiment=test", *sets]).trial()
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch, ray_local):
+    monkeypatch.chdir(tmp_path)  # the synthetic data and the latent cache land here
+    return tmp_path
+
+
+def _key(cfg, vae=None) -> str:
+    return cache.cache_key(cache.key_inputs(cfg, vae or build_tiny("sdxl").vae))
+
+
+def test_key_misses_on_any_change_of_what_the_latents_depend_on(tmp_path):
+    base = _cfg(tmp_path)
+    vae = build_tiny("sdxl").vae
+    k = _key(base, vae)
+    assert _key(base, build_tiny("sdxl").vae) == k  # the same weights: the same key, in any process
+    changed = {
+        "resolution": _cfg(tmp_path, "data.resolution=16"),
+        "normalization": _cfg(tmp_path, "data.normalization.k=2.0"),
+        "flip": _cfg(tmp_path, "data.flip=true"),
+        "crop": _cfg(tmp_path, "data.crop=random"),
+        "dtype": _cfg(tmp_path, "model.weight_dtype=bf16", "model.vae_force_upcast=false",
+                      "train.mixed_precision=bf16"),
+        "data": _cfg(tmp_path, "data.synthetic.n=13"),
+    }
+    for what, cfg in changed.items():
+        assert _key(cfg, vae) != k, what
+    other = build_tiny("sdxl", seed=1).vae  # another model's encoder weights
+    assert _key(base, other) != k
+    import torch
+
+    with torch.no_grad():
+        vae.quant_conv.weight[0, 0, 0, 0] += 1e-3  # one weight of quant_conv
+    assert _key(base, vae) != k
+    # What the encoder never sees does not miss: the strategy, the learning rate, the decoder.
+    assert _key(_cfg(tmp_path, "strategy.unet.mode=lora", "train.lr=1e-3"), build_tiny("sdxl").vae) == k
+
+
+def _calls(out: Path) -> int:
+    return next(r["vae_encoder_calls"] for r in read_log(out / "train_log.jsonl") if r.get("event") == "end")
+
+
+def _losses(out: Path) -> list[float]:
+    return [r["loss"] for r in read_log(out / "train_log.jsonl") if "loss" in r]
+
+
+def test_cached_trial_trains_like_the_uncached_one_with_zero_encoder_calls(in_tmp):
+    """Same seed, flip on: the cached trial draws the same latents (the flipped image's posterior
+    where the pixels would flip), so its losses equal the uncached trial's; it calls the encoder
+    never, the uncached one every step; a VAE-tuning trial ignores the cache."""
+    sets = ["strategy.unet.mode=lora", "data.flip=true"]
+    plain = run_trial(_cfg(in_tmp, *sets, "data.cache=off", out="off"), progress=False)
+    cached = run_trial(_cfg(in_tmp, *sets, "data.cache=auto", out="auto"), progress=False)
+    vae = run_trial(_cfg(in_tmp, *sets, "data.cache=auto", "strategy.vae.mode=lora", out="vae"), progress=False)
+    assert _calls(cached.out) == 0
+    assert _calls(plain.out) >= 3  # one per step (+ validation)
+    assert _calls(vae.out) >= 3
+    # Step 1 sees the same weights: equal up to float noise (the cache encoded 16 images a call,
+    # the step 2). Later steps amplify that noise through Adam's normalised updates: close.
+    assert _losses(cached.out)[0] == pytest.approx(_losses(plain.out)[0], rel=1e-5)
+    np.testing.assert_allclose(_losses(cached.out), _losses(plain.out), rtol=5e-3)
+    assert cached.val_loss == pytest.approx(plain.val_loss, rel=5e-3)
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{in_tmp}/mlflow.db")
+    runs = {Path(r.data.tags["sar_ray.out"]).name: r for r in
+            client.search_runs([client.get_experiment_by_name("test").experiment_id])}
+    assert runs["auto"].data.tags["data.cache_used"] == "true"
+    assert runs["auto"].data.tags["data.cache_key"] == _key(_cfg(in_tmp, *sets))
+    assert runs["vae"].data.tags["data.cache_used"] == "false"
+    assert runs["off"].data.tags["data.cache_used"] == "false"
+    assert runs["auto"].data.metrics["data/vae_encoder_calls"] == 0
+    assert runs["off"].data.metrics["data/vae_encoder_calls"] >= 3
+
+
+def _study_file(tmp_path: Path, *sets: str) -> Path:
+    doc: dict = {"name": "cachetest"}
+    for kv in [*BASE, *sets]:
+        k, v = kv.split("=", 1)
+        node = doc
+        *parents, leaf = k.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(v)
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def _folders(root: Path) -> list[Path]:
+    return sorted(p for p in (root / cache.LOCAL_ROOT).iterdir() if p.is_dir())
+
+
+def test_data_cache_then_trial_reuses_it_and_a_corrupt_or_foreign_cache_is_rebuilt(in_tmp, capsys):
+    from sar_ray.cli import main
+
+    study = _study_file(in_tmp, "data.cache=auto", "tracking.enabled=false", f"out={in_tmp / 't'}")
+    assert main(["data", "cache", str(study)]) == 0
+    assert "built" in capsys.readouterr().out
+    (folder,) = _folders(in_tmp)
+    marker = json.loads((folder / cache.MARKER).read_text())
+    assert marker["key"] == folder.name and marker["n_train"] > 0
+    stamp = (folder / cache.MARKER).stat().st_mtime_ns
+    assert main(["trial", str(study), "-q"]) == 0
+    assert _folders(in_tmp) == [folder] and (folder / cache.MARKER).stat().st_mtime_ns == stamp  # no rebuild
+    assert _calls(in_tmp / "t") == 0
+
+    # A truncated shard: a miss, rebuilt (never read as a shorter or garbled set).
+    shard = sorted((folder / "train").glob("*.parquet"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])
+    assert main(["data", "cache", str(study)]) == 0
+    said = capsys.readouterr().out
+    assert "built" in said and "reused" not in said
+    assert json.loads((folder / cache.MARKER).read_text())["n_train"] == marker["n_train"]
+    assert main(["data", "cache", str(study)]) == 0
+    assert "reused" in capsys.readouterr().out
+
+    # Another model's cache put in this key's place (its marker names another key): refused, rebuilt.
+    (folder / cache.MARKER).write_text(json.dumps({**marker, "key": "0" * 24}))
+    assert main(["data", "cache", str(study)]) == 0
+    assert "reused" not in capsys.readouterr().out
+    assert json.loads((folder / cache.MARKER).read_text())["key"] == folder.name
