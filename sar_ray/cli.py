@@ -347,6 +347,34 @@ def _add_data(sub) -> None:
     i.add_argument("--image-column", help="image member / column (default: an .npy, else .png/.tif member; a table's bytes column)")
     i.add_argument("--json", action="store_true", help="print the result as JSON")
     i.set_defaults(func=_cmd_data_inspect)
+    c = dsub.add_parser(
+        "cache",
+        help="encode the study's training images once with its frozen VAE encoder (the latent cache)",
+        description="Build the shared latent cache of the study's base trial ahead of `sar-ray trial` / "
+        "`sweep` (which otherwise build it on first use): a Ray Data job stores each image's VAE posterior "
+        "under scaling.storage_path/latents (else .sar-ray-cache/latents). Trials read it with data.cache: auto.",
+    )
+    _add_config_args(c)
+    c.set_defaults(func=_cmd_data_cache)
+
+
+def _cmd_data_cache(args: argparse.Namespace) -> int:
+    from . import config
+    from .data import build_datasets
+    from .data.cache import build, cache_root
+    from .train import connect_ray
+
+    cfg = config.load(args.config, list(args.overrides)).trial()
+    connect_ray(cfg.scaling.address)
+    data = build_datasets(cfg.data, cfg.train.seed)
+    key, marker, built = build(cfg, data)
+    where = f"{cache_root(cfg)[1]}/{key}"
+    console.print(f"latent cache {where}: {marker['n_train']} train + {marker['n_val']} val images "
+                  f"({'built' if built else 'already built; reused'})", markup=False, soft_wrap=True)
+    if cfg.data.cache != "auto":
+        console.print("note: data.cache is off in this study; set data.cache: auto for trials to read it",
+                      markup=False, soft_wrap=True)
+    return EXIT_OK
 
 
 def _cmd_data_inspect(args: argparse.Namespace) -> int:

@@ -341,14 +341,20 @@ def _trial_driver(config: dict[str, Any], *, study_raw: dict, folder: str, track
     final: dict[str, Any] = {"step": result.step, "loss": result.loss, "val_loss": result.val_loss, FINISHED_KEY: True,
                              **{f"cost/{k}": v for k, v in result.cost().items()}}
     if study.search is not None and study.search.evaluate and reference:
-        from .evaluate import score
+        from .evaluate import evaluate
 
         # Real images are compared in the space the model learned: the training normalisation.
-        scores = score(result.samples, reference, cfg.eval.model_copy(update={"normalization": cfg.data.normalization}))
+        # metrics.json keeps what the scores alone would lose: intervals, normalisation, warnings.
+        scored = evaluate(result.samples, reference, cfg.eval.model_copy(update={"normalization": cfg.data.normalization}),
+                          out=cfg.out_dir / "metrics.json", progress=False)
+        scores = scored.flat()
         final.update(scores)
         if tracker is not None:
             tracker.log_metrics(result.run_id, [(k, v, result.step) for k, v in scores.items()
                                                 if v is not None and math.isfinite(v)])
+            tracker.log_artifact(result.run_id, cfg.out_dir / "metrics.json")
+            if scored.warnings:
+                tracker.set_tags(result.run_id, {"sar_ray.eval_warnings": " | ".join(scored.warnings)[:5000]})
     # No None values: ASHA multiplies the metric it reads (a trial without validation images
     # reported val_loss None and the TypeError ended the whole sweep); absent, it is skipped.
     final = {k: v for k, v in final.items() if v is not None}
@@ -487,10 +493,12 @@ def run_sweep(study: StudyConfig, *, resume: bool = False, fresh: bool = False, 
     shared = None
     if not any(k.startswith(("data.", "train.seed")) for k in study.search.space):
         from .data import build_datasets
+        from .data.cache import prebuild
 
         # Every trial reads the same images: check and prepare them once, here, while the
-        # cluster's CPUs are free, instead of once per trial.
-        shared = build_datasets(base.data, base.train.seed)
+        # cluster's CPUs are free, instead of once per trial (and, with data.cache: auto, encode
+        # them once: the latent cache that trials with a frozen VAE read).
+        shared = prebuild(base, build_datasets(base.data, base.train.seed))
     trainable = tune.with_resources(
         tune.with_parameters(_trial_driver, study_raw=study_raw, folder=str(folder), tracking=tracking,
                              reference=reference, data=shared),
