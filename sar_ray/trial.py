@@ -89,10 +89,11 @@ class TrialMonitor:
         from .train import ProgressChannel
 
         self.out, self.tracker, self.run_id, self.bar, self.interval = out, tracker, run_id, bar, interval
-        # On the driver's node: it lives and dies with this trial's driver.
+        # Pinned to the driver's node (it needs no CPU, so that node always fits it): it lives
+        # and dies with this trial's driver, never with a worker node that is lost.
         self.channel = ProgressChannel.options(
             scheduling_strategy=ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(
-                ray.get_runtime_context().get_node_id(), soft=True)).remote()
+                ray.get_runtime_context().get_node_id(), soft=False)).remote()
         self.state: dict[str, Any] = {"step": 0, "loss": None, "val_loss": None, "trainable_params": None,
                                       "peak_memory_mb": None}
         self._pending: list[tuple[str, float, int]] = []
@@ -111,10 +112,13 @@ class TrialMonitor:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=10)
-        self.poll()
-        self.flush()
         import ray
 
+        try:
+            self.poll()
+        except ray.exceptions.RayError:  # the channel is gone: the records are lost, the trial's results stand
+            pass
+        self.flush()
         ray.kill(self.channel)
 
     def _run(self) -> None:
