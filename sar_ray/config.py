@@ -409,7 +409,15 @@ class EvalConfig(_Strict):
         None, ge=8, description="Compare images at size x size (default: the first reference "
         "image's size); other sizes are resized with a warning."
     )
-    max_images: int | None = Field(None, gt=0, description="Use at most this many images per set.")
+    max_images: int | None = Field(
+        None, gt=0, description="Use at most this many images per set: a sample seeded by eval.seed and "
+        "stratified by label (each class its proportional share, at least one), not the first N of the listing.",
+    )
+    cache_dir: str | None = Field(
+        "~/.cache/sar-ray/eval", description="Where the reference set's descriptors are kept, keyed by the "
+        "reference files (paths, sizes, mtimes), the eval settings that change them and the descriptor code, "
+        "so trials scored against one reference describe it once; null: no cache.",
+    )
     hist_bins: int = Field(256, ge=8, description="Amplitude histogram bins (KL, JS).")
     hist_smoothing: float = Field(
         0.5, ge=0, description="Pseudo-count added to every histogram bin before KL (0: none)."
@@ -442,7 +450,7 @@ class EvalConfig(_Strict):
         200, ge=0, description="Bootstrap resamples of the generated images for the 95% interval of "
         "every metric (0: no intervals)."
     )
-    seed: int = Field(0, description="Seed of the KID subsets and the bootstrap resamples.")
+    seed: int = Field(0, description="Seed of the max_images sample, the KID subsets and the bootstrap resamples.")
 
     @field_validator("metrics")
     @classmethod
