@@ -6,7 +6,7 @@
 
 On the driver: read the caption table, cap at ``max_images``, check every image decodes (a
 Ray Data pass that returns only failures, so it runs on the cluster's CPUs), split train/val
-by a hash of each image's name. In Ray Data workers: decode, normalise, resize, crop.
+by a hash of each image's name (``splits``: train, validation, held out). In Ray Data workers: decode, normalise, resize, crop.
 WebDataset shards and Parquet tables holding the image bytes never reach the driver: see
 ``streamed`` (a scan in Ray Data, then the same rows and the same preparation).
 
@@ -100,7 +100,11 @@ def build_datasets(cfg: DataConfig, seed: int) -> TrainData:
         why = f" (all {len(skipped)} unreadable, first: {bad[min(bad)]})" if skipped else ""
         raise DataError(f"{source}: no usable images{why}")
 
-    train_recs, val_recs = split_records(records, cfg.val_fraction)
+    # Train / validation / held out: sar_ray.data.splits defines them (the held-out images are
+    # the sweep's `real (held out)` anchor: never trained on).
+    from sar_ray.data.splits import split_three
+
+    train_recs, val_recs, _ = split_three(records, cfg.val_fraction, cfg.holdout_fraction)
     # A seeded global order: each worker's shard (and an early-stopped trial's first steps)
     # is a random sample of the whole table, never its first rows (one class, one site).
     train_recs = [train_recs[i] for i in np.random.default_rng(seed).permutation(len(train_recs))]
