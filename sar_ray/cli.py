@@ -257,7 +257,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
         trials, dropped = check_search(study)
         left = f" ({dropped} point{'s' * (dropped != 1)} that would train nothing left out)" if dropped else ""
-        console.print(f"search: {study.search.algorithm}, {trials} trials{left}")
+        n = study.search.repeats
+        seeds = f" ({trials // n} points x {n} seeds)" if n > 1 else ""
+        console.print(f"search: {study.search.algorithm}, {trials} trials{seeds}{left}")
     if args.print:
         console.print(config.dump_yaml(study), markup=False)
     if args.plan:

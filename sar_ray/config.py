@@ -139,7 +139,15 @@ class DataConfig(_Strict):
         0.0, ge=0, lt=1, description="Probability of replacing a caption with the empty string."
     )
     val_fraction: float = Field(
-        0.1, ge=0, lt=1, description="Held-out fraction for the validation loss (by file hash)."
+        0.1, ge=0, lt=1, description="Fraction of the images kept out of training for the validation loss "
+        "(by a hash of each image's name: the same images in every trial and seed)."
+    )
+    holdout_fraction: float = Field(
+        0.1, ge=0, lt=1, description="Fraction of the images held out of training, validation and the "
+        "reference (the next slice of the same name hash): a sweep scores them against the reference as the "
+        "`real (held out)` anchor row, the distance real SAR of this source has. 0: no anchor from "
+        "data.path (search.holdout may still give one). WebDataset / streamed Parquet sources keep every "
+        "non-validation image for training: their anchor comes from search.holdout only.",
     )
     max_images: int | None = Field(None, gt=0, description="Use at most this many images.")
     materialize: Literal["auto", "always", "never"] = Field(
@@ -160,6 +168,13 @@ class DataConfig(_Strict):
         ".sar-ray-cache/latents) and trials that do not tune the VAE read the stored posteriors "
         "instead of pixels (no encoder call per step); `off`: every step encodes its pixels.",
     )
+
+    @model_validator(mode="after")
+    def _splits_leave_training(self) -> DataConfig:
+        if self.val_fraction + self.holdout_fraction >= 1:
+            raise ValueError(f"val_fraction + holdout_fraction must be < 1 so that some images train "
+                             f"(got {self.val_fraction} + {self.holdout_fraction})")
+        return self
 
     @field_validator("cache", mode="before")
     @classmethod
@@ -594,7 +609,14 @@ class SearchConfig(_Strict):
         "optuna", description="optuna (TPE, seeded), grid (every combination), random."
     )
     seed: int = Field(0, description="Seed of the search algorithm.")
-    num_samples: int = Field(1, gt=0, description="optuna/random: trials; grid: repeats of the whole grid.")
+    num_samples: int = Field(1, gt=0, description="Points the search draws: optuna/random: points suggested "
+                             "by the sampler; grid: passes over the whole grid. Trials = points x repeats.")
+    repeats: int = Field(
+        1, ge=1, description="Seed replicas of every search point: each point runs as `repeats` separate trials "
+        "with train.seed + k (k = 0 .. repeats-1), and the report shows each point's mean and spread (std, "
+        "min-max) over them. Unlike num_samples (more points), repeats measure how much one point's result "
+        "moves with the seed alone. Not with train.seed in search.space.",
+    )
     space: dict[str, ParamSpec] = Field(
         default_factory=dict,
         description="Dotted config keys -> axis. strategy.<component>.rank|alpha|dropout are sampled only "
@@ -615,7 +637,18 @@ class SearchConfig(_Strict):
     max_failures: int = Field(1, ge=0, description="Retries of a failed trial (resumes from its last checkpoint).")
     evaluate: bool = Field(True, description="Score each trial's final samples with the `eval` metrics.")
     reference: str | None = Field(
-        None, description="Real SAR images the samples are scored against (default: the training data)."
+        None, description="Real SAR images the samples are scored against (default: the training split of "
+        "data.path, i.e. neither its validation nor its held-out images)."
+    )
+    holdout: str | None = Field(
+        None, description="Real SAR images for the `real (held out)` anchor row (default: the "
+        "data.holdout_fraction split of data.path). Must share no image with the training data or the "
+        "reference (compared by content): an overlap is refused.",
+    )
+    anchors: bool = Field(
+        True, description="Score two anchor rows once per sweep, beside the trials: `base (untuned)` (the "
+        "model before fine-tuning, sampled with the same prompts and seeds) and `real (held out)`; the "
+        "report's realism column places each trial between them (0: untuned, 1: real). Needs evaluate.",
     )
 
     @model_validator(mode="after")
@@ -630,6 +663,12 @@ class SearchConfig(_Strict):
             raise ValueError("ASHA stops trials on one metric: set search.scheduler.type=none for a multi-objective study")
         for i, point in enumerate(self.points or []):
             self._check_point(i, point)
+        if self.repeats > 1 and "train.seed" in self.space:
+            raise ValueError("repeats > 1 runs each point with train.seed + k: remove train.seed from search.space "
+                             "(or set repeats: 1)")
+        if self.repeats > 1 and len(self.objectives) > 1:
+            raise ValueError("repeats > 1 averages one objective over a point's seeds: use one objective "
+                             "(or set repeats: 1)")
         if self.points and self.algorithm != "grid" and self.num_samples < len(self.points):
             raise ValueError(f"num_samples ({self.num_samples}) is below the number of points ({len(self.points)}): "
                              f"the points past it would never run")

@@ -83,6 +83,9 @@ def test_override_errors_mention_the_override():
     (["model.weight_dtype=fp16", "train.mixed_precision=no"], "needs train.mixed_precision=fp16"),
     (["data.normalization.db_min=5", "data.normalization.db_max=-5"], "db_min must be < db_max"),
     (["train.batch_size=0"], "train.batch_size"),
+    (["data.val_fraction=0.5", "data.holdout_fraction=0.5"], "holdout_fraction must be < 1 so that some images train"),
+    (['search={"space": {"train.lr": {"choice": [1e-4]}}, "repeats": 0}'], "search.repeats"),
+    (['search={"space": {"train.seed": {"choice": [0, 1]}}, "repeats": 2}'], "remove train.seed from search.space"),
 ])
 def test_invalid_settings_are_refused_at_validation(overrides, fragment):
     with pytest.raises(ConfigError, match=fragment.replace(".", r"\.")):
@@ -160,3 +163,17 @@ def test_every_shipped_study_expands_its_search_space(path, capsys):
     for p in points:
         trial_config(study, p, Path("runs") / study.name / "trials" / "x", study.name)
     assert capsys.readouterr() == ("", "")
+
+
+def test_validate_counts_seed_replicas_as_trials(capsys):
+    from sar_ray.cli import main
+    from sar_ray.sweep import check_search
+
+    quick = ROOT / "sweeps/quickstart.yaml"
+    assert check_search(config.load(quick))[0] == 8
+    assert check_search(config.load(quick, ["search.repeats=3"]))[0] == 24  # 8 points x 3 seeds
+    optuna = config.load(None, ['search={"space": {"train.lr": {"loguniform": [1e-5, 1e-3]}}, "num_samples": 5}',
+                                "search.repeats=2"])
+    assert check_search(optuna)[0] == 10  # num_samples points, each run with 2 seeds
+    assert main(["validate", str(quick), "--set", "search.repeats=3"]) == 0
+    assert "24 trials (8 points x 3 seeds)" in capsys.readouterr().out
