@@ -1,4 +1,6 @@
-"""The strategy comparison of a sweep: one row per strategy combination (its best trial).
+"""The strategy comparison of a sweep: one row per strategy combination (its best search point),
+read against two anchor rows, ``base (untuned)`` and ``real (held out)`` (see sweep.anchor_rows),
+with a ``realism`` column placing each row between them (0: untuned, 1: real SAR).
 
 Reads the sweep's MLflow runs through `tracking.Tracker` (so a report can be rebuilt from any
 machine that reaches the tracking server) and writes `report.md`, `report.csv`, plots of the
@@ -15,7 +17,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +39,49 @@ COLUMNS = [
 class TrialRow:
     run_id: str
     name: str
-    strategy: str  # modes + token, without rank (the "combination")
+    strategy: str  # modes + token, without rank (the "combination"); an anchor's own words
     status: str
     params: dict[str, str]
     metrics: dict[str, float]
+    kind: str = "trial"  # or "anchor": base (untuned) / real (held out)
+    trial_id: str | None = None  # the Tune trial id (sar_ray.trial_id)
+    point: dict[str, Any] = field(default_factory=dict)  # the sampled values (sar_ray.params)
+    seed: int | None = None  # train.seed of this replica (search.repeats)
+    repeats: list[TrialRow] = field(default_factory=list)  # a point's seed replicas (group_points)
+
+    @property
+    def label(self) -> str:
+        """The trial by id and sampled values; a point's replicas by their count."""
+        if self.kind == "anchor":
+            return "-"
+        if len(self.repeats) > 1:
+            return point_label(f"{len(self.repeats)} seeds", self.point)
+        return point_label(self.trial_id or self.name, self.point)
+
+
+def _short(key: str) -> str:
+    """`strategy.unet.lr` -> `unet.lr`, `train.lr` -> `lr`, `strategy.token` -> `token`."""
+    for prefix in ("strategy.", "train.", "data.", "sample."):
+        if key.startswith(prefix):
+            return key[len(prefix):]
+    return key
+
+
+def _short_value(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.2g}"
+    if isinstance(v, dict):
+        return "{" + ",".join(f"{k}={_short_value(x)}" for k, x in v.items()) + "}"
+    return str(v)
+
+
+def point_label(trial_id: str, params: dict[str, Any], seed: int | None = None) -> str:
+    """``a1b2c_00003 (unet.mode=lora, unet.rank=8, lr=3e-04)``: a row names its trial, not only
+    its strategy slug (two trials of one combination differ in their sampled values)."""
+    values = [f"{_short(k)}={_short_value(v)}" for k, v in sorted(params.items())]
+    if seed is not None:
+        values.append(f"seed={seed}")
+    return f"{trial_id} ({', '.join(values)})" if values else str(trial_id)
 
 
 def _combination(params: dict[str, str]) -> str:
@@ -66,10 +107,93 @@ def collect(tracker, parent_run_id: str) -> list[TrialRow]:
     )
     rows = []
     for r in runs:
-        params = dict(r.data.params)
+        params, tags = dict(r.data.params), dict(getattr(r.data, "tags", {}) or {})
+        metrics = {k: float(v) for k, v in r.data.metrics.items()}
+        if tags.get("sar_ray.kind") == "anchor":
+            rows.append(TrialRow(r.info.run_id, r.info.run_name or r.info.run_id,
+                                 tags.get("sar_ray.strategy", tags.get("sar_ray.anchor", "anchor")), r.info.status,
+                                 params, metrics, kind="anchor", trial_id=tags.get("sar_ray.anchor")))
+            continue
+        try:
+            point = json.loads(tags.get("sar_ray.params", "{}"))
+        except ValueError:
+            point = {}
+        seed = tags.get("sar_ray.seed")
         rows.append(TrialRow(r.info.run_id, r.info.run_name or r.info.run_id, _combination(params), r.info.status,
-                             params, {k: float(v) for k, v in r.data.metrics.items()}))
+                             params, metrics, trial_id=tags.get("sar_ray.trial_id"), point=point,
+                             seed=int(seed) if seed not in (None, "") else None))
     return rows
+
+
+def anchors_of(rows: list[TrialRow]) -> dict[str, TrialRow]:
+    """{"base": row, "real": row} of the anchor runs that finished (the newest of each kind)."""
+    return {r.trial_id: r for r in rows if r.kind == "anchor" and r.status == "FINISHED" and r.trial_id}
+
+
+def group_points(rows: list[TrialRow]) -> list[TrialRow]:
+    """One row per search point: the seed replicas of a point (search.repeats: the same
+    sampled values, seeds train.seed + k) become one row holding each metric's mean over
+    them, and, where they have bootstrap intervals, the envelope from the lowest lower bound
+    to the highest upper bound (image noise and seed noise together). A single trial stays
+    as it is."""
+    groups: dict[tuple, list[TrialRow]] = {}
+    for r in rows:
+        key = (r.strategy, json.dumps(r.point, sort_keys=True, default=str)) if r.seed is not None else (r.run_id,)
+        groups.setdefault(key, []).append(r)
+    out = []
+    for members in groups.values():
+        if len(members) == 1:
+            out.append(members[0])
+            continue
+        first = members[0]
+        keys = set().union(*(m.metrics for m in members))
+        metrics = {}
+        for k in keys:
+            vals = [m.metrics[k] for m in members if k in m.metrics and math.isfinite(m.metrics[k])]
+            if not vals:
+                continue
+            if k.endswith(CI_SUFFIXES[0]):
+                metrics[k] = min(vals)
+            elif k.endswith(CI_SUFFIXES[1]):
+                metrics[k] = max(vals)
+            else:
+                metrics[k] = sum(vals) / len(vals)
+        out.append(TrialRow(first.run_id, first.name, first.strategy, first.status, first.params, metrics,
+                            trial_id=first.trial_id, point=first.point, repeats=sorted(members, key=lambda m: m.seed)))
+    return out
+
+
+def spread(r: TrialRow, key: str) -> tuple[float, float, float] | None:
+    """(std, min, max) of `key` over a point's seed replicas; None for a single trial."""
+    vals = [m.metrics[key] for m in r.repeats if isinstance(m.metrics.get(key), float) and math.isfinite(m.metrics[key])]
+    if len(vals) < 2:
+        return None
+    mean = sum(vals) / len(vals)
+    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
+    return std, min(vals), max(vals)
+
+
+def realism_metric(objective: ObjectiveConfig) -> str:
+    """The metric `realism` is measured on: the objective where it is a set distance (a
+    registered metric, lower is better: stats/*, glcm/*, clip/fd, clip/kid), else the report's
+    first distance column."""
+    from .metrics.families import metric_direction
+
+    try:
+        if metric_direction(objective.metric) == "min":
+            return objective.metric
+    except KeyError:  # val_loss, a cost: not a distance between image sets
+        pass
+    return next(k for _, k in report_columns() if metric_direction(k) == "min")
+
+
+def realism(value: float | None, base: float | None, real: float | None) -> float | None:
+    """Progress from the untuned model (0) to real held-out SAR (1): (base - value) / (base -
+    real). The same formula holds for a metric to maximise (both differences change sign).
+    None without both anchors, or where they coincide."""
+    if any(x is None or not math.isfinite(x) for x in (value, base, real)) or base == real:
+        return None
+    return (base - value) / (base - real)
 
 
 def latest_sweep(tracker) -> str | None:
@@ -121,6 +245,8 @@ def interval_of(r: TrialRow, key: str) -> tuple[float, float] | None:
 
 
 BEST, NOT_SEPARABLE, WORSE, NO_INTERVAL = "best", "not separable from the best", "worse", "no interval"
+# The strategy column's words for the anchor rows (sweep.anchor_rows logs them).
+ANCHOR_WORDS = {"base": "base (untuned)", "real": "real (held out)"}
 
 
 def separability(rows: list[TrialRow], key: str) -> dict[str, str]:
@@ -171,27 +297,57 @@ def build_report(tracker, parent_run_id: str | None, out: str | Path, objective:
     if parent_run_id is None:
         raise ValueError(f"experiment {tracker.experiment!r} has no sweep runs; run `sar-ray sweep` first")
     objective = objective or ObjectiveConfig()
-    rows = collect(tracker, parent_run_id)
-    best = best_per_strategy(rows, objective)
+    every = collect(tracker, parent_run_id)
+    anchors = anchors_of(every)
+    rows = [r for r in every if r.kind == "trial"]
+    best = best_per_strategy(group_points(rows), objective)
     key = _metric_key(objective.metric)
+    on = realism_metric(objective)
 
-    verdict = separability(best, key)
-    header = ["strategy", "best trial", objective.metric, "vs best"] + [label for label, _ in COLUMNS]
-    table = [[r.strategy, r.name, _fmt_ci(r, key), verdict[r.run_id]] + [_fmt_ci(r, k) for _, k in COLUMNS]
-             for r in best]
+    def realism_cell(r: TrialRow) -> float | None:
+        return realism(r.metrics.get(on), *((anchors[k].metrics.get(on) if k in anchors else None)
+                                            for k in ("base", "real")))
+
+    def spread_cell(r: TrialRow, csv_cells: bool = False):
+        sp = spread(r, key)
+        if csv_cells:
+            return [len(r.repeats) or 1] + ([_fmt(x) for x in sp] if sp else ["-"] * 3)
+        return f"± {_fmt(sp[0])} ({_fmt(sp[1])}–{_fmt(sp[2])}, n={len(r.repeats)})" if sp else "-"
+
+    shown = [anchors[k] for k in ("base", "real") if k in anchors] + best
+    verdict = {**{a.run_id: "anchor" for a in anchors.values()}, **separability(best, key)}
+    labels = [label for label, _ in COLUMNS]
+    header = ["strategy", "trial", objective.metric, "seed spread", "realism", "vs best"] + labels
+    table = [[r.strategy, r.label, _fmt_ci(r, key), spread_cell(r), _fmt(realism_cell(r)), verdict[r.run_id]]
+             + [_fmt_ci(r, k) for _, k in COLUMNS] for r in shown]
     # The CSV keeps numbers in cells of their own: value, then each interval's bounds.
-    ci_keys = [k for k in [key, *(k for _, k in COLUMNS)] if any(interval_of(r, k) for r in best)]
+    ci_keys = [k for k in [key, *(k for _, k in COLUMNS)] if any(interval_of(r, k) for r in shown)]
     with open(out / "report.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["strategy", "best trial", objective.metric, "vs best"] + [label for label, _ in COLUMNS]
-                   + [f"{k}{s}" for k in ci_keys for s in CI_SUFFIXES])
-        w.writerows([[r.strategy, r.name, _fmt(r.metrics.get(key)), verdict[r.run_id]]
+        w.writerow(["strategy", "trial", objective.metric, "realism", "vs best"] + labels
+                   + [f"{k}{s}" for k in ci_keys for s in CI_SUFFIXES]
+                   + ["trial_id", "params", "repeats", f"{key}.std", f"{key}.min", f"{key}.max"])
+        w.writerows([[r.strategy, r.label, _fmt(r.metrics.get(key)), _fmt(realism_cell(r)), verdict[r.run_id]]
                      + [_fmt(r.metrics.get(k)) for _, k in COLUMNS]
-                     + [_fmt(r.metrics.get(k + s)) for k in ci_keys for s in CI_SUFFIXES] for r in best])
+                     + [_fmt(r.metrics.get(k + s)) for k in ci_keys for s in CI_SUFFIXES]
+                     + [r.trial_id if r.kind == "trial" and not r.repeats else
+                        (" ".join(m.trial_id or m.run_id for m in r.repeats) if r.repeats else "-"),
+                        json.dumps(r.point, sort_keys=True, default=str) if r.kind == "trial" else "-"]
+                     + spread_cell(r, csv_cells=True) for r in shown])
     n_done = sum(r.status == "FINISHED" for r in rows)
     md = [f"# Strategy comparison: {tracker.experiment}", "",
           f"Sweep run `{parent_run_id}`: {len(rows)} trials, {n_done} finished; one row per strategy combination "
-          f"(its best trial by `{objective.metric}`, {objective.mode}).", ""]
+          f"(its best search point by `{objective.metric}`, {objective.mode}), each named by its trial id and "
+          "sampled values.", ""]
+    if anchors:
+        md += [f"Anchor rows, scored against the same reference as every trial: *{ANCHOR_WORDS['base']}* (the "
+               f"model before fine-tuning, the trials' prompts and seeds) and *{ANCHOR_WORDS['real']}* (real images "
+               f"held out of training and the reference). `realism` = (base - trial) / (base - real) on `{on}`"
+               + ("" if on == key else f" (the objective `{objective.metric}` is not a set distance, so the first "
+                  "distance column)") + ": 0 is the untuned model, 1 real SAR.", ""]
+    if any(r.repeats for r in best):
+        md += ["A point run with several seeds (`search.repeats`) shows the mean over its seeds; `seed spread`: "
+               "their standard deviation and min–max; its interval spans its seeds' intervals.", ""]
     if ci_keys:
         md += ["`value [lo, hi]`: 95% bootstrap interval over the trial's generated images. `vs best`: "
                f"*{NOT_SEPARABLE}* where the `{objective.metric}` interval overlaps the best strategy's "
@@ -202,7 +358,7 @@ def build_report(tracker, parent_run_id: str | None, out: str | Path, objective:
         front = pareto_front([r for r in rows if r.status == "FINISHED"], objectives)
         md += ["", "## Pareto front", "", "| trial | strategy | " + " | ".join(o.metric for o in objectives) + " |",
                "|---|---|" + "---|" * len(objectives)]
-        md += [f"| {r.name} | {r.strategy} | " + " | ".join(_fmt(r.metrics.get(_metric_key(o.metric))) for o in objectives)
+        md += [f"| {r.label} | {r.strategy} | " + " | ".join(_fmt(r.metrics.get(_metric_key(o.metric))) for o in objectives)
                + " |" for r in front]
 
     # Objective against LoRA rank and learning rate, every finished trial.
@@ -233,12 +389,12 @@ def build_report(tracker, parent_run_id: str | None, out: str | Path, objective:
 
     # One sample grid per strategy (its best trial's final samples).
     grids = []
-    for r in best:
+    for r in shown:  # the untuned model's grid first: what the trials started from
         try:
             local = tracker.client.download_artifacts(r.run_id, "samples/final/grid.png", str(out / "_dl" / r.run_id))
         except Exception:  # noqa: BLE001 - a trial without samples still gets its table row
             continue
-        grids.append((r.strategy, Path(local)))
+        grids.append((r.strategy if r.kind == "anchor" else f"{r.strategy}  {r.label}", Path(local)))
     if grids:
         fig, axes = plt.subplots(len(grids), 1, figsize=(8, 3.2 * len(grids)), squeeze=False)
         for ax, (name, path) in zip(axes[:, 0], grids):

@@ -2,7 +2,10 @@
 cannot tell apart from the best."""
 
 import csv
+import json
 from types import SimpleNamespace
+
+import pytest
 
 from sar_ray.config import ObjectiveConfig
 from sar_ray.report import NOT_SEPARABLE, WORSE, build_report
@@ -51,3 +54,58 @@ def test_report_shows_intervals_and_marks_strategies_not_separable_from_the_best
     assert [r["vs best"] for r in table] == ["best", NOT_SEPARABLE, WORSE]
     assert table[1]["stats/js.ci_lo"] == "0.009" and table[1]["stats/js.ci_hi"] == "0.02"
     assert {"report.md", "report.csv"} <= set(tracker.logged)
+
+
+def tagged(run_id, js, tags, unet="lora", status="FINISHED"):
+    r = run(run_id, unet, js, js - 0.002, js + 0.002)
+    r.info.status = status
+    r.data.tags = tags
+    return r
+
+
+def anchor(kind, js):
+    words = {"base": "base (untuned)", "real": "real (held out)"}[kind]
+    r = tagged(f"anchor-{kind}", js, {"sar_ray.kind": "anchor", "sar_ray.anchor": kind, "sar_ray.strategy": words})
+    r.data.params = {}
+    return r
+
+
+def trial(run_id, js, point, seed, unet="lora"):
+    return tagged(run_id, js, {"sar_ray.trial_id": run_id, "sar_ray.params": json.dumps(point),
+                               "sar_ray.seed": str(seed)}, unet)
+
+
+def test_anchor_rows_realism_and_seed_replicas_grouped_into_one_row(tmp_path):
+    """Anchors lead the table with realism 0 (untuned) and 1 (real); a point's seed replicas
+    are one row (mean, spread), and rows name their trial by id and sampled values."""
+    point = {"strategy.unet.mode": "lora", "strategy.unet.rank": 8, "train.lr": 3e-4}
+    runs = [anchor("base", 0.5), anchor("real", 0.1),
+            trial("t_00000", 0.20, point, 0), trial("t_00001", 0.30, point, 1),  # one point, two seeds
+            trial("t_00002", 0.40, {"strategy.unet.mode": "full"}, 0, unet="full")]
+    out = build_report(FakeTracker(runs), "parent", tmp_path, objective=ObjectiveConfig(metric="stats/js"))
+    with open(out / "report.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [r["strategy"] for r in table[:2]] == ["base (untuned)", "real (held out)"]
+    assert [float(r["realism"]) for r in table[:2]] == [0.0, 1.0]
+    lora = next(r for r in table if r["strategy"].startswith("unet-lora"))
+    assert lora["repeats"] == "2" and float(lora["stats/js"]) == pytest.approx(0.25)
+    assert float(lora["stats/js.min"]) == 0.2 and float(lora["stats/js.max"]) == 0.3
+    assert float(lora["stats/js.std"]) == pytest.approx(0.0707, abs=1e-4)
+    assert float(lora["realism"]) == pytest.approx((0.5 - 0.25) / (0.5 - 0.1))
+    assert lora["trial_id"] == "t_00000 t_00001" and "unet.rank=8" in lora["trial"] and "lr=0.0003" in lora["trial"]
+    full = next(r for r in table if r["strategy"].startswith("unet-full"))
+    assert full["trial"] == "t_00002 (unet.mode=full)" and full["repeats"] == "1"
+    md = (out / "report.md").read_text()
+    assert "| base (untuned) | - |" in md and "realism" in md and "`stats/js`" in md
+    assert "± 0.07071 (0.2–0.3, n=2)" in md
+
+
+def test_realism_falls_back_to_the_first_distance_when_the_objective_is_not_one():
+    from sar_ray.report import realism, realism_metric
+
+    assert realism_metric(ObjectiveConfig(metric="stats/wasserstein")) == "stats/wasserstein"
+    fallback = realism_metric(ObjectiveConfig(metric="val_loss"))
+    assert fallback.startswith("stats/")
+    assert realism_metric(ObjectiveConfig(metric="clip/score", mode="max")) == fallback  # alignment, not a distance
+    assert realism(0.5, 0.5, 0.1) == 0 and realism(0.1, 0.5, 0.1) == 1 and realism(0.3, 0.5, 0.5) is None
+    assert realism(0.8, 0.6, 0.9) == pytest.approx(2 / 3)  # a metric to maximise: the same formula
