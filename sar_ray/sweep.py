@@ -18,7 +18,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from . import config as config_mod
 from .config import ConfigError, ParamSpec, SearchConfig, StudyConfig, TrialConfig
+from .report import ANCHOR_WORDS
 from .trial import failure_message
 
 # What the driver-side trial table uses after Tune unpickles it (restore): console, tracker.
@@ -52,6 +53,9 @@ class SweepResult:
     run_url: str | None
     report: Path | None
     wall_s: float
+    anchors: dict[str, dict[str, Any]] = field(default_factory=dict)  # "base" / "real": strategy, metrics
+    realism_metric: str | None = None  # the metric the rows' `realism` is measured on
+    splits_note: str | None = None  # where the reference and held-out sets came from
 
 
 # --------------------------------------------------------------------------------------------
@@ -143,7 +147,8 @@ def check_search(study: StudyConfig, source: str = "search.space") -> tuple[int,
     """Build a full trial config from every point the search can produce; returns (trials,
     points left out because nothing would train). Grid: every grid point (x num_samples).
     Optuna / random: every combination of the categorical axes with each range at its low and
-    high end, so a bad value anywhere is refused before a trial starts; trials = num_samples."""
+    high end, so a bad value anywhere is refused before a trial starts; num_samples points.
+    Trials = points x search.repeats (seed replicas)."""
     search, base = study.search, study.trial()
     if search is None:
         return 1, 0
@@ -157,8 +162,8 @@ def check_search(study: StudyConfig, source: str = "search.space") -> tuple[int,
     kept = [p for p in points if _checked(base, p, source)]
     if not kept:
         raise ConfigError(f"{source}: no point of the search space makes a trial that trains something")
-    trials = len(kept) * search.num_samples if search.algorithm == "grid" else search.num_samples
-    return trials, len(points) - len(kept)
+    points_run = len(kept) * search.num_samples if search.algorithm == "grid" else search.num_samples
+    return points_run * search.repeats, len(points) - len(kept)
 
 
 class _DefineByRun:
@@ -186,6 +191,26 @@ class _DefineByRun:
 
 def _define_by_run(search: SearchConfig, base: TrialConfig) -> _DefineByRun:
     return _DefineByRun(search, base)
+
+
+# The seed replica index of a trial (search.repeats): grid trials carry it in their param
+# space, Optuna/random ones get Tune's Repeater index.
+REPEAT_KEY = "repeat"
+
+
+def search_point(config: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """(the sampled point, its seed replica k) from a Tune trial config."""
+    from ray.tune.search.repeater import TRIAL_INDEX
+
+    params = dict(config.get("params", config))
+    repeat = int(config.get(REPEAT_KEY, params.pop(TRIAL_INDEX, 0)) or 0)
+    params.pop(REPEAT_KEY, None)
+    return {k: v for k, v in params.items() if not k.startswith("_")}, repeat
+
+
+def _seeded(study: StudyConfig, params: dict[str, Any], repeat: int) -> dict[str, Any]:
+    """Replica k of a point trains with train.seed + k (search.repeats)."""
+    return {**params, "train.seed": study.train.seed + repeat} if repeat else params
 
 
 def trial_config(study: StudyConfig, params: dict[str, Any], out: Path, name: str) -> TrialConfig:
@@ -311,9 +336,9 @@ def _trial_driver(config: dict[str, Any], *, study_raw: dict, folder: str, track
     from .trial import run_trial
 
     study = StudyConfig.model_validate(study_raw)
-    params = config.get("params", config)
+    params, repeat = search_point(config)
     trial_id = tune.get_context().get_trial_id()
-    cfg = trial_config(study, params, Path(folder) / "trials" / trial_id, study.name)
+    cfg = trial_config(study, _seeded(study, params, repeat), Path(folder) / "trials" / trial_id, study.name)
 
     final_path = cfg.out_dir / "final.json"
     if final_path.is_file():
@@ -331,7 +356,8 @@ def _trial_driver(config: dict[str, Any], *, study_raw: dict, folder: str, track
     local = cfg.scaling.num_workers == 0
     result = run_trial(cfg, progress=False, callbacks=None if local else [TuneReportCallback()], tracker=tracker,
                        parent_run_id=tracking["parent_run_id"] if tracking else None,
-                       tags={"sar_ray.trial_id": trial_id, "sar_ray.params": json.dumps(params, sort_keys=True)},
+                       tags={"sar_ray.trial_id": trial_id, "sar_ray.params": json.dumps(params, sort_keys=True),
+                             "sar_ray.repeat": str(repeat), "sar_ray.seed": str(cfg.train.seed)},
                        data=data,
                        # Unique per sweep and trial (Ray's Train/Tune interop example): Train V2
                        # restores from (storage_path, name), so trials must never share one.
@@ -389,7 +415,10 @@ def _tune_pieces(study: StudyConfig, base: TrialConfig):
         points = grid_points(search, base)
         if search.points is not None:
             points = _fixed_grid(search.points, points)
-        return {"params": tune.grid_search(points)}, None, scheduler, search.num_samples
+        space = {"params": tune.grid_search(points)}
+        if search.repeats > 1:  # every point x every replica: a cartesian grid
+            space[REPEAT_KEY] = tune.grid_search(list(range(search.repeats)))
+        return space, None, scheduler, search.num_samples
     import optuna
 
     # constant_liar: trials running in parallel count as (pessimistic) results, so TPE does
@@ -403,6 +432,12 @@ def _tune_pieces(study: StudyConfig, base: TrialConfig):
                        metric=metrics if len(metrics) > 1 else objective.metric,
                        mode=modes if len(modes) > 1 else objective.mode,
                        points_to_evaluate=[dict(p) for p in search.points] if search.points else None)
+    if search.repeats > 1:
+        from ray.tune.search import Repeater
+
+        # Each suggestion runs `repeats` times (index -> train.seed + k); TPE sees one result
+        # per point, the mean over its replicas.
+        return {}, Repeater(alg, repeat=search.repeats), scheduler, search.num_samples * search.repeats
     return {}, alg, scheduler, search.num_samples
 
 
@@ -468,6 +503,8 @@ def run_sweep(study: StudyConfig, *, resume: bool = False, fresh: bool = False, 
         raise ConfigError(f"{exp_dir} holds an earlier sweep: add --resume to continue it, or set out= / name= "
                           f"(or delete the folder) to start a new one")
     folder.mkdir(parents=True, exist_ok=True)
+    # The reference and held-out sets, checked (an overlap is refused) before any run or compute.
+    splits = _splits(study, base, folder)
 
     tracker, parent_run_id, tracking = None, None, None
     if base.tracking.enabled:
@@ -488,10 +525,16 @@ def run_sweep(study: StudyConfig, *, resume: bool = False, fresh: bool = False, 
                                                                        for k, v in study.search.space.items()})})
         tracking = {"uri": uri, "experiment": base.tracking.experiment, "parent_run_id": parent_run_id}
 
-    reference = _reference(study, base)
+    reference = splits.reference if splits is not None else None
+    anchors: dict[str, dict[str, Any]] = {}
+    if splits is not None and study.search.anchors:
+        # Before the trials: the scale (untuned model, real held-out SAR) is known from the start,
+        # and a resumed sweep finds it logged instead of computing it again.
+        anchors = anchor_rows(base, splits, folder / ANCHOR_DIR, tracker, parent_run_id)
     study_raw = study.model_dump(mode="json")
     shared = None
-    if not any(k.startswith(("data.", "train.seed")) for k in study.search.space):
+    # Shared datasets are built with the base train.seed (their order): not for seed replicas.
+    if study.search.repeats == 1 and not any(k.startswith(("data.", "train.seed")) for k in study.search.space):
         from .data import build_datasets
         from .data.cache import prebuild
 
@@ -549,6 +592,11 @@ def run_sweep(study: StudyConfig, *, resume: bool = False, fresh: bool = False, 
 
     rows = _rows(grid, study)
     best = _best(rows, study.search)
+    from .report import realism_metric
+
+    realism = realism_metric(objective)
+    for row in rows:
+        row["realism"] = realism_of(row["metrics"].get(realism), anchors, realism)
     report_dir = None
     if tracker is not None:
         from .report import build_report
@@ -562,7 +610,8 @@ def run_sweep(study: StudyConfig, *, resume: bool = False, fresh: bool = False, 
         tracker.end_run(parent_run_id, "FINISHED")
     (folder / "trials.json").write_text(json.dumps(rows, indent=2, default=str))
     return SweepResult(study.name, folder, rows, best, parent_run_id,
-                       tracker.run_url(parent_run_id) if tracker else None, report_dir, time.time() - started)
+                       tracker.run_url(parent_run_id) if tracker else None, report_dir, time.time() - started,
+                       anchors=anchors, realism_metric=realism, splits_note=splits.note if splits else None)
 
 
 def check_cluster_paths(study: StudyConfig, nodes: int | None = None, autoscales: bool | None = None) -> None:
@@ -599,7 +648,7 @@ def _clear_sweep(folder: Path, study: StudyConfig) -> None:
 
     from .trial import clear_run_storage, storage_filesystem
 
-    for name in ("tune", "trials", "report", STUDY_FILE, "mlflow_run.json", "trials.json"):
+    for name in ("tune", "trials", "report", ANCHOR_DIR, "splits", STUDY_FILE, "mlflow_run.json", "trials.json"):
         p = folder / name
         if p.is_dir():
             shutil.rmtree(p)
@@ -656,22 +705,135 @@ def absolute_paths(study: StudyConfig) -> StudyConfig:
     return study.model_copy(update=updates)
 
 
-def _reference(study: StudyConfig, base: TrialConfig) -> str | None:
+def _splits(study: StudyConfig, base: TrialConfig, folder: Path):
+    """The sweep's reference and held-out sets (sar_ray.data.splits), None without evaluation."""
     if study.search is None or not study.search.evaluate:
         return None
-    if study.search.reference:
-        return str(Path(study.search.reference).resolve())
-    if base.data.path == "synthetic":
-        from .data.synth import synthetic_path
+    from .data.splits import study_splits
 
-        return str(synthetic_path(base.data.synthetic))
-    return str(Path(base.data.path).resolve())
+    holdout = study.search.holdout if study.search.anchors else None
+    if study.search.anchors or not study.search.reference:
+        return study_splits(base.data, folder / "splits", len(base.sample.prompts) * len(base.sample.seeds),
+                            reference=study.search.reference, holdout=holdout)
+    from .data.splits import StudySplits
+
+    return StudySplits(str(Path(study.search.reference).resolve()), None, 0, "reference: search.reference")
+
+
+# --------------------------------------------------------------------------------------------
+# anchor rows
+# --------------------------------------------------------------------------------------------
+
+ANCHOR_DIR = "anchors"
+ANCHORS = ANCHOR_WORDS  # kind -> the strategy column's words
+SCORES_FILE = "scores.json"
+
+
+def anchor_rows(base: TrialConfig, splits, folder: Path, tracker=None, parent_run_id: str | None = None
+                ) -> dict[str, dict[str, Any]]:
+    """The two rows every comparison is read against, scored against the reference exactly as
+    a trial's samples are: `base` = the study's model before any fine-tuning, sampled with the
+    trials' prompts and seeds; `real` = the held-out real images (none without a held-out set).
+    Each is one MLflow child run of the sweep (tags sar_ray.kind=anchor, sar_ray.anchor=kind)
+    and `anchor/<kind>/<metric>` metrics on the parent; computed once: a row whose scores and
+    finished run exist is read back, not recomputed (--resume)."""
+    from .evaluate import evaluate, is_model_output
+
+    eval_cfg = base.eval.model_copy(update={"normalization": base.data.normalization})
+    rows: dict[str, dict[str, Any]] = {}
+    for kind, label in ANCHORS.items():
+        if kind == "real" and splits.holdout is None:
+            continue
+        out = folder / kind
+        done = _logged_anchor(out, tracker)
+        if done is not None:
+            rows[kind] = done
+            continue
+        out.mkdir(parents=True, exist_ok=True)
+        if kind == "base":
+            generated = out / "samples"
+            if not is_model_output(generated):  # generate() writes its marker last
+                sample_base_model(base, generated)
+        else:
+            generated = Path(splits.holdout)
+        scored = evaluate(generated, splits.reference, eval_cfg, out=out / "metrics.json", progress=False)
+        metrics = {k: v for k, v in scored.flat().items() if v is not None and math.isfinite(v)}
+        row = {"kind": kind, "strategy": label, "metrics": metrics, "images": scored.n_generated,
+               "warnings": scored.warnings}
+        if tracker is not None:
+            row["run_id"] = _log_anchor(tracker, parent_run_id, out, row, generated if kind == "base" else None)
+        (out / SCORES_FILE).write_text(json.dumps(row, indent=2))
+        rows[kind] = row
+    return rows
+
+
+def _logged_anchor(out: Path, tracker) -> dict[str, Any] | None:
+    path = out / SCORES_FILE
+    if not path.is_file():
+        return None
+    row = json.loads(path.read_text())
+    if tracker is None:
+        return row
+    try:
+        if tracker.client.get_run(row["run_id"]).info.status == "FINISHED":
+            return row
+    except Exception:  # noqa: BLE001 - another store, a deleted run: score it again
+        pass
+    return None
+
+
+def _log_anchor(tracker, parent_run_id: str | None, out: Path, row: dict[str, Any], samples: Path | None) -> str:
+    run_id = tracker.start_run(f"anchor/{row['kind']}", parent_run_id=parent_run_id,
+                               tags={"sar_ray.kind": "anchor", "sar_ray.anchor": row["kind"],
+                                     "sar_ray.strategy": row["strategy"], "sar_ray.images": str(row["images"])})
+    tracker.log_metrics(run_id, [(k, v, 0) for k, v in row["metrics"].items()])
+    tracker.log_artifact(run_id, out / "metrics.json")
+    if samples is not None:
+        tracker.log_artifacts(run_id, samples, "samples/final")
+    if row["warnings"]:
+        tracker.set_tags(run_id, {"sar_ray.eval_warnings": " | ".join(row["warnings"])[:5000]})
+    tracker.end_run(run_id, "FINISHED")
+    if parent_run_id:
+        tracker.log_metrics(parent_run_id, [(f"anchor/{row['kind']}/{k}", v, 0) for k, v in row["metrics"].items()])
+    return run_id
+
+
+def sample_base_model(cfg: TrialConfig, out: Path) -> Path:
+    """The untuned model's samples (the trials' prompts, seeds, scheduler and resolution), with
+    the same sampler as a trial's final samples. On a GPU study one Ray task with a GPU does it
+    (the driver may have none); on CPUs the driver samples in-process."""
+    if not cfg.scaling.use_gpu:
+        _sample_untuned(cfg.model_dump(mode="json"), str(out), "cpu")
+        return out
+    import ray
+
+    task = ray.remote(num_gpus=1, num_cpus=cfg.scaling.cpus_per_worker)(_sample_untuned)
+    ray.get(task.remote(cfg.model_dump(mode="json"), str(out), "cuda"))
+    return out
+
+
+def _sample_untuned(cfg_raw: dict, out: str, device: str) -> None:
+    from .sample import generate, load_pipeline
+
+    cfg = TrialConfig.model_validate(cfg_raw)
+    pipe = load_pipeline(cfg.model, None, cfg.sample.scheduler, device)
+    generate(pipe, cfg.sample, cfg.sample_resolution, out, device=device, mixed_precision=cfg.train.mixed_precision)
+
+
+def realism_of(value: float | None, anchors: dict[str, dict[str, Any]], metric: str) -> float | None:
+    """`report.realism` of `value` between the sweep's anchor rows on `metric`."""
+    from .report import realism
+
+    try:
+        return realism(value, anchors["base"]["metrics"].get(metric), anchors["real"]["metrics"].get(metric))
+    except KeyError:  # no held-out anchor (or no anchors at all)
+        return None
 
 
 def _rows(grid, study: StudyConfig) -> list[dict[str, Any]]:
     rows = []
     for r in grid:
-        cfg_params = r.config.get("params", r.config) if r.config else {}
+        cfg_params, repeat = search_point(r.config) if r.config else ({}, 0)
         metrics = {k: v for k, v in (r.metrics or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         trial_id = (r.metrics or {}).get("trial_id") or Path(r.path).name
         strategy = None
@@ -682,6 +844,8 @@ def _rows(grid, study: StudyConfig) -> list[dict[str, Any]]:
         rows.append({
             "trial_id": trial_id,
             "params": cfg_params,
+            "repeat": repeat,
+            "seed": study.train.seed + repeat,
             "strategy": strategy,
             "status": "ERROR" if r.error else ("DONE" if (r.metrics or {}).get(FINISHED_KEY) else "STOPPED"),
             "error": failure_message(r.error) if r.error else None,
@@ -748,7 +912,7 @@ class _TrialTable(Callback):
 
     def _row(self, trial) -> dict[str, Any]:
         row = self.rows.setdefault(trial.trial_id, {})
-        params = trial.config.get("params", trial.config) if trial.config else {}
+        params = search_point(trial.config)[0] if trial.config else {}
         if "strategy" not in row:
             try:
                 cfg = self.study.trial(**params)
@@ -823,9 +987,31 @@ def summary(r: SweepResult, objective: str) -> str:
     if r.best:
         lines.append(f"  best      {escape(str(r.best['strategy']))} (trial {r.best['trial_id']}): "
                      f"{objective} = {r.best['metrics'].get(objective):.4g}")
+    lines += [escape(line) for line in comparison_lines(r, objective)]
     lines.append(f"  trials    {r.folder / 'trials'}")
     if r.report:
         lines.append(f"  report    {r.report / 'report.md'}")
     if r.run_url:
         lines.append(f"  mlflow    {escape(r.run_url)}")
     return "\n".join(lines)
+
+
+def comparison_lines(r: SweepResult, objective: str) -> list[str]:
+    """The anchors and every finished trial, best first: strategy, trial (id and sampled
+    values), objective, realism (0: the untuned model, 1: real held-out SAR)."""
+    from .report import point_label
+
+    if not r.anchors:
+        return []
+    metric = r.realism_metric or objective
+    rows = [(a["strategy"], "-", a["metrics"].get(objective), realism_of(a["metrics"].get(metric), r.anchors, metric))
+            for a in r.anchors.values()]
+    done = [t for t in r.trials if t["status"] == "DONE" and isinstance(t["metrics"].get(objective), (int, float))]
+    done.sort(key=lambda t: t["metrics"][objective])
+    rows += [(str(t["strategy"]), point_label(t["trial_id"], t["params"], t.get("seed") if t.get("repeat") else None),
+              t["metrics"][objective], t.get("realism")) for t in done]
+    width = max(len(x[0]) for x in rows)
+    twidth = max(len(x[1]) for x in rows)
+    head = f"  {'strategy':<{width}}  {'trial':<{twidth}}  {objective:>12}  realism ({metric})"
+    return ["  anchors   realism = (base - trial) / (base - real) on " + metric, head] + [
+        f"  {a:<{width}}  {b:<{twidth}}  {_f(c):>12}  {_f(d)}" for a, b, c, d in rows]

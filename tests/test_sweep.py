@@ -1,5 +1,6 @@
 """Sweeps: the search space, resources, and whole sweeps through Ray Tune and MLflow."""
 
+import csv
 import json
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import pytest
 
 from sar_ray import config
 from sar_ray.config import ConfigError
-from sar_ray.sweep import _define_by_run, concurrent_trials, grid_points, run_sweep
+from sar_ray.sweep import _define_by_run, concurrent_trials, grid_points, run_sweep, summary
 
 PROMPT = '["<SAR> image of a forest"]'
 
@@ -20,7 +21,8 @@ def study(tmp_path: Path, space: dict, *sets: str, name: str = "s"):
         "train.max_steps=2", "train.batch_size=2", "train.eval_every=1", "train.checkpoint_every=2",
         "train.eval_batches=1", f"sample.prompts={PROMPT}", "sample.seeds=[0]", "sample.steps=1",
         "scaling.cpus_per_worker=0.5", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "tracking.experiment=sw",
-        f"search={json.dumps({'space': space, **{}})}", *sets,
+        # Anchor rows cost a sampling and two scorings per sweep: on where a test asks for them.
+        f"search={json.dumps({'space': space, 'anchors': False})}", *sets,
     ])
 
 
@@ -152,7 +154,8 @@ def _client(tmp_path):
 def test_grid_sweep_logs_parent_and_children_and_resume_adds_no_duplicates(tmp_path, monkeypatch, ray_local):
     monkeypatch.chdir(tmp_path)
     s = study(tmp_path, {"strategy.unet.mode": {"grid": ["full", "lora"]}}, "search.algorithm=grid",
-              "search.scheduler.type=none", 'search.objectives=[{"metric": "stats/wasserstein"}]')
+              "search.scheduler.type=none", 'search.objectives=[{"metric": "stats/wasserstein"}]',
+              "search.anchors=true")
     r = run_sweep(s, resume=True, progress=False)  # nothing to resume yet: --resume starts it
     assert [t["status"] for t in r.trials] == ["DONE", "DONE"]
     assert r.best is not None and "stats/wasserstein" in r.best["metrics"]
@@ -160,7 +163,31 @@ def test_grid_sweep_logs_parent_and_children_and_resume_adds_no_duplicates(tmp_p
     parent = client.get_run(r.parent_run_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["sar_ray.best_trial"] == r.best["trial_id"]
     children = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{r.parent_run_id}'")
-    assert len(children) == 2
+    anchors = {ch.data.tags["sar_ray.anchor"]: ch for ch in children if ch.data.tags.get("sar_ray.kind") == "anchor"}
+    children = [ch for ch in children if ch.data.tags.get("sar_ray.kind") != "anchor"]
+    assert len(children) == 2 and set(anchors) == {"base", "real"}
+    # Anchors: scored like a trial, once, logged on their own runs and on the parent.
+    base_w, real_w = (anchors[k].data.metrics["stats/wasserstein"] for k in ("base", "real"))
+    assert parent.data.metrics["anchor/base/stats/wasserstein"] == pytest.approx(base_w)
+    assert parent.data.metrics["anchor/real/stats/wasserstein"] == pytest.approx(real_w)
+    assert real_w < base_w  # real held-out SAR is closer to the reference than a random model's samples
+    assert "samples/final/grid.png" in [a.path for a in client.list_artifacts(anchors["base"].info.run_id, "samples/final")]
+    with open(r.folder / "report" / "report.csv") as f:
+        table = {row["strategy"]: row for row in csv.DictReader(f)}
+    assert float(table["base (untuned)"]["realism"]) == 0 and float(table["real (held out)"]["realism"]) == 1
+    for t in r.trials:  # each trial row names its trial and its sampled value, with its realism
+        row = next(v for v in table.values() if v["trial_id"] == t["trial_id"])
+        assert f"unet.mode={t['params']['strategy.unet.mode']}" in row["trial"] and t["trial_id"] in row["trial"]
+        assert float(row["realism"]) == pytest.approx((base_w - t["metrics"]["stats/wasserstein"]) / (base_w - real_w),
+                                                     rel=1e-3)
+    md = (r.folder / "report" / "report.md").read_text()
+    assert "| base (untuned) |" in md and "| real (held out) |" in md and "realism" in md
+    text = summary(r, "stats/wasserstein")
+    assert "base (untuned)" in text and "real (held out)" in text and r.trials[0]["trial_id"] in text
+    # The held-out images: none is a training image (by name), and the reference is the training split.
+    held = [json.loads(x)["file_name"] for x in (r.folder / "splits" / "holdout" / "metadata.jsonl").read_text().splitlines()]
+    ref = [json.loads(x)["file_name"] for x in (r.folder / "splits" / "reference" / "metadata.jsonl").read_text().splitlines()]
+    assert held and ref and not set(held) & set(ref)
     for ch in children:
         assert ch.info.status == "FINISHED"
         assert {"train/loss", "val/loss", "stats/wasserstein", "cost/wall_s", "cost/trainable_params"} <= set(ch.data.metrics)
@@ -175,7 +202,8 @@ def test_grid_sweep_logs_parent_and_children_and_resume_adds_no_duplicates(tmp_p
     again = run_sweep(s, resume=True, progress=False)
     assert sorted(t["trial_id"] for t in again.trials) == sorted(t["trial_id"] for t in r.trials)
     assert again.parent_run_id == r.parent_run_id
-    assert len(client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{r.parent_run_id}'")) == 2
+    assert len(client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{r.parent_run_id}'")) == 4  # 2 trials, 2 anchors
+    assert {k: a["run_id"] for k, a in again.anchors.items()} == {k: a.info.run_id for k, a in anchors.items()}
     assert len(client.search_runs([exp], "tags.`sar_ray.kind` = 'sweep'")) == 1
     # --fresh deletes the earlier sweep and starts over: a new parent run, new trials
     fresh = run_sweep(s, fresh=True, progress=False)
