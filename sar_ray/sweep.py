@@ -8,6 +8,8 @@ samples with `evaluate.score` and reports the final metrics.
 Layout of a sweep (`runs/<name>/` unless `out` is set):
     tune/<name>/        Ray Tune experiment state (what --resume restores)
     trials/<trial id>/  one trial folder each (weights, samples, checkpoints, train_log.jsonl)
+    splits/             the reference and held-out sets scored against (sar_ray.data.splits)
+    anchors/base|real/  the anchor rows: untuned model's samples, scores.json, metrics.json
     report/             the comparison report
     mlflow_run.json     the parent MLflow run (a resumed sweep logs to the same one)
 """

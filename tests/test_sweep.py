@@ -62,14 +62,44 @@ def test_grid_leaves_out_points_that_cannot_train(tmp_path):
 def test_optuna_objective_from_the_final_report_only(tmp_path, monkeypatch, ray_local):
     # stats/wasserstein exists only after scoring, in the last report; intermediate reports
     # carry val_loss alone. The search must still rank trials by it.
+    # One point with search.repeats=2: two trials of the same sampled values, seeds 0 and 1,
+    # one grouped report row with the mean and spread.
     monkeypatch.chdir(tmp_path)
     s = study(tmp_path, {"strategy.unet.rank": {"choice": [4, 8]}}, "search.algorithm=optuna",
-              "search.num_samples=2", "search.scheduler.type=none",
+              "search.num_samples=1", "search.repeats=2", "search.scheduler.type=none",
               'search.objectives=[{"metric": "stats/wasserstein", "mode": "min"}]', name="o")
     r = run_sweep(s, progress=False)
     assert [t["status"] for t in r.trials] == ["DONE", "DONE"]
     assert r.best is not None and r.best["metrics"]["stats/wasserstein"] == min(
         t["metrics"]["stats/wasserstein"] for t in r.trials)
+    assert r.trials[0]["params"] == r.trials[1]["params"] and sorted(t["seed"] for t in r.trials) == [0, 1]
+    seeds = [config.load(r.folder / "trials" / t["trial_id"] / "config.yaml").train.seed for t in r.trials]
+    assert sorted(seeds) == [0, 1]  # the replicas really trained with seeds train.seed + k
+    with open(r.folder / "report" / "report.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 1 and table[0]["repeats"] == "2"
+    values = sorted(t["metrics"]["stats/wasserstein"] for t in r.trials)
+    assert float(table[0]["stats/wasserstein"]) == pytest.approx(sum(values) / 2, rel=1e-3)
+    assert float(table[0]["stats/wasserstein.min"]) == pytest.approx(values[0], rel=1e-3)
+
+
+def test_a_held_out_set_overlapping_the_training_images_is_refused_before_any_run(tmp_path, monkeypatch, capsys,
+                                                                                 ray_local):
+    import shutil
+
+    from sar_ray.cli import main
+    from sar_ray.data.synth import synthetic_path
+
+    monkeypatch.chdir(tmp_path)
+    s = study(tmp_path, {}, name="h")
+    given = tmp_path / "held"
+    shutil.copytree(synthetic_path(s.data.synthetic), given)  # every image, training ones included
+    yaml_path = tmp_path / "h.yaml"
+    yaml_path.write_text(config.dump_yaml(s))
+    code = main(["sweep", str(yaml_path), "-q", "--set", "search.anchors=true", "--set", f"search.holdout={given}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "shares" in err and "training data" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "h" / "mlflow_run.json").exists()  # refused before the parent run
 
 
 def test_search_section_errors_name_the_key(tmp_path):

@@ -6,7 +6,8 @@
 
 On the driver: read the caption table, cap at ``max_images``, check every image decodes (a
 Ray Data pass that returns only failures, so it runs on the cluster's CPUs), split train/val
-by a hash of each image's name (``splits``: train, validation, held out). In Ray Data workers: decode, normalise, resize, crop.
+by a hash of each image's name (``splits``: train, validation, held out). In Ray Data
+workers: decode, normalise, resize, crop.
 WebDataset shards and Parquet tables holding the image bytes never reach the driver: see
 ``streamed`` (a scan in Ray Data, then the same rows and the same preparation).
 
