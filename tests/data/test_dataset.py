@@ -48,8 +48,10 @@ def _rows(ds):
     return ds.take_all() if ds is not None else []
 
 
+# These tests count train/val images: holdout_fraction=0 keeps every other image in training
+# (the held-out split has its own tests, tests/data/test_splits.py).
 def test_rows_shape_range_and_prefix(ray_local, folder):
-    cfg = DataConfig(path=str(folder), resolution=32, val_fraction=0.0)
+    cfg = DataConfig(path=str(folder), resolution=32, val_fraction=0.0, holdout_fraction=0.0)
     data = build_datasets(cfg, seed=0)
     assert (data.n_train, data.n_val, data.val, data.n_skipped) == (N + 1, 0, None, 0)
     assert data.source == str(folder)
@@ -83,7 +85,7 @@ def test_split_deterministic_disjoint_and_order_stable(ray_local, folder, monkey
 
     # Many small blocks, so parallel tasks could finish out of order.
     monkeypatch.setattr(dataset, "ROWS_PER_BLOCK", 1)
-    cfg = DataConfig(path=str(folder), resolution=16, val_fraction=0.3)
+    cfg = DataConfig(path=str(folder), resolution=16, val_fraction=0.3, holdout_fraction=0.0)
     a, b = build_datasets(cfg, seed=0), build_datasets(cfg, seed=1)
     assert ray.data.DataContext.get_current().execution_options.preserve_order
     train_a, val_a = [r["path"] for r in _rows(a.train)], [r["path"] for r in _rows(a.val)]
@@ -103,7 +105,8 @@ def test_split_deterministic_disjoint_and_order_stable(ray_local, folder, monkey
 
 
 def test_random_crop_depends_on_seed_and_file_only(ray_local, folder):
-    cfg = DataConfig(path=str(folder), resolution=16, crop="random", val_fraction=0.0, max_images=4)
+    cfg = DataConfig(path=str(folder), resolution=16, crop="random", val_fraction=0.0, holdout_fraction=0.0,
+                     max_images=4)
     wide = lambda d: next(r["pixel_values"] for r in _rows(d.train) if r["path"].endswith("01.png"))  # noqa: E731 - 40x60
     a0, a0_again, a1 = (wide(build_datasets(cfg, seed=s)) for s in (0, 0, 1))
     assert np.array_equal(a0, a0_again)
@@ -114,7 +117,7 @@ def test_corrupt_images_skip_or_error(ray_local, folder):
     data = (folder / "img" / "00.png").read_bytes()
     (folder / "img" / "03.png").write_bytes(data[: len(data) // 3])  # truncated
     (folder / "img" / "05.png").write_text("not an image")
-    cfg = DataConfig(path=str(folder), resolution=16, val_fraction=0.2)
+    cfg = DataConfig(path=str(folder), resolution=16, val_fraction=0.2, holdout_fraction=0.0)
     out = build_datasets(cfg, seed=0)
     bad = [str(folder / "img" / "03.png"), str(folder / "img" / "05.png")]
     assert (out.n_skipped, out.skipped) == (2, bad)
@@ -143,7 +146,7 @@ def test_nothing_usable_and_bad_tables(ray_local, tmp_path):
 
 def test_synthetic_default(ray_local, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the cache folder is relative to the working directory
-    cfg = DataConfig(synthetic=SynthConfig(n=20, size=32), resolution=32, val_fraction=0.2)
+    cfg = DataConfig(synthetic=SynthConfig(n=20, size=32), resolution=32, val_fraction=0.2, holdout_fraction=0.0)
     data = build_datasets(cfg, seed=0)
     assert data.source.startswith(str(tmp_path / ".sar-ray-cache"))
     assert data.n_train + data.n_val == 20 and data.n_val >= 1
@@ -169,7 +172,7 @@ def test_load_folder_arrays_without_ray(folder, tmp_path):
 
 @pytest.mark.skipif(not MSTAR.is_dir(), reason=f"{MSTAR} not present")
 def test_mstar_loads_as_is(ray_local):
-    cfg = DataConfig(path=str(MSTAR), resolution=64, val_fraction=0.1)
+    cfg = DataConfig(path=str(MSTAR), resolution=64, val_fraction=0.1, holdout_fraction=0.0)
     data = build_datasets(cfg, seed=0)
     assert (data.n_train + data.n_val, data.n_skipped) == (1000, 0)
     assert 60 <= data.n_val <= 140
