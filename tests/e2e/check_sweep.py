@@ -45,6 +45,11 @@ def main() -> None:
     if "report/report.md" not in arts:
         fail(f"parent run has no report: {arts}")
     children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    # The anchor rows (base (untuned), real (held out)) are child runs too: once each, also after a resume.
+    anchors = [ch.data.tags.get("sar_ray.anchor") for ch in children if ch.data.tags.get("sar_ray.kind") == "anchor"]
+    children = [ch for ch in children if ch.data.tags.get("sar_ray.kind") != "anchor"]
+    if len(anchors) != len(set(anchors)) or (not a.no_scores and "base" not in anchors):
+        fail(f"expected one base (and at most one real) anchor run, got {anchors}")
     if len(children) != a.trials:
         fail(f"expected {a.trials} child runs, got {len(children)} (duplicates after a resume?)")
     for ch in children:
@@ -71,7 +76,8 @@ def main() -> None:
             now = (folder / "trials" / tid / "summary.json").stat().st_mtime
             if now != mtime:
                 fail(f"trial {tid} finished before the kill but ran again after --resume")
-    print(f"check_sweep: ok: 1 parent, {len(children)} finished child runs with metrics and sample grids"
+    print(f"check_sweep: ok: 1 parent, {len(children)} finished child runs with metrics and sample grids, "
+          f"anchors {sorted(anchors)}"
           + (f"; {len(json.loads(Path(a.finished_before).read_text()))} trials finished before the kill were not rerun"
              if a.finished_before else ""))
 
