@@ -170,9 +170,9 @@ def evaluate(
     import ray
 
     warnings: list[str] = []
-    gen_items, w = list_images(generated, "generated", cfg.max_images)
+    gen_items, w = list_images(generated, "generated", cfg.max_images, seed=cfg.seed)
     warnings += w
-    ref_items, w = list_images(reference, "reference", cfg.max_images, reference_columns)
+    ref_items, w = list_images(reference, "reference", cfg.max_images, reference_columns, seed=cfg.seed)
     warnings += w
     clip_path = _check_clip_inputs(cfg, gen_items, generated)
     if clip_path is not None:
@@ -188,19 +188,26 @@ def evaluate(
     if not ray.is_initialized():
         # Local Ray by default (RAY_ADDRESS, if set, joins a cluster); quiet: the CLI prints.
         ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
-    items = [it.row() for it in gen_items + ref_items]
+    # The reference is described once per (reference, describing settings): a hit scores only
+    # the generated images.
+    cache = _ReferenceCache.for_reference(cfg, ref_items, size)
+    cached = cache.load(families, len(ref_items), warnings) if cache is not None else None
+    items = [it.row() for it in (gen_items if cached is not None else gen_items + ref_items)]
     counts, w = _resample_plan(len(gen_items), cfg)
     warnings += w
     with _quiet_ray_data():
         ds = _pipeline(items, cfg, size, norms, families)
         accs = {"generated": _SetAccumulator(families, counts, _bootstrap_classes(gen_items, ref_items)),
-                "reference": _SetAccumulator(families)}
+                "reference": cached if cached is not None else _SetAccumulator(families)}
+        described = ("generated",) if cached is not None else SETS
         with _progress(len(items), progress) as advance:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 _raise_unreadable(batch)  # the first unreadable image stops the run
-                for s in SETS:
+                for s in described:
                     accs[s].add(batch, batch["set"] == s)
                 advance(len(batch["set"]))
+    if cache is not None and cached is None:
+        cache.save(accs["reference"], warnings)
 
     warnings += _input_warnings(accs, size)
     models = {}
@@ -209,6 +216,8 @@ def evaluate(
     agg = _aggregate(families, accs["generated"], accs["reference"], cfg, models)
     warnings += agg.warnings
     agg.summary["size"] = list(size)
+    if cache is not None:
+        agg.summary["reference_cache"] = {"hit": cached is not None, "key": cache.key, "path": str(cache.path)}
     result = EvalResult(agg.metrics, accs["generated"].n, accs["reference"].n, size, summary=agg.summary,
                         warnings=warnings, intervals=agg.intervals, normalization=normalization)
     if out is not None:
@@ -328,20 +337,26 @@ class _Item:
 
 
 def list_images(path: str | os.PathLike, role: str, max_images: int | None = None,
-                columns: tuple | None = None) -> tuple[list[_Item], list[str]]:
+                columns: tuple | None = None, seed: int = 0) -> tuple[list[_Item], list[str]]:
     """The images of one set, without decoding: a caption table's rows, or a folder's images.
 
     A folder with ``metadata.jsonl`` (or one CSV/Parquet table) is read with the training
     readers; a folder of plain images is listed recursively (sorted; the first subfolder name
-    is the label, as in Hugging Face imagefolder). Returns (items, warnings).
+    is the label, as in Hugging Face imagefolder). `max_images`: a sample of that many,
+    stratified by label and seeded by `seed` (:func:`stratified_sample`). Returns (items, warnings).
     """
     from sar_ray.data.captions import TABLE_EXTENSIONS, DataError, read_table
     from sar_ray.data.io import IMAGE_EXTENSIONS
     from sar_ray.data.webdataset import list_streamed
 
-    shards = list_streamed(path, max_images, columns)  # WebDataset: members named, not read
+    # WebDataset: members named, not read. Local shards are listed whole (tar headers only) and
+    # sampled like any set; on object storage every header is a request, so there the listing
+    # stops at the first `max_images` in shard order (shards are written shuffled).
+    remote = "://" in str(path)
+    shards = list_streamed(path, max_images if remote else None, columns)
     if shards is not None:
-        return [_Item(role, i, r.path, r.image_bytes, r.name, r.text, r.label) for i, r in enumerate(shards)], []
+        items = [_Item(role, i, r.path, r.image_bytes, r.name, r.text, r.label) for i, r in enumerate(shards)]
+        return stratified_sample(items, max_images, seed), []
     root = Path(path).expanduser().absolute()
     warnings: list[str] = []
     if not root.exists():
@@ -375,9 +390,41 @@ def list_images(path: str | os.PathLike, role: str, max_images: int | None = Non
             rel = p.relative_to(root)
             label = rel.parts[0] if len(rel.parts) > 1 else None
             items.append(_Item(role, i, str(p), None, str(rel), "", label))
-    if max_images is not None:
-        items = items[:max_images]
-    return items, warnings
+    return stratified_sample(items, max_images, seed), warnings
+
+
+def stratified_sample(items: list[_Item], n: int | None, seed: int) -> list[_Item]:
+    """`n` of `items`, drawn per label (unlabelled images are one more group) in proportion to
+    the label's count, at least one per label where `n` allows; seeded, so the same listing and
+    seed give the same images. The first N of a sorted listing would be one class when classes
+    are folders. Kept in listing order and re-indexed 0..n-1 (the index orders per-image rows)."""
+    if n is None or n >= len(items):
+        return items
+    groups: dict[str | None, list[int]] = defaultdict(list)
+    for i, it in enumerate(items):
+        groups[it.label].append(i)
+    labels = sorted(groups, key=lambda lab: (lab is None, lab or ""))  # a fixed order for the draws
+    quota = _quotas([len(groups[lab]) for lab in labels], n)
+    rng = np.random.default_rng([seed % 2**63, len(items), n])
+    picked = sorted(int(groups[lab][j]) for lab, q in zip(labels, quota)
+                    for j in rng.permutation(len(groups[lab]))[:q])
+    return [replace(items[i], index=k) for k, i in enumerate(picked)]
+
+
+def _quotas(sizes: list[int], n: int) -> list[int]:
+    """Images per group for a sample of n < sum(sizes): proportional shares (largest remainder),
+    then every group at least one while n covers them, taken from the best-served groups."""
+    total = sum(sizes)
+    share = [n * s / total for s in sizes]
+    q = [math.floor(x) for x in share]
+    for g in sorted(range(len(sizes)), key=lambda g: q[g] - share[g])[: n - sum(q)]:
+        q[g] += 1  # largest remainders first (a stable sort: ties go to the earlier label)
+    if n >= len(sizes):
+        for g in (g for g in range(len(sizes)) if q[g] == 0):
+            donor = max((d for d in range(len(sizes)) if q[d] > 1), key=lambda d: q[d] - share[d])
+            q[donor] -= 1
+            q[g] = 1
+    return q
 
 
 def _check_clip_inputs(cfg: EvalConfig, gen_items: list[_Item], generated) -> Path | None:
@@ -617,6 +664,37 @@ class _SetAccumulator:
     def ordered_rows(self) -> list[dict]:
         return [self.rows[i] for i in self._sorted()]
 
+    def state(self) -> tuple[dict, list[np.ndarray]]:
+        """What this set holds (not its resamples), as a JSON-able manifest and arrays: what
+        the reference cache stores. `from_state` rebuilds it."""
+        layout, arrays = [], []
+        for key, v in self.sums.items():
+            layout.append(["sums", None, key])
+            arrays.append(v)
+        for lab, d in self.class_sums.items():
+            for key, v in d.items():
+                layout.append(["class", lab, key])
+                arrays.append(v)
+        for key, v in self.cols.items():
+            layout.append(["cols", None, key])
+            arrays.append(np.stack(v))  # (N, ...) in arrival order, as rows
+        return {"arrays": layout, "rows": self.rows}, arrays
+
+    @classmethod
+    def from_state(cls, families: Sequence[Family], manifest: dict, arrays: list[np.ndarray]) -> _SetAccumulator:
+        acc = cls(families)
+        for (kind, lab, key), a in zip(manifest["arrays"], arrays, strict=True):
+            if not key.startswith(acc.prefixes):
+                raise ValueError(f"column {key!r} of a family not asked for")
+            if kind == "sums":
+                acc.sums[key] = a
+            elif kind == "class":
+                acc.class_sums[lab][key] = a
+            else:
+                acc.cols[key] = list(a)
+        acc.rows = list(manifest["rows"])
+        return acc
+
     def _sorted(self) -> np.ndarray:
         if self._order is None:
             self._order = np.argsort([r["index"] for r in self.rows], kind="stable")
@@ -648,6 +726,149 @@ def _sum(values: np.ndarray) -> np.ndarray:
 
 def _add(store: dict[str, np.ndarray], key: str, value: np.ndarray) -> None:
     store[key] = store[key] + value if key in store else value
+
+
+# ------------------------------------------------------------------------------- reference cache
+
+#: Bump when what a family's `describe` returns for an image changes without its source
+#: changing (a dependency's behaviour, say): every cached reference is then described again.
+DESCRIPTOR_VERSION = 1
+#: Settings read only on the driver (aggregate, bootstrap, Ray Data batching) or already in the
+#: listing (max_images, seed pick the images): changing them reuses the cached reference.
+_DRIVER_ONLY = frozenset({"cache_dir", "generated_normalized", "hist_smoothing", "per_class", "batch_size",
+                          "clip_batch_size", "kid_subset_size", "kid_subsets", "bootstrap", "seed", "max_images"})
+#: Sources whose code decides a reference descriptor: any edit of them misses the cache.
+_DESCRIPTOR_SOURCES = ("evaluate.py", "metrics", "data/io.py", "data/normalize.py", "data/dataset.py")
+_CACHE_KEEP = 32  # entries kept per cache folder (least recently used go first)
+
+
+class _ReferenceCache:
+    """The reference set's described state (a `_SetAccumulator` without resamples: pooled
+    sums, per-class sums, per-image columns, row metadata) under ``eval.cache_dir``, keyed by
+    everything that decides it: the listed files (path, size, mtime; embedded bytes by their
+    hash), the describing settings (normalisation, compared size, families and their
+    parameters, the SAR-CLIP folder's files), the descriptor code and `DESCRIPTOR_VERSION`.
+    A hit skips decoding and describing the reference. An entry is trusted only if its stored
+    key equals this one and its arrays hash to the digest written with them; anything else is
+    described again, with a warning."""
+
+    def __init__(self, folder: Path, key_doc: dict):
+        self.key_doc = key_doc
+        self.key = _sha256(json.dumps(key_doc, sort_keys=True).encode())[:24]
+        self.path = folder / f"reference-{self.key}.npz"
+
+    @classmethod
+    def for_reference(cls, cfg: EvalConfig, ref_items: list[_Item], size: tuple[int, int]) -> _ReferenceCache | None:
+        if not cfg.cache_dir:
+            return None
+        settings = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in _DRIVER_ONLY}
+        key_doc = {"version": DESCRIPTOR_VERSION, "code": _descriptor_code_digest(), "numpy": np.__version__,
+                   "size": list(size), "settings": settings, "reference": _listing_digest(ref_items),
+                   "n": len(ref_items)}
+        if "clip" in cfg.metrics and cfg.clip:
+            key_doc["clip_files"] = _folder_digest(Path(cfg.clip))
+        return cls(Path(cfg.cache_dir).expanduser(), key_doc)
+
+    def load(self, families: Sequence[Family], n: int, warnings: list[str]) -> _SetAccumulator | None:
+        if not self.path.is_file():
+            return None
+        try:
+            with np.load(self.path, allow_pickle=False) as z:
+                manifest = json.loads(str(z["manifest"]))
+                arrays = [z[f"a{i}"] for i in range(len(manifest["arrays"]))]
+            if manifest.get("key") != self.key_doc:
+                raise ValueError("written for another reference, eval config or descriptor code")
+            if manifest.get("digest") != _arrays_digest(arrays):
+                raise ValueError("its arrays do not match the digest written with them")
+            acc = _SetAccumulator.from_state(families, manifest, arrays)
+            if sorted(r["index"] for r in acc.rows) != list(range(n)):
+                raise ValueError(f"it holds {acc.n} images, the reference {n}")
+        except Exception as e:  # noqa: BLE001 - whatever is wrong with it, describing again is right
+            warnings.append(f"reference cache {self.path}: not used ({type(e).__name__}: {e}); "
+                            "the reference was described again")
+            return None
+        os.utime(self.path)  # recently used: pruned last
+        return acc
+
+    def save(self, acc: _SetAccumulator, warnings: list[str]) -> None:
+        manifest, arrays = acc.state()
+        if any(a.dtype == object for a in arrays):
+            warnings.append("reference cache: not written (a descriptor column holds Python objects)")
+            return
+        manifest.update(key=self.key_doc, digest=_arrays_digest(arrays))
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:
+                np.savez(f, manifest=np.array(json.dumps(manifest)), **{f"a{i}": a for i, a in enumerate(arrays)})
+            os.replace(tmp, self.path)  # readers see the old entry or the whole new one
+            self._prune()
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            warnings.append(f"reference cache {self.path.parent}: not written ({e})")
+
+    def _prune(self) -> None:
+        entries = sorted(self.path.parent.glob("reference-*.npz"), key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in entries[_CACHE_KEEP:]:
+            old.unlink(missing_ok=True)
+
+
+def _sha256(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def _listing_digest(items: list[_Item]) -> str:
+    """One hash over what each reference image is: its row (index, name, caption, label, path)
+    and the file's size and mtime (a shard member: its shard's), or its embedded bytes."""
+    import hashlib
+
+    h, stats = hashlib.sha256(), {}
+    for it in items:
+        where = it.path.split("!", 1)[0] if isinstance(it.path, str) else None
+        if where is not None and "://" not in where and where not in stats:
+            try:
+                st = os.stat(where)
+                stats[where] = [st.st_size, st.st_mtime_ns]
+            except OSError:
+                stats[where] = None
+        content = hashlib.blake2b(bytes(it.image_bytes)).hexdigest() if it.image_bytes else stats.get(where)
+        h.update(json.dumps([it.index, it.name, it.text, it.label, it.path, content]).encode() + b"\n")
+    return h.hexdigest()
+
+
+def _folder_digest(folder: Path) -> str:
+    rows = []
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            st = p.stat()
+            rows.append([str(p.relative_to(folder)), st.st_size, st.st_mtime_ns])
+    return _sha256(json.dumps(rows).encode())
+
+
+_CODE_DIGEST: str | None = None
+
+
+def _descriptor_code_digest() -> str:
+    global _CODE_DIGEST
+    if _CODE_DIGEST is None:
+        root = Path(__file__).parent
+        files = sorted(p for s in _DESCRIPTOR_SOURCES for p in ([root / s] if s.endswith(".py") else
+                                                                   (root / s).rglob("*.py")))
+        _CODE_DIGEST = _sha256(b"".join(p.name.encode() + p.read_bytes() for p in files))
+    return _CODE_DIGEST
+
+
+def _arrays_digest(arrays: list[np.ndarray]) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
 
 
 @dataclass

@@ -1,6 +1,9 @@
 """`sar-ray evaluate` / `evaluate.score`: Ray Data pipelines over image folders, and bad input."""
 
 import json
+import os
+from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -300,3 +303,105 @@ def test_generated_set_of_another_size_and_bit_depth_is_scored_with_warnings(ray
     assert "generated: 4 images were not 32x32 and were resized" in text and "48x48" in text
     assert "8-bit" in text and "16-bit" in text
     assert json.loads((tmp_path / "m.json").read_text())["warnings"] == result.warnings
+
+
+# ------------------------------------------------------------------------------- reference cache
+
+
+def _reference_copy(a, dest):
+    """A private copy of a synthetic set (the tests below touch and overwrite its files)."""
+    import shutil
+
+    shutil.copytree(a, dest)
+    return dest
+
+
+def test_reference_cache_hit_scores_the_same_without_describing_the_reference(ray_local, sets, tmp_path):
+    _, a, b = sets
+    ref = _reference_copy(b, tmp_path / "ref")
+    cfg = EvalConfig(generated_normalized=False, size=SIZE, bootstrap=20, cache_dir=str(tmp_path / "cache"))
+    plain = evaluate(a, ref, cfg.model_copy(update={"cache_dir": None}), progress=False)
+    first = evaluate(a, ref, cfg, progress=False)
+    assert first.summary["reference_cache"]["hit"] is False and len(list((tmp_path / "cache").iterdir())) == 1
+    # Overwrite a reference image (not the first, which sizes nothing here: size is set) with
+    # garbage of the same size and mtime: only a run that skips decoding the reference works.
+    victim = sorted(p for p in ref.rglob("*.png"))[-1]
+    st = victim.stat()
+    victim.write_bytes(b"\0" * st.st_size)
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+    second = evaluate(a, ref, cfg, progress=False)
+    assert second.summary["reference_cache"]["hit"] is True
+    for r in (first, second):
+        assert r.metrics == plain.metrics and r.intervals == plain.intervals
+        assert r.n_reference == plain.n_reference and r.warnings == plain.warnings
+    with pytest.raises(Exception, match=victim.name):  # without the cache the garbage is read
+        evaluate(a, ref, cfg.model_copy(update={"cache_dir": None}), progress=False)
+
+
+def test_reference_cache_misses_when_the_reference_or_a_describing_setting_changes(ray_local, sets, tmp_path):
+    _, a, b = sets
+    ref = _reference_copy(b, tmp_path / "ref")
+    cfg = EvalConfig(generated_normalized=False, bootstrap=0, cache_dir=str(tmp_path / "cache"))
+    hit = lambda c: evaluate(a, ref, c, progress=False).summary["reference_cache"]["hit"]  # noqa: E731
+    assert not hit(cfg) and hit(cfg)
+    assert not hit(cfg.model_copy(update={"glcm_levels": 32}))  # describe reads it
+    assert not hit(cfg.model_copy(update={"normalization": NormalizationConfig(method="db")}))
+    assert not hit(cfg.model_copy(update={"max_images": 6}))  # another listing
+    assert hit(cfg.model_copy(update={"bootstrap": 10, "hist_smoothing": 1.0}))  # driver-side only
+    os.utime(sorted(ref.rglob("*.png"))[3])  # a reference file changed (its mtime)
+    assert not hit(cfg)
+
+
+def test_a_corrupt_or_foreign_cache_entry_is_described_again_with_a_warning(ray_local, sets, tmp_path):
+    import shutil
+
+    _, a, b = sets
+    cache = tmp_path / "cache"
+    cfg = EvalConfig(generated_normalized=False, bootstrap=0, metrics=["stats"], cache_dir=str(cache))
+    other = cfg.model_copy(update={"hist_bins": 64})
+    want = {c.hist_bins: evaluate(a, b, c.model_copy(update={"cache_dir": None}), progress=False).metrics
+            for c in (cfg, other)}
+    entry = evaluate(a, b, cfg, progress=False).summary["reference_cache"]["path"]
+    foreign = evaluate(a, b, other, progress=False).summary["reference_cache"]["path"]
+    shutil.copy(entry, foreign)  # hist_bins=64's name, hist_bins=256's histograms
+    r = evaluate(a, b, other, progress=False)
+    assert r.metrics == want[64] and not r.summary["reference_cache"]["hit"]
+    assert any("reference cache" in w and "another reference, eval config" in w for w in r.warnings)
+    assert evaluate(a, b, other, progress=False).summary["reference_cache"]["hit"]  # rewritten
+    Path(entry).write_bytes(Path(entry).read_bytes()[:200])  # truncated
+    r = evaluate(a, b, cfg, progress=False)
+    assert r.metrics == want[256] and any("reference cache" in w for w in r.warnings)
+
+
+# ------------------------------------------------------------------------------- max_images
+
+
+def _class_folders(root, classes=("field", "forest", "water"), per_class=5):
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            write_amplitude_png(root / c / f"{i}.png", rng.random((16, 16)).astype(np.float32))
+    return root
+
+
+def test_max_images_is_a_seeded_sample_stratified_by_label(tmp_path):
+    from sar_ray.evaluate import list_images
+
+    root = _class_folders(tmp_path / "ref")
+    pick = lambda seed: list_images(root, "reference", 6, seed=seed)[0]  # noqa: E731
+    items = pick(0)
+    assert Counter(it.label for it in items) == {"field": 2, "forest": 2, "water": 2}
+    assert [it.index for it in items] == list(range(6))
+    assert [it.name for it in pick(0)] == [it.name for it in items]
+    assert {it.name for it in pick(1)} != {it.name for it in items}
+    assert len(list_images(root, "reference", None)[0]) == 15
+
+
+def test_stratified_quotas_keep_every_class_while_they_fit():
+    from sar_ray.evaluate import _quotas
+
+    assert _quotas([10, 10, 10], 6) == [2, 2, 2]
+    assert _quotas([100, 1, 1], 6) == [4, 1, 1]  # rare classes keep one image
+    assert _quotas([100, 1, 1], 2) == [2, 0, 0]  # fewer images than classes: proportional
+    assert sum(_quotas([7, 3, 11, 2], 9)) == 9
