@@ -774,14 +774,9 @@ def _logged_anchor(out: Path, tracker) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     row = json.loads(path.read_text())
-    if tracker is None:
+    if tracker is None or tracker.run_status(row.get("run_id", "")) == "FINISHED":
         return row
-    try:
-        if tracker.client.get_run(row["run_id"]).info.status == "FINISHED":
-            return row
-    except Exception:  # noqa: BLE001 - another store, a deleted run: score it again
-        pass
-    return None
+    return None  # another store, a deleted or unfinished run: score it again
 
 
 def _log_anchor(tracker, parent_run_id: str | None, out: Path, row: dict[str, Any], samples: Path | None) -> str:

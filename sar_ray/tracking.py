@@ -120,6 +120,13 @@ class Tracker:
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
 
+    def run_status(self, run_id: str) -> str | None:
+        """RUNNING / FINISHED / FAILED / KILLED, or None for a run this store does not have."""
+        try:
+            return self.client.get_run(run_id).info.status
+        except Exception:  # noqa: BLE001 - another store, a deleted run
+            return None
+
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
 
