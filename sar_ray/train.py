@@ -435,6 +435,70 @@ def _newest_local_checkpoint(out: Path) -> Path | None:
     return done[-1] if done else None
 
 
+def stored_checkpoints(run_uri: str) -> list[tuple[int, str]]:
+    """(step, path) of every checkpoint folder of the Train run at `run_uri` (local or object
+    storage) whose `state.json` is complete, newest step last."""
+    import pyarrow.fs as pafs
+
+    fs, root = _storage(run_uri)
+    found = []
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root.rstrip("/"), allow_not_found=True))
+    except OSError:
+        return []
+    for info in infos:
+        if info.type != pafs.FileType.Directory or not info.base_name.startswith("checkpoint_"):
+            continue
+        try:
+            with fs.open_input_stream(f"{info.path}/{ckpt.STATE_META}") as f:
+                found.append((int(json.loads(f.read())["meta"]["step"]), info.path))
+        except (OSError, ValueError, KeyError, TypeError):  # being written, or torn: not a candidate
+            continue
+    return sorted(found)
+
+
+def _resume_from_storage(state: TrainState, api: Session, run_uri: str | None) -> None:
+    """Resume a Train worker group from the newest checkpoint of its run.
+
+    Ray Train hands back the newest checkpoint its controller registered. A worker lost after
+    persisting a checkpoint but before the controller recorded it (a node preempted mid-report)
+    leaves a newer complete one on storage that Train does not know: rank 0 lists the run's
+    storage, picks the newest complete checkpoint of either kind, and every rank loads that one
+    (a torn candidate falls back to Train's)."""
+    known = api.get_checkpoint()
+    choice = None
+    if api.rank == 0 and run_uri:
+        stored = stored_checkpoints(run_uri)
+        known_step = -1
+        if known is not None:  # its state.json only, not the (maybe multi-GB) folder
+            try:
+                with known.filesystem.open_input_stream(f"{known.path}/{ckpt.STATE_META}") as f:
+                    known_step = int(json.loads(f.read())["meta"]["step"])
+            except (OSError, ValueError, KeyError):
+                pass
+        if stored and stored[-1][0] > known_step:
+            choice = stored[-1][1]
+    if api.world_size > 1 and dist.is_initialized():
+        box = [choice]
+        dist.broadcast_object_list(box, src=0, device=state.device if state.device.type == "cuda" else None)
+        choice = box[0]
+    if choice is not None:
+        try:
+            with tempfile.TemporaryDirectory(prefix="sar-ray-resume-") as tmp:
+                import pyarrow.fs as pafs
+
+                fs, _ = _storage(run_uri)
+                pafs.copy_files(choice, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+                state.load(Path(tmp))
+            api.log({"event": "resumed_from_storage", "step": state.pos.step, "path": choice, "time": time.time()})
+            return
+        except (OSError, ValueError) as e:  # torn between its two files: Train's own checkpoint instead
+            api.log({"event": "warning", "message": f"checkpoint {choice} unreadable ({e}); using Ray Train's"})
+    if known is not None:
+        with known.as_directory() as d:
+            state.load(Path(d))
+
+
 # --------------------------------------------------------------------------------------------
 # the loop, in phases: setup, resume, step, eval, checkpoint, finish
 # --------------------------------------------------------------------------------------------
@@ -448,7 +512,7 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
     api = session_for(config)
     try:
         state = _setup(cfg, api)
-        _resume(state, api, out)
+        _resume(state, api, out, config.get("run_uri"))
         order = EpochOrder(api.dataset_shard("train"), cfg.train.batch_size, cfg.train.seed, api.rank,
                            in_memory=bool(config.get("materialized")))
         val_batches = _load_val_batches(cfg, state.device, api)
@@ -496,21 +560,25 @@ def _setup(cfg: TrialConfig, api: Session) -> TrainState:
     return state
 
 
-def _resume(state: TrainState, api: Session, out: Path) -> None:
-    """Phase resume: from Ray Train's newest checkpoint (or, in local mode, the trial
-    folder's), or refuse to start again into a known divergence."""
+def _resume(state: TrainState, api: Session, out: Path, run_uri: str | None = None) -> None:
+    """Phase resume: from the run's newest checkpoint (Ray Train's, or a newer complete one on
+    the run's storage; in local mode, the trial folder's), or refuse to start again into a
+    known divergence."""
     cfg = state.cfg
     # A divergence is deterministic: a restart (Ray Train's in place, Tune's retry, a rerun of
     # the same command) would resume into the same NaN. Fail at once instead of computing again.
     diverged = _diverged(out, cfg)
     if diverged:
         raise TrainingError(f"{diverged} (diverged before with this exact config: change it, or use --fresh)")
-    resume_from = api.get_checkpoint()
-    if resume_from is not None:
-        with resume_from.as_directory() as d:
-            state.load(Path(d))
-    elif api.local_mode and (newest := _newest_local_checkpoint(out)) is not None:
-        state.load(newest)
+    if api.local_mode:
+        resume_from = api.get_checkpoint()
+        if resume_from is not None:
+            with resume_from.as_directory() as d:
+                state.load(Path(d))
+        elif (newest := _newest_local_checkpoint(out)) is not None:
+            state.load(newest)
+    else:
+        _resume_from_storage(state, api, run_uri)
     if state.pos.step:
         api.log({"event": "resumed", "step": state.pos.step, "time": time.time()})
     api.log({"event": "start", "step": state.pos.step, "trainable_params": state.applied.num_trainable(),
@@ -923,6 +991,7 @@ def build_trainer(cfg: TrialConfig, datasets: dict, out: Path, callbacks: list |
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "out": str(out.resolve()), "local_mode": local_mode,
                            "materialized": isinstance(datasets.get("train"), MaterializedDataset),
                            "report_to": report_to, "progress": progress, "outputs": outputs,
+                           "run_uri": f"{storage.rstrip('/')}/{name}",
                            # fault injection reaches workers started before the variable was set
                            "crash_at": int(os.environ.get(CRASH_ENV, "0") or 0)},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,

@@ -90,3 +90,53 @@ def test_fully_tuned_components_stay_fp32_whole_under_bf16_weights():
                        torch.Generator().manual_seed(0), tune_vae=True, resolution=64)
     out.loss.backward()
     assert torch.isfinite(out.loss)
+
+
+def test_stored_checkpoints_lists_complete_ones_of_the_run_newest_last(tmp_path):
+    """What a worker group restarted after a node loss resumes from when Ray Train's controller
+    never registered the newest persisted checkpoint: complete folders only (state.json is
+    written last), ordered by step, not by name."""
+    from sar_ray.checkpoint import save_state
+    from sar_ray.train import stored_checkpoints
+
+    run = tmp_path / "storage" / "trial-x"
+    for name, step in [("checkpoint_2026-12-02_10-00-09", 10), ("checkpoint_2026-12-02_10-00-01", 5)]:
+        save_state(run / name, {"t": torch.zeros(1)}, {"step": step})
+    (run / "checkpoint_2026-12-02_10-00-20").mkdir()  # being persisted: no state.json yet
+    (run / "checkpoint_2026-12-02_10-00-30").mkdir()
+    (run / "checkpoint_2026-12-02_10-00-30" / "state.json").write_text("{trunc")  # torn
+    (run / "outputs").mkdir()
+    assert [s for s, _ in stored_checkpoints(str(run))] == [5, 10]
+    assert stored_checkpoints(str(run))[-1][1].endswith("checkpoint_2026-12-02_10-00-09")
+    assert stored_checkpoints(str(tmp_path / "nothing-here")) == []
+
+
+@pytest.mark.slow  # a 2-worker Ray Train trial: about a minute
+def test_two_workers_sample_their_share_and_match_one_process_sampling_the_saved_weights(tmp_path, monkeypatch,
+                                                                                        ray_local):
+    """Final and intermediate samples: each of 2 Ray Train workers denoises half the rows, and
+    the folder rank 0 writes is, byte for byte, what one process writes from the saved weights."""
+    import json
+
+    from sar_ray.sample import generate, load_pipeline
+    from sar_ray.trial import run_trial
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load(None, [
+        "model.pretrained=tiny-sd", "data.synthetic.n=16", "data.synthetic.size=32", "data.resolution=32",
+        "data.val_fraction=0", "train.max_steps=2", "train.batch_size=2", "train.eval_every=2",
+        "train.checkpoint_every=2", "train.sample_every=1", "strategy.unet.mode=lora",
+        'sample.prompts=["<SAR> image of a forest", "<SAR> image of water"]', "sample.seeds=[0, 3]",
+        "sample.steps=2", "scaling.num_workers=2", "tracking.enabled=false", f"out={tmp_path / 'w2'}",
+    ]).trial()
+    r = run_trial(cfg, progress=False)
+    events = [json.loads(x) for x in (r.out / "train_log.jsonl").read_text().splitlines()]
+    shares = {e["folder"]: e["rows_per_rank"] for e in events if e.get("event") == "samples"}
+    assert shares == {"step-000001": [2, 2], "final": [2, 2]}
+    pipe = load_pipeline(cfg.model, r.weights, cfg.sample.scheduler)
+    alone = generate(pipe, cfg.sample, cfg.sample_resolution, tmp_path / "alone")
+    names = sorted(p.name for p in alone.folder.iterdir())
+    assert sorted(p.name for p in r.samples.iterdir()) == names and len(names) == 7  # 4 PNGs, grid, 2 files
+    for name in names:
+        assert (r.samples / name).read_bytes() == (alone.folder / name).read_bytes(), name
+    assert not (r.out / ".weights-saved").exists()
