@@ -16,6 +16,13 @@ Flow (both sets in one dataset, so every CPU works on whichever set has work lef
 The families (what is described and how it is aggregated, directions, report columns) live in
 :mod:`sar_ray.metrics.families`, one module each.
 
+Reference cache: every trial of a sweep scores against the same reference, so its described
+state (pooled histograms, per-image descriptors) is kept under ``cfg.cache_dir``, keyed by the
+listed files (path, size, mtime), the settings that change a descriptor and the descriptor
+code (:class:`_ReferenceCache`); a hit describes only the generated images. ``summary`` says
+whether it hit. ``cfg.max_images`` takes a seeded sample stratified by label
+(:func:`stratified_sample`), so a capped imagefolder keeps every class.
+
 Normalisation: the reference images are normalised with ``cfg.normalization`` (set it to the
 training's ``data.normalization``). The generated set is either model output, already the
 model's [0, 1] amplitude (16-bit PNG or float TIFF from the sampler), and only brought to

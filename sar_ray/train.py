@@ -724,45 +724,56 @@ def _after_step(state: TrainState, api: Session, out: Path, val_batches: list[Ba
         state.val_loss = _validate(state.c, val_batches, cfg, state.device)
         metrics["val_loss"] = state.val_loss
         api.log({"step": step, "val_loss": state.val_loss, "time": time.time()})
-    if api.rank == 0 and t.sample_every and step % t.sample_every == 0 and not is_last:
-        folder = out / "samples" / f"step-{step:06d}"
-        _validation_samples(state.c, cfg, folder, state.device)
-        _log_grid(api, folder, step)
+    if t.sample_every and step % t.sample_every == 0 and not is_last:
+        folder = out / "samples" / f"step-{step:06d}"  # every rank samples its share; rank 0 writes
+        rows = _validation_samples(state.c, cfg, folder, state.device, api)
+        _log_grid(api, folder, step, rows)
     if do_ckpt:
         _report_with_checkpoint(state, api, metrics, out)
     elif do_eval:
         api.report(metrics)
 
 
-def _log_grid(api: Session, folder: Path, step: int | str) -> None:
+def _log_grid(api: Session, folder: Path, step: int | str, rows_per_rank: list[int] | None = None) -> None:
     grid = folder / "grid.png"
-    if grid.is_file():  # the bytes travel: the driver may share no filesystem with this worker
+    if api.rank == 0 and grid.is_file():  # the bytes travel: the driver may share no filesystem with this worker
         api.log({"event": "samples", "step": step, "folder": folder.name, "grid_png": grid.read_bytes(),
-                 "time": time.time()})
+                 "rows_per_rank": rows_per_rank, "time": time.time()})
 
 
 def _finish(state: TrainState, api: Session, out: Path, outputs: dict | None = None) -> dict[str, Any]:
-    """Phase finish (rank 0): save diffusers-loadable weights, then sample from them through
-    the same loading code a user runs (so the samples prove the saved files, not the
-    in-memory modules). Where the driver cannot see this folder (another node, no shared
-    filesystem) they also go to the run's storage for the driver to fetch (`publish_outputs`)."""
+    """Phase finish: rank 0 saves diffusers-loadable weights, then every rank samples its share
+    of the final prompt x seed rows from them through the same loading code a user runs (so
+    the samples prove the saved files, not the in-memory modules) and rank 0 writes the
+    folder. Where the driver cannot see this folder (another node, no shared filesystem) they
+    also go to the run's storage for the driver to fetch (`publish_outputs`)."""
     result = {"step": state.pos.step, "loss": _mean_over_workers(state.loss, state.device) if state.loss is not None
               else float("nan"), "val_loss": state.val_loss}
-    if api.rank != 0:
-        return result
     from .sample import generate, load_pipeline
 
     cfg = state.cfg
     weights = out / WEIGHTS_DIR
-    tmp = out / (WEIGHTS_DIR + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    ckpt.save_outputs(state.c, state.applied, cfg.strategy, tmp, ema_unet_state=_ema_state(state.ema, state.c))
-    shutil.rmtree(weights, ignore_errors=True)
-    tmp.rename(weights)
-    pipe = load_pipeline(cfg.model, weights, cfg.sample.scheduler, state.device)
-    generate(pipe, cfg.sample, cfg.sample_resolution, out / "samples" / "final", device=state.device,
-             mixed_precision=cfg.train.mixed_precision)
-    _log_grid(api, out / "samples" / "final", state.pos.step)
+    token = None
+    if api.rank == 0:
+        tmp = out / (WEIGHTS_DIR + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        ckpt.save_outputs(state.c, state.applied, cfg.strategy, tmp, ema_unet_state=_ema_state(state.ema, state.c))
+        shutil.rmtree(weights, ignore_errors=True)
+        tmp.rename(weights)
+        token = f"{os.getpid()}-{time.time_ns()}"
+        (out / SAVED_MARK).write_text(token)
+    source, scratch = _weights_to_sample(state, api, out, token)
+    try:
+        pipe = load_pipeline(cfg.model, source, cfg.sample.scheduler, state.device)
+        final = generate(pipe, cfg.sample, cfg.sample_resolution, out / "samples" / "final", device=state.device,
+                         mixed_precision=cfg.train.mixed_precision, **_sampling_share(api))
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    if api.rank != 0:
+        return result
+    (out / SAVED_MARK).unlink(missing_ok=True)
+    _log_grid(api, out / "samples" / "final", state.pos.step, final.rows_per_rank)
     if outputs and publish_outputs(out, outputs):
         api.log({"event": "published", "step": state.pos.step, "uri": outputs["uri"], "time": time.time()})
     api.log({"event": "end", "step": state.pos.step, "peak_memory_mb": _peak_memory_mb(state.device),
@@ -770,6 +781,39 @@ def _finish(state: TrainState, api: Session, out: Path, outputs: dict | None = N
              "time": time.time()})
     return result
 
+
+def _sampling_share(api: Session) -> dict[str, int]:
+    """`generate`'s rank and world size: the worker group's where it has a process group
+    (ranks split the prompt x seed rows and gather them on rank 0), else one process."""
+    return {"rank": api.rank, "world_size": api.world_size} if _distributed() else {"rank": 0, "world_size": 1}
+
+
+SAVED_MARK = ".weights-saved"  # rank 0 writes a token here once weights/ is complete
+
+
+def _weights_to_sample(state: TrainState, api: Session, out: Path, token: str | None) -> tuple[Path, Path | None]:
+    """The weights folder this rank loads its sampling pipeline from, and a scratch folder to
+    remove afterwards (or None). Rank 0, and ranks that see its trial folder (same node or a
+    shared filesystem: they read back the token it wrote), read `out/weights`; any other rank
+    saves its own copy with the same saving code into a local scratch folder (after DDP the
+    trainable weights, EMA included, are the same on every rank), so that every row is sampled
+    from saved files. Waits for rank 0's weights (the token's broadcast)."""
+    weights = out / WEIGHTS_DIR
+    if api.world_size == 1 or not _distributed():
+        return weights, None
+    if state.device.type == "cuda":
+        torch.cuda.set_device(state.device)  # NCCL sends objects from the current device
+    sent = [token]
+    dist.broadcast_object_list(sent, src=0)
+    try:
+        if api.rank == 0 or (out / SAVED_MARK).read_text().strip() == sent[0]:
+            return weights, None
+    except OSError:
+        pass
+    scratch = Path(tempfile.mkdtemp(prefix="sar-ray-weights-"))
+    ckpt.save_outputs(state.c, state.applied, state.cfg.strategy, scratch / WEIGHTS_DIR,
+                      ema_unet_state=_ema_state(state.ema, state.c))
+    return scratch / WEIGHTS_DIR, scratch
 
 
 # --------------------------------------------------------------------------------------------
@@ -899,15 +943,19 @@ def _validate(c: Components, batches, cfg: TrialConfig, device) -> float:
     return _mean_over_workers(float(np.mean(losses)), device)
 
 
-def _validation_samples(c: Components, cfg: TrialConfig, out: Path, device) -> None:
+def _validation_samples(c: Components, cfg: TrialConfig, out: Path, device, api: Session) -> list[int] | None:
+    """Samples from the live modules (every rank its share of the rows; rank 0 writes them);
+    rank 0 gets the rows each rank denoised."""
     from .models import assemble_pipeline
     from .sample import generate
 
     was = {n: m.training for n, m in c.modules().items()}
     pipe = assemble_pipeline(c, cfg.sample.scheduler)
-    generate(pipe, cfg.sample, cfg.sample_resolution, out, device=device, mixed_precision=cfg.train.mixed_precision)
+    got = generate(pipe, cfg.sample, cfg.sample_resolution, out, device=device,
+                   mixed_precision=cfg.train.mixed_precision, **_sampling_share(api))
     for n, m in c.modules().items():
         m.train(was[n])
+    return got.rows_per_rank if got is not None else None
 
 
 # --------------------------------------------------------------------------------------------
