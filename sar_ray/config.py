@@ -598,7 +598,12 @@ class ObjectiveConfig(_Strict):
 
 class SchedulerConfig(_Strict):
     type: Literal["asha", "none"] = Field("asha", description="ASHA early stopping on the validation loss, or none.")
-    metric: str = Field("val_loss", description="Intermediate metric ASHA compares (reported every train.eval_every).")
+    metric: str = Field("val_loss", description="Intermediate metric ASHA compares: val_loss (reported every "
+                        "train.eval_every), or a quick realism metric quick/stats/js | quick/stats/kl | "
+                        "quick/stats/wasserstein | quick/stats/ks: amplitude distance of the validation samples "
+                        "taken every train.sample_every steps to the validation images (every rung step must be "
+                        "a multiple of train.sample_every). A rung signal only: the final objective is always "
+                        "the full evaluation of a finished trial.")
     mode: Literal["min", "max"] = Field("min")
     grace_period: int = Field(20, gt=0, description="Training steps before a trial may be stopped.")
     reduction_factor: float = Field(2.0, gt=1, description="Keep the best 1/reduction_factor at each rung.")
@@ -704,6 +709,31 @@ class StudyConfig(TrialConfig):
                 close = difflib.get_close_matches(parts[-1], valid, n=1)
                 hint = f" (did you mean {'.'.join(parts[:-1] + [close[0]])!r}?)" if close else ""
                 raise ValueError(f"search.space: {key!r} is not a trial setting{hint}")
+        return self
+
+    @model_validator(mode="after")
+    def _quick_metric_has_samples_at_every_rung(self) -> StudyConfig:
+        sc = self.search.scheduler if self.search is not None else None
+        if sc is None or sc.type != "asha" or not sc.metric.startswith("quick/"):
+            return self
+        from .metrics.quick import check_quick
+
+        check_quick(sc.metric)
+        every, max_t = self.train.sample_every, max(self.train.max_steps - 1, 1)
+        if not every:
+            raise ValueError(f"search.scheduler.metric={sc.metric}: set train.sample_every (the quick metric is "
+                             f"computed on the samples taken then), e.g. train.sample_every={sc.grace_period}")
+        if self.data.val_fraction <= 0:
+            raise ValueError(f"search.scheduler.metric={sc.metric}: needs validation images (data.val_fraction > 0)")
+        rung, rungs = float(min(sc.grace_period, max_t)), []
+        while rung <= max_t:  # Ray's ASHA puts rungs at grace * factor**k up to max_t
+            rungs.append(rung)
+            rung *= sc.reduction_factor
+        off = [r for r in rungs if r != int(r) or int(r) % every]
+        if off:
+            raise ValueError(f"search.scheduler.metric={sc.metric}: ASHA rungs at steps {[round(r, 1) for r in rungs]} "
+                             f"are not all multiples of train.sample_every={every} (first: {off[0]:g}); make "
+                             f"grace_period a multiple of it and reduction_factor an integer")
         return self
 
     def trial(self, **updates: Any) -> TrialConfig:

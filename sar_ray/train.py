@@ -386,6 +386,9 @@ class TrainState:
     loss: torch.Tensor | None = None  # the newest step's loss, on the device
     val_loss: float | None = None
     encoder_calls: Any = None  # data.cache.EncoderCalls: VAE encoder forward calls of this worker
+    # quick/<metric> of the newest validation samples (rank 0), in every later report so that a
+    # scheduler ranking on one never reads a result without it; kept across a resume.
+    quick: dict[str, float] = field(default_factory=dict)
 
     def save(self, path: Path, extra: dict) -> None:
         tensors = {f"param/{k}": v for k, v in ckpt.trainable_state(self.applied).items()}
@@ -403,6 +406,7 @@ class TrainState:
             "lr_scheduler": self.lr_sched.state_dict(),
             "ema_step": getattr(self.ema, "optimization_step", None),
             "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "quick": self.quick,
             **extra,
         }
         ckpt.save_state(path, {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, meta)
@@ -424,6 +428,7 @@ class TrainState:
         if self.scaler is not None and meta.get("grad_scaler"):
             self.scaler.load_state_dict(meta["grad_scaler"])
         self.pos = Position(meta["step"], meta["epoch"], meta["micro_in_epoch"])
+        self.quick = dict(meta.get("quick") or {})
         return meta
 
 
@@ -724,14 +729,48 @@ def _after_step(state: TrainState, api: Session, out: Path, val_batches: list[Ba
         state.val_loss = _validate(state.c, val_batches, cfg, state.device)
         metrics["val_loss"] = state.val_loss
         api.log({"step": step, "val_loss": state.val_loss, "time": time.time()})
-    if t.sample_every and step % t.sample_every == 0 and not is_last:
+    do_sample = bool(t.sample_every) and step % t.sample_every == 0 and not is_last
+    if do_sample:
         folder = out / "samples" / f"step-{step:06d}"  # every rank samples its share; rank 0 writes
         rows = _validation_samples(state.c, cfg, folder, state.device, api)
         _log_grid(api, folder, step, rows)
+        if api.rank == 0 and val_batches:
+            state.quick = _quick_metrics(state, folder, val_batches)
+            api.log({"step": step, **state.quick, "time": time.time()})
+    metrics.update(state.quick)
     if do_ckpt:
         _report_with_checkpoint(state, api, metrics, out)
-    elif do_eval:
+    elif do_eval or do_sample:
         api.report(metrics)
+
+
+def _quick_metrics(state: TrainState, folder: Path, val_batches: list[Batch]) -> dict[str, float]:
+    """`quick/stats/*` of the samples in `folder` against the validation images (see
+    `metrics.quick`): a realism signal at each sampling step, for ASHA's rungs."""
+    from PIL import Image
+
+    from .metrics.quick import quick_metrics
+
+    generated = []
+    for p in sorted(folder.glob("*.png")):
+        if p.name == "grid.png":
+            continue
+        a = np.asarray(Image.open(p))
+        generated.append(a.astype(np.float64) / (65535.0 if a.dtype == np.uint16 else 255.0))
+    reference = []
+    with torch.no_grad():
+        for b in val_batches:
+            if b.pixels is not None:
+                px = b.pixels
+            else:  # the latent cache fed the step: the validation images are the posterior means, decoded
+                vae = state.c.vae
+                mean = b.latent_moments[:, : b.latent_moments.shape[1] // 2].to(vae.device, vae.dtype)
+                px = vae.decode(mean).sample
+            reference.append(((px.float().mean(1).clamp(-1, 1) + 1) / 2).cpu().numpy())
+    if not generated or not reference:
+        return {}
+    return quick_metrics(np.stack(generated) if len({g.shape for g in generated}) == 1 else np.concatenate(
+        [g.ravel() for g in generated]), np.concatenate(reference))
 
 
 def _log_grid(api: Session, folder: Path, step: int | str, rows_per_rank: list[int] | None = None) -> None:

@@ -166,6 +166,7 @@ class TrialMonitor:
         if event:
             return
         self._pending.extend((name, rec[k], step) for k, name in self.METRICS.items() if k in rec)
+        self._pending.extend((k, v, step) for k, v in rec.items() if k.startswith("quick/"))  # rung realism
         if "loss" in rec:
             self.state["step"], self.state["loss"] = step, rec["loss"]
         if "val_loss" in rec:

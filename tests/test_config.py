@@ -177,3 +177,19 @@ def test_validate_counts_seed_replicas_as_trials(capsys):
     assert check_search(optuna)[0] == 10  # num_samples points, each run with 2 seeds
     assert main(["validate", str(quick), "--set", "search.repeats=3"]) == 0
     assert "24 trials (8 points x 3 seeds)" in capsys.readouterr().out
+
+
+def test_asha_on_a_quick_realism_metric_needs_samples_at_every_rung():
+    """quick/<metric> is computed on the samples taken every train.sample_every steps: a rung
+    between two of them would read a stale value (or none), a typo would never be reported."""
+    base = ["model.pretrained=tiny-sd", "train.max_steps=40",
+            'search={"space": {"train.lr": {"grid": [1.0e-4, 1.0e-3]}}, '
+            '"scheduler": {"type": "asha", "metric": "quick/stats/js", "grace_period": 5, "reduction_factor": 2}}']
+    study = config.load(None, base + ["train.sample_every=5"])  # rungs 5, 10, 20: multiples of 5
+    assert study.search.scheduler.metric == "quick/stats/js"
+    with pytest.raises(ConfigError, match="set train.sample_every"):
+        config.load(None, base)
+    with pytest.raises(ConfigError, match="not all multiples of train.sample_every=10"):
+        config.load(None, base + ["train.sample_every=10"])
+    with pytest.raises(ConfigError, match="not a quick metric; valid: quick/stats/js"):
+        config.load(None, [b.replace("quick/stats/js", "quick/stats/jss") for b in base] + ["train.sample_every=5"])

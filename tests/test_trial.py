@@ -58,6 +58,9 @@ def test_trial_writes_loadable_outputs_samples_and_one_mlflow_run(in_tmp):
     assert run.data.params["data.n_train"] == str(r.n_train)
     assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 4
     assert len(client.get_metric_history(run.info.run_id, "val/loss")) == 2
+    # The quick realism metric of the step-2 samples (what ASHA may rank on), logged at its step.
+    quick = client.get_metric_history(run.info.run_id, "quick/stats/js")
+    assert [m.step for m in quick] == [2] and 0 <= quick[0].value <= 1
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"weights", "samples", "config.yaml", "train_log.jsonl"} <= arts
     assert "grid.png" in {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "samples/final")}
