@@ -426,7 +426,8 @@ class EvalConfig(_Strict):
     )
     max_images: int | None = Field(
         None, gt=0, description="Use at most this many images per set: a sample seeded by eval.seed and "
-        "stratified by label (each class its proportional share, at least one), not the first N of the listing.",
+        "stratified by label (each class its proportional share, at least one), not the first N of the listing "
+        "(WebDataset shards: the first N in shard order, as listing them reads every member header).",
     )
     cache_dir: str | None = Field(
         "~/.cache/sar-ray/eval", description="Where the reference set's descriptors are kept, keyed by the "

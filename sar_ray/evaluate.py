@@ -350,20 +350,19 @@ def list_images(path: str | os.PathLike, role: str, max_images: int | None = Non
     A folder with ``metadata.jsonl`` (or one CSV/Parquet table) is read with the training
     readers; a folder of plain images is listed recursively (sorted; the first subfolder name
     is the label, as in Hugging Face imagefolder). `max_images`: a sample of that many,
-    stratified by label and seeded by `seed` (:func:`stratified_sample`). Returns (items, warnings).
+    stratified by label and seeded by `seed` (:func:`stratified_sample`); WebDataset shards: the
+    first that many in shard order. Returns (items, warnings).
     """
     from sar_ray.data.captions import TABLE_EXTENSIONS, DataError, read_table
     from sar_ray.data.io import IMAGE_EXTENSIONS
     from sar_ray.data.webdataset import list_streamed
 
-    # WebDataset: members named, not read. Local shards are listed whole (tar headers only) and
-    # sampled like any set; on object storage every header is a request, so there the listing
-    # stops at the first `max_images` in shard order (shards are written shuffled).
-    remote = "://" in str(path)
-    shards = list_streamed(path, max_images if remote else None, columns)
+    # WebDataset: members named, not read. The listing stops at the first `max_images` in shard
+    # order: every member header is a read (on object storage a request), shard samples carry no
+    # label to stratify by, and shards are written shuffled.
+    shards = list_streamed(path, max_images, columns)
     if shards is not None:
-        items = [_Item(role, i, r.path, r.image_bytes, r.name, r.text, r.label) for i, r in enumerate(shards)]
-        return stratified_sample(items, max_images, seed), []
+        return [_Item(role, i, r.path, r.image_bytes, r.name, r.text, r.label) for i, r in enumerate(shards)], []
     root = Path(path).expanduser().absolute()
     warnings: list[str] = []
     if not root.exists():
