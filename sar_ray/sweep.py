@@ -367,7 +367,7 @@ def _trial_driver(config: dict[str, Any], *, study_raw: dict, folder: str, track
                        check_memory=False)  # run_sweep checked every point before the first trial
 
     final: dict[str, Any] = {"step": result.step, "loss": result.loss, "val_loss": result.val_loss, FINISHED_KEY: True,
-                             **{f"cost/{k}": v for k, v in result.cost().items()}}
+                             **_last_quick(cfg.out_dir), **{f"cost/{k}": v for k, v in result.cost().items()}}
     if study.search is not None and study.search.evaluate and reference:
         from .evaluate import evaluate
 
@@ -388,6 +388,19 @@ def _trial_driver(config: dict[str, Any], *, study_raw: dict, folder: str, track
     final = {k: v for k, v in final.items() if v is not None}
     final_path.write_text(json.dumps(final))
     tune.report(final)
+
+
+def _last_quick(out: Path) -> dict[str, float]:
+    """The trial's newest quick/<metric> values (its last sampling step): the final report
+    carries them like every report before it, so a scheduler ranking on one never reads a
+    result without it."""
+    from .trial import read_log
+
+    last: dict[str, float] = {}
+    path = out / "train_log.jsonl"
+    for rec in read_log(path) if path.is_file() else []:
+        last.update({k: v for k, v in rec.items() if k.startswith("quick/")})
+    return last
 
 
 # --------------------------------------------------------------------------------------------
