@@ -245,6 +245,7 @@ def test_grid_sweep_logs_parent_and_children_and_resume_adds_no_duplicates(tmp_p
         run_sweep(other, resume=True, progress=False)
 
 
+@pytest.mark.slow  # two trials, one crashing and retried: ~60 s on 2 cores
 def test_a_failing_trial_does_not_stop_the_others(tmp_path, monkeypatch, ray_local):
     monkeypatch.chdir(tmp_path)
     s = study(tmp_path, {"train.lr": {"grid": [1e-4, 1e30]}}, "search.algorithm=grid", "search.scheduler.type=none",

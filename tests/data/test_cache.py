@@ -121,6 +121,7 @@ def _folders(root: Path) -> list[Path]:
     return sorted(p for p in (root / cache.LOCAL_ROOT).iterdir() if p.is_dir())
 
 
+@pytest.mark.slow  # three CLI runs (cache, trial, rebuilt cache): ~110 s on 2 cores
 def test_data_cache_then_trial_reuses_it_and_a_corrupt_or_foreign_cache_is_rebuilt(in_tmp, capsys):
     from sar_ray.cli import main
 

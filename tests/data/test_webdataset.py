@@ -39,7 +39,9 @@ def test_shards_give_the_rows_a_caption_table_of_the_same_images_gives(ray_local
     (tmp_path / "folder" / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     shards = build_datasets(_cfg(tmp_path / "wds"), seed=0)
-    table = build_datasets(_cfg(tmp_path / "folder", image_column="file_name", text_column="text"), seed=0)
+    # holdout_fraction=0: shards keep every non-validation sample for training (no held-out slice)
+    table = build_datasets(_cfg(tmp_path / "folder", image_column="file_name", text_column="text",
+                                holdout_fraction=0.0), seed=0)
     assert (shards.n_train, shards.n_val, shards.n_skipped) == (6, 0, 0)
     a, b = _by_key(shards.train), _by_key(table.train)
     assert sorted(a) == sorted(b) == [f"{i:04d}" for i in range(6)]
