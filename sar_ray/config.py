@@ -597,6 +597,24 @@ class ObjectiveConfig(_Strict):
     mode: Literal["min", "max"] = Field("min", description="Minimise or maximise it.")
 
 
+def asha_max_t(max_steps: int) -> int:
+    """ASHA's max_t for trials of `max_steps` steps: one step short of the end. ASHA puts a
+    rung at max_t, and a trial judged there would be stopped on its very last report (before
+    saving, sampling and scoring)."""
+    return max(max_steps - 1, 1)
+
+
+def asha_rungs(grace_period: int, reduction_factor: float, max_steps: int) -> list[float]:
+    """The steps at which sar-ray's ASHA judges trials: grace * factor**k up to max_t (as Ray's
+    ASHA places them)."""
+    max_t = asha_max_t(max_steps)
+    rung, rungs = float(min(grace_period, max_t)), []
+    while rung <= max_t:
+        rungs.append(rung)
+        rung *= reduction_factor
+    return rungs
+
+
 class SchedulerConfig(_Strict):
     type: Literal["asha", "none"] = Field("asha", description="ASHA early stopping on the validation loss, or none.")
     metric: str = Field("val_loss", description="Intermediate metric ASHA compares: val_loss (reported every "
@@ -715,21 +733,19 @@ class StudyConfig(TrialConfig):
     @model_validator(mode="after")
     def _quick_metric_has_samples_at_every_rung(self) -> StudyConfig:
         sc = self.search.scheduler if self.search is not None else None
-        if sc is None or sc.type != "asha" or not sc.metric.startswith("quick/"):
+        from .metrics.quick import check_quick, is_quick
+
+        if sc is None or sc.type != "asha" or not is_quick(sc.metric):
             return self
-        from .metrics.quick import check_quick
 
         check_quick(sc.metric)
-        every, max_t = self.train.sample_every, max(self.train.max_steps - 1, 1)
+        every = self.train.sample_every
         if not every:
             raise ValueError(f"search.scheduler.metric={sc.metric}: set train.sample_every (the quick metric is "
                              f"computed on the samples taken then), e.g. train.sample_every={sc.grace_period}")
         if self.data.val_fraction <= 0:
             raise ValueError(f"search.scheduler.metric={sc.metric}: needs validation images (data.val_fraction > 0)")
-        rung, rungs = float(min(sc.grace_period, max_t)), []
-        while rung <= max_t:  # Ray's ASHA puts rungs at grace * factor**k up to max_t
-            rungs.append(rung)
-            rung *= sc.reduction_factor
+        rungs = asha_rungs(sc.grace_period, sc.reduction_factor, self.train.max_steps)
         off = [r for r in rungs if r != int(r) or int(r) % every]
         if off:
             raise ValueError(f"search.scheduler.metric={sc.metric}: ASHA rungs at steps {[round(r, 1) for r in rungs]} "

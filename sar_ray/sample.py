@@ -39,6 +39,7 @@ class SampleSet:
     grid: Path
     metadata: Path
     rows_per_rank: list[int] = field(default_factory=list)  # prompt x seed rows each rank denoised
+    amplitudes: list[np.ndarray] = field(default_factory=list)  # the images' [0, 1] arrays, in `images` order
 
 
 def load_pipeline(model: ModelConfig, weights: str | Path | None, scheduler: str, device: torch.device | str = "cpu"):
@@ -152,7 +153,7 @@ def _write_folder(out: Path, cfg: SampleConfig, resolution: int, grid_rows: list
     grid = write_grid(grid_rows, cfg.prompts, cfg.seeds, out / "grid.png")
     mark_model_output(out, images=len(images), resolution=resolution, prompts=list(cfg.prompts),
                       seeds=list(cfg.seeds), scheduler=cfg.scheduler, steps=cfg.steps)
-    return SampleSet(out, images, grid, meta, per_rank)
+    return SampleSet(out, images, grid, meta, per_rank, [amp for row in grid_rows for amp in row])
 
 
 def write_grid(rows: list[list[np.ndarray]], prompts: list[str], seeds: list[int], path: Path) -> Path:

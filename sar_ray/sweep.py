@@ -420,9 +420,7 @@ def _tune_pieces(study: StudyConfig, base: TrialConfig):
         sc = search.scheduler
         # stop_last_trials=False: a trial reaching max_t must go on to save, sample and score;
         # ASHA would otherwise stop it at its last report.
-        # max_t one step short of the end: ASHA puts a rung at max_t, and a trial judged there
-        # would be stopped on its very last report.
-        max_t = max(base.train.max_steps - 1, 1)
+        max_t = config_mod.asha_max_t(base.train.max_steps)
         scheduler = ASHAScheduler(time_attr="step", metric=sc.metric, mode=sc.mode, max_t=max_t,
                                   grace_period=min(sc.grace_period, max_t),
                                   reduction_factor=sc.reduction_factor, stop_last_trials=False)

@@ -389,6 +389,7 @@ class TrainState:
     # quick/<metric> of the newest validation samples (rank 0), in every later report so that a
     # scheduler ranking on one never reads a result without it; kept across a resume.
     quick: dict[str, float] = field(default_factory=dict)
+    val_images: np.ndarray | None = None  # the validation images in [0, 1], pooled (quick metrics), built once
 
     def save(self, path: Path, extra: dict) -> None:
         tensors = {f"param/{k}": v for k, v in ckpt.trainable_state(self.applied).items()}
@@ -440,6 +441,13 @@ def _newest_local_checkpoint(out: Path) -> Path | None:
     return done[-1] if done else None
 
 
+def _stored_step(fs, folder: str) -> int:
+    """The step of the checkpoint folder `folder` on `fs`, from its `state.json` (read alone,
+    not the maybe multi-GB folder)."""
+    with fs.open_input_stream(f"{folder}/{ckpt.STATE_META}") as f:
+        return int(json.loads(f.read())["meta"]["step"])
+
+
 def stored_checkpoints(run_uri: str) -> list[tuple[int, str]]:
     """(step, path) of every checkpoint folder of the Train run at `run_uri` (local or object
     storage) whose `state.json` is complete, newest step last."""
@@ -455,8 +463,7 @@ def stored_checkpoints(run_uri: str) -> list[tuple[int, str]]:
         if info.type != pafs.FileType.Directory or not info.base_name.startswith("checkpoint_"):
             continue
         try:
-            with fs.open_input_stream(f"{info.path}/{ckpt.STATE_META}") as f:
-                found.append((int(json.loads(f.read())["meta"]["step"]), info.path))
+            found.append((_stored_step(fs, info.path), info.path))
         except (OSError, ValueError, KeyError, TypeError):  # being written, or torn: not a candidate
             continue
     return sorted(found)
@@ -475,11 +482,10 @@ def _resume_from_storage(state: TrainState, api: Session, run_uri: str | None) -
     if api.rank == 0 and run_uri:
         stored = stored_checkpoints(run_uri)
         known_step = -1
-        if known is not None:  # its state.json only, not the (maybe multi-GB) folder
+        if known is not None:
             try:
-                with known.filesystem.open_input_stream(f"{known.path}/{ckpt.STATE_META}") as f:
-                    known_step = int(json.loads(f.read())["meta"]["step"])
-            except (OSError, ValueError, KeyError):
+                known_step = _stored_step(known.filesystem, known.path)
+            except (OSError, ValueError, KeyError, TypeError):
                 pass
         if stored and stored[-1][0] > known_step:
             choice = stored[-1][1]
@@ -732,10 +738,10 @@ def _after_step(state: TrainState, api: Session, out: Path, val_batches: list[Ba
     do_sample = bool(t.sample_every) and step % t.sample_every == 0 and not is_last
     if do_sample:
         folder = out / "samples" / f"step-{step:06d}"  # every rank samples its share; rank 0 writes
-        rows = _validation_samples(state.c, cfg, folder, state.device, api)
-        _log_grid(api, folder, step, rows)
-        if api.rank == 0 and val_batches:
-            state.quick = _quick_metrics(state, folder, val_batches)
+        got = _validation_samples(state.c, cfg, folder, state.device, api)
+        _log_grid(api, folder, step, got.rows_per_rank if got is not None else None)
+        if got is not None and val_batches:  # rank 0
+            state.quick = _quick_metrics(state, got.amplitudes, val_batches)
             api.log({"step": step, **state.quick, "time": time.time()})
     metrics.update(state.quick)
     if do_ckpt:
@@ -744,33 +750,28 @@ def _after_step(state: TrainState, api: Session, out: Path, val_batches: list[Ba
         api.report(metrics)
 
 
-def _quick_metrics(state: TrainState, folder: Path, val_batches: list[Batch]) -> dict[str, float]:
-    """`quick/stats/*` of the samples in `folder` against the validation images (see
-    `metrics.quick`): a realism signal at each sampling step, for ASHA's rungs."""
-    from PIL import Image
-
+def _quick_metrics(state: TrainState, generated: list[np.ndarray], val_batches: list[Batch]) -> dict[str, float]:
+    """`quick/stats/*` of the validation samples (the [0, 1] arrays rank 0 gathered) against
+    the validation images (see `metrics.quick`): a realism signal at each sampling step, for
+    ASHA's rungs."""
     from .metrics.quick import quick_metrics
 
-    generated = []
-    for p in sorted(folder.glob("*.png")):
-        if p.name == "grid.png":
-            continue
-        a = np.asarray(Image.open(p))
-        generated.append(a.astype(np.float64) / (65535.0 if a.dtype == np.uint16 else 255.0))
-    reference = []
-    with torch.no_grad():
-        for b in val_batches:
-            if b.pixels is not None:
-                px = b.pixels
-            else:  # the latent cache fed the step: the validation images are the posterior means, decoded
-                vae = state.c.vae
-                mean = b.latent_moments[:, : b.latent_moments.shape[1] // 2].to(vae.device, vae.dtype)
-                px = vae.decode(mean).sample
-            reference.append(((px.float().mean(1).clamp(-1, 1) + 1) / 2).cpu().numpy())
-    if not generated or not reference:
+    if state.val_images is None:  # the validation images do not change: pooled once per run
+        reference = []
+        with torch.no_grad():
+            for b in val_batches:
+                if b.pixels is not None:
+                    px = b.pixels
+                else:  # the latent cache fed the step: the validation images are the posterior means, decoded
+                    vae = state.c.vae
+                    mean = b.latent_moments[:, : b.latent_moments.shape[1] // 2].to(vae.device, vae.dtype)
+                    px = vae.decode(mean).sample
+                reference.append(((px.float().mean(1).clamp(-1, 1) + 1) / 2).cpu().numpy().ravel())
+        state.val_images = np.concatenate(reference)
+    if not generated or not state.val_images.size:
         return {}
-    return quick_metrics(np.stack(generated) if len({g.shape for g in generated}) == 1 else np.concatenate(
-        [g.ravel() for g in generated]), np.concatenate(reference))
+    # Only the pooled amplitude histograms are compared: image shapes need not agree.
+    return quick_metrics(np.concatenate([g.ravel() for g in generated]), state.val_images)
 
 
 def _log_grid(api: Session, folder: Path, step: int | str, rows_per_rank: list[int] | None = None) -> None:
@@ -982,9 +983,9 @@ def _validate(c: Components, batches, cfg: TrialConfig, device) -> float:
     return _mean_over_workers(float(np.mean(losses)), device)
 
 
-def _validation_samples(c: Components, cfg: TrialConfig, out: Path, device, api: Session) -> list[int] | None:
-    """Samples from the live modules (every rank its share of the rows; rank 0 writes them);
-    rank 0 gets the rows each rank denoised."""
+def _validation_samples(c: Components, cfg: TrialConfig, out: Path, device, api: Session):
+    """Samples from the live modules (every rank its share of the rows; rank 0 writes them):
+    rank 0 gets the `SampleSet`, the other ranks None."""
     from .models import assemble_pipeline
     from .sample import generate
 
@@ -994,7 +995,7 @@ def _validation_samples(c: Components, cfg: TrialConfig, out: Path, device, api:
                    mixed_precision=cfg.train.mixed_precision, **_sampling_share(api))
     for n, m in c.modules().items():
         m.train(was[n])
-    return got.rows_per_rank if got is not None else None
+    return got
 
 
 # --------------------------------------------------------------------------------------------

@@ -86,10 +86,7 @@ def main() -> None:
             curve[t["trial_id"]] = {rec["step"]: rec[key] for rec in log if key in rec}
     if len(final) < 2:
         raise SystemExit(f"only {len(final)} trials finished with {args.objective}: nothing to compare")
-    rungs, rung = [], float(args.every)
-    while rung <= args.max_steps - 1:
-        rungs.append(int(rung))
-        rung *= args.factor
+    rungs = [int(r) for r in config.asha_rungs(args.every, args.factor, args.max_steps)]  # sar-ray's ASHA rungs
     best = min(final, key=final.get)
     grid_steps = args.max_steps * len(final)
     print(f"{len(final)} trials, final {args.objective}: best {best} = {final[best]:.4g}, "
