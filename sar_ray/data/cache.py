@@ -15,11 +15,12 @@ what the encoder computes, no more. With `data.flip` the flipped image's posteri
 too (the VAE is not flip-equivariant), and the step picks per image (`diffusion.random_flip`).
 
 The key hashes everything the moments depend on: the encoder + quant_conv weights, the
-encoder dtype, resolution, crop, flip, normalisation, the seed (crop positions and row order),
-and the data source (config and a listing of the files: names, sizes, mtimes). Any change
-lands in another folder, `<storage>/latents/<key>/`; a folder whose marker names another key,
-or whose files do not hold the counted rows, is a miss and is rebuilt. Written atomically: a
-tmp folder, the marker last, then a rename.
+encoder dtype, the prepared pixels' dtype (their rounding), resolution, crop, flip,
+normalisation, the seed (crop positions and row order), and the data source (config and a
+listing of the files: names, sizes, mtimes). Any change lands in another folder,
+`<storage>/latents/<key>/`; a folder whose marker names another key, or whose files do not hold
+the counted rows, is a miss and is rebuilt. Written atomically: a tmp folder, the marker last,
+then a rename.
 """
 
 from __future__ import annotations
@@ -35,9 +36,9 @@ from typing import Any
 import numpy as np
 
 from sar_ray.data.captions import DataError
-from sar_ray.data.dataset import TrainData
+from sar_ray.data.dataset import PIXEL_DTYPE, TrainData
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: pixels travel as uint16 (rounded to 1/65535), no longer float32
 MARKER = "_cache.json"
 LOCAL_ROOT = ".sar-ray-cache/latents"  # next to the synthetic-data cache
 COLUMNS = ("latent_moments", "latent_moments_flip", "text", "original_size", "crop_top_left", "path")
@@ -129,6 +130,7 @@ def key_inputs(cfg, vae) -> dict[str, Any]:
         "version": CACHE_VERSION,
         "encoder": encoder_hash(vae),
         "dtype": encoder_dtype(cfg.model),
+        "pixels": np.dtype(PIXEL_DTYPE).name,  # what the encoder is fed: rounded to this dtype's steps
         "resolution": d.resolution,
         "crop": d.crop,
         "flip": d.flip,
@@ -181,7 +183,8 @@ class _Encode:
 
         arr = batch["pixel_values"]
         arr = np.stack(list(arr)) if arr.dtype == object else np.array(arr)
-        px = model_pixels(torch.from_numpy(arr)).to(self.device)  # (B, 3, R, R) in [-1, 1]
+        # Copy the narrow uint16 array, widen on the device: (B, 3, R, R) float32 in [-1, 1].
+        px = model_pixels(torch.from_numpy(arr).to(self.device))
 
         def moments(x):
             with torch.no_grad():

@@ -1,13 +1,18 @@
 """Ray Data datasets of training examples: rows of ``pixel_values``, ``text``, ``path``.
 
     data = build_datasets(cfg.data, seed=cfg.train.seed)
-    data.train   # ray.data.Dataset: pixel_values (3, R, R) float32 in [-1, 1], text, path,
-                 # original_size (h, w) and crop_top_left (top, left) for SDXL micro-conditioning
+    data.train   # ray.data.Dataset: pixel_values (1, R, R) uint16 (the [0, 1] image in 65535
+                 # steps), text, path, original_size (h, w) and crop_top_left (top, left) for SDXL
+                 # micro-conditioning
 
 On the driver: read the caption table, cap at ``max_images``, check every image decodes (a
 Ray Data pass that returns only failures, so it runs on the cluster's CPUs), split train/val
 by a hash of each image's name (``splits``: train, validation, held out). In Ray Data
 workers: decode, normalise, resize, crop.
+Pixels travel lean, one channel of uint16 (2 bytes a pixel; the model's (3, R, R) float32 in
+[-1, 1] would be 12): the object store, the workers' in-memory shards and the copy to the device
+all move a sixth of it, and `train.model_pixels` makes the model's input on the device. A step
+is 2/65535 (3e-5) in the model's range, finer than the fp16 or bf16 the VAE often runs in.
 WebDataset shards and Parquet tables holding the image bytes never reach the driver: see
 ``streamed`` (a scan in Ray Data, then the same rows and the same preparation).
 
@@ -33,13 +38,14 @@ from PIL import Image
 from sar_ray.config import DataConfig, NormalizationConfig
 from sar_ray.data.captions import TABLE_EXTENSIONS, DataError, Record, read_table
 from sar_ray.data.io import IMAGE_EXTENSIONS, ImageReadError, read_image, read_image_bytes
-from sar_ray.data.normalize import normalize, to_model_range, to_three_channels
+from sar_ray.data.normalize import normalize
 from sar_ray.data.synth import synthetic_path
 
 if TYPE_CHECKING:  # ray is imported only by build_datasets: metrics code needs no Ray
     import ray.data
 
 ROWS_PER_BLOCK = 64  # input block size: 300k images -> ~5k blocks, 1000 -> 16
+PIXEL_DTYPE = np.uint16  # pixel_values: round(img01 * 65535), one channel (see the module docstring)
 
 
 @dataclass
@@ -134,7 +140,7 @@ def build_datasets(cfg: DataConfig, seed: int) -> TrainData:
 
 
 def _materialize(cfg: DataConfig, n: int) -> bool:
-    prepared_bytes = n * 3 * cfg.resolution**2 * 4  # float32 (3, R, R)
+    prepared_bytes = n * cfg.resolution**2 * np.dtype(PIXEL_DTYPE).itemsize  # uint16 (1, R, R)
     return cfg.materialize == "always" or (cfg.materialize == "auto" and prepared_bytes <= MATERIALIZE_BUDGET)
 
 
@@ -286,6 +292,13 @@ def prepare_image_geometry(
     return out, original, (top, left)
 
 
+def to_pixel_values(img01: np.ndarray) -> np.ndarray:
+    """A prepared (R, R) image in [0, 1] -> the (1, R, R) uint16 row `pixel_values` holds,
+    round(img01 * 65535); `train.model_pixels` maps it back to the model's [-1, 1]."""
+    scale = np.iinfo(PIXEL_DTYPE).max
+    return np.round(np.asarray(img01, np.float32)[None] * scale).astype(PIXEL_DTYPE)
+
+
 # --------------------------------------------------------------------------------------------
 # Ray Data pieces
 # --------------------------------------------------------------------------------------------
@@ -313,8 +326,9 @@ def _num_blocks(n: int) -> int:
 
 
 def _batch_size(resolution: int) -> int:
-    # Keep an output batch near 64 MB: a (3, 1024, 1024) float32 row is 12 MB.
-    return int(np.clip((64 << 20) // (12 * resolution * resolution), 1, 64))
+    # Keep an output batch near 64 MB: a (1, 1024, 1024) uint16 row is 2 MB (at most 64 rows).
+    row_bytes = np.dtype(PIXEL_DTYPE).itemsize * resolution * resolution
+    return int(np.clip((64 << 20) // row_bytes, 1, 64))
 
 
 def _decode(r: Record | dict) -> np.ndarray:
@@ -390,14 +404,14 @@ def _prepare_batch(
                 raise
             logging.getLogger(__name__).warning("skipped unreadable image: %s", e)
             continue
-        pixels.append(to_three_channels(to_model_range(img)))  # (3, R, R)
+        pixels.append(to_pixel_values(img))  # (1, R, R) uint16
         originals.append(original)
         crops.append(top_left)
         texts.append(row["text"])
         names.append(_cell(row["path"], str) or row["name"])
     return {
-        "pixel_values": np.stack(pixels).astype(np.float32) if pixels
-        else np.zeros((0, 3, resolution, resolution), np.float32),  # (B, 3, R, R) in [-1, 1]
+        "pixel_values": np.stack(pixels) if pixels
+        else np.zeros((0, 1, resolution, resolution), PIXEL_DTYPE),  # (B, 1, R, R) uint16
         "text": np.asarray(texts, dtype=object),
         "path": np.asarray(names, dtype=object),
         "original_size": np.asarray(originals, np.int32).reshape(-1, 2),  # (B, 2): h, w before resizing

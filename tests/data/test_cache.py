@@ -38,7 +38,7 @@ def _key(cfg, vae=None) -> str:
     return cache.cache_key(cache.key_inputs(cfg, vae or build_tiny("sdxl").vae))
 
 
-def test_key_misses_on_any_change_of_what_the_latents_depend_on(tmp_path):
+def test_key_misses_on_any_change_of_what_the_latents_depend_on(tmp_path, monkeypatch):
     base = _cfg(tmp_path)
     vae = build_tiny("sdxl").vae
     k = _key(base, vae)
@@ -54,6 +54,12 @@ def test_key_misses_on_any_change_of_what_the_latents_depend_on(tmp_path):
     }
     for what, cfg in changed.items():
         assert _key(cfg, vae) != k, what
+    # Pixels rounded to other steps feed the encoder other values (a cache of float32 pixels,
+    # version 1, is a miss too).
+    assert cache.key_inputs(base, vae)["pixels"] == "uint16"
+    monkeypatch.setattr(cache, "PIXEL_DTYPE", np.uint8)
+    assert _key(base, vae) != k
+    monkeypatch.undo()
     other = build_tiny("sdxl", seed=1).vae  # another model's encoder weights
     assert _key(base, other) != k
     import torch

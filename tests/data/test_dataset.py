@@ -17,8 +17,10 @@ from sar_ray.data import (
     prepare_image,
     read_image,
     to_model_range,
+    to_three_channels,
 )
 from sar_ray.data import dataset
+from sar_ray.data.dataset import to_pixel_values
 
 MSTAR = Path(__file__).resolve().parents[3] / "shared" / "data" / "mstar-train"
 N = 12
@@ -37,7 +39,7 @@ def folder(tmp_path):
         Image.fromarray(a).save(tmp_path / name)
         text = f"<SAR> image {i}" if i % 2 else f"image {i}"
         rows.append({"file_name": name, "text": text})
-    # One constant image: reference normalisation maps it to exactly 1 (-> +1 model range).
+    # One constant image: reference normalisation maps it to exactly 1 (-> 65535, +1 model range).
     Image.fromarray(np.full((50, 50), 500, np.uint16)).save(tmp_path / "flat.png")
     rows.append({"file_name": "flat.png", "text": "flat"})
     (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -59,9 +61,7 @@ def test_rows_shape_range_and_prefix(ray_local, folder):
     assert sorted(rows[0]) == ["crop_top_left", "original_size", "path", "pixel_values", "text"]
     for row in rows:
         x = row["pixel_values"]
-        assert x.shape == (3, 32, 32) and x.dtype == np.float32
-        assert x.min() >= -1 and x.max() <= 1
-        assert (x[0] == x[1]).all() and (x[0] == x[2]).all()
+        assert x.shape == (1, 32, 32) and x.dtype == np.uint16  # one channel, 2 bytes a pixel
         assert row["text"].startswith("<SAR> ") and "<SAR> <SAR>" not in row["text"]
     assert [r["text"] for r in rows[:2]] == ["<SAR> image 0", "<SAR> image 1"]
     # SDXL micro-conditioning: the size before resizing and the crop corner in the resized image
@@ -69,15 +69,68 @@ def test_rows_shape_range_and_prefix(ray_local, folder):
     assert rows[0]["original_size"].tolist() == [50, 50] and rows[0]["crop_top_left"].tolist() == [0, 0]
     assert rows[1]["original_size"].tolist() == [40, 60] and rows[1]["crop_top_left"].tolist() == [0, 8]
     flat = next(r for r in rows if r["path"].endswith("flat.png"))
-    assert (flat["pixel_values"] == 1).all()
-    # The workers compute exactly what the plain helpers compute.
+    assert (flat["pixel_values"] == 65535).all()
+    # The workers compute exactly what the plain helpers compute: round(img01 * 65535).
     p = rows[1]["path"]
-    expect = to_model_range(prepare_image(read_image(p), NormalizationConfig(), 32))
-    np.testing.assert_allclose(rows[1]["pixel_values"][0], expect, atol=1e-6)
+    img01 = prepare_image(read_image(p), NormalizationConfig(), 32)
+    np.testing.assert_array_equal(rows[1]["pixel_values"], np.round(img01[None] * 65535).astype(np.uint16))
 
     no_prefix = build_datasets(cfg.model_copy(update={"caption_prefix": None}), seed=0)
     texts = [r["text"] for r in sorted(_rows(no_prefix.train), key=lambda r: (r["path"].endswith("flat.png"), r["path"]))]
     assert texts[:2] == ["image 0", "<SAR> image 1"]
+
+
+def test_uint16_rows_give_the_model_the_float_pixels_of_the_old_path_to_a_rounding_step(folder):
+    """The lean rows, widened by `train.model_pixels` as a worker does, equal the float32
+    (3, R, R) [-1, 1] pixels built directly from the prepared image to within half a uint16
+    step (1/65535 in [-1, 1]): a wrong scale, offset or truncation instead of rounding fails."""
+    import torch
+
+    from sar_ray.train import model_pixels
+
+    paths = [folder / f"img/{i:02d}.png" for i in range(4)] + [folder / "flat.png"]
+    batch = {"key": np.arange(len(paths)), "path": np.array([str(p) for p in paths], object),
+             "image_bytes": np.array([None] * len(paths), object), "name": np.array([p.name for p in paths], object),
+             "text": np.array(["x"] * len(paths), object)}
+    out = dataset._prepare_batch(batch, NormalizationConfig(), resolution=32, seed=0, crop="center")
+    assert out["pixel_values"].shape == (len(paths), 1, 32, 32) and out["pixel_values"].dtype == np.uint16
+    old = np.stack([to_three_channels(to_model_range(prepare_image(read_image(p), NormalizationConfig(), 32)))
+                    for p in paths])  # (B, 3, R, R) float32 in [-1, 1], what rows held before
+    new = model_pixels(torch.from_numpy(out["pixel_values"]))
+    assert new.dtype == torch.float32 and tuple(new.shape) == old.shape
+    np.testing.assert_allclose(new.numpy(), old, rtol=0, atol=1.01 / 65535)  # float32 arithmetic: the 1%
+    assert new.numpy()[-1].min() == 1.0 and new.numpy().min() >= -1.0  # the flat image: exactly +1
+
+    # A batch with nothing left (every image unreadable, skipped): the same dtype and shape.
+    bad = {**batch, "path": np.array([str(folder / "missing.png")], object), "key": np.arange(1),
+           "image_bytes": np.array([b"junk"], object), "name": np.array(["missing.png"], object),
+           "text": np.array(["x"], object)}
+    empty = dataset._prepare_batch(bad, NormalizationConfig(), resolution=32, seed=0, crop="center",
+                                   skip_unreadable=True)
+    assert empty["pixel_values"].shape == (0, 1, 32, 32) and empty["pixel_values"].dtype == np.uint16
+    assert tuple(model_pixels(torch.from_numpy(empty["pixel_values"])).shape) == (0, 3, 32, 32)
+
+
+def test_to_pixel_values_rounds_to_the_nearest_step():
+    img01 = np.array([[0.0, 1.0], [0.4999 / 65535, 0.5001 / 65535]], np.float32)
+    assert to_pixel_values(img01).tolist() == [[[0, 65535], [0, 1]]]
+
+
+def test_materialized_rows_hold_two_bytes_a_pixel(ray_local, folder, monkeypatch):
+    """Prepared rows in the object store are R * R * 2 bytes of pixels (Arrow adds an 8-byte
+    offset a row), and `data.materialize=auto` estimates exactly those bytes."""
+    r = 32
+    cfg = DataConfig(path=str(folder), resolution=r, val_fraction=0.0, holdout_fraction=0.0, materialize="always")
+    data = build_datasets(cfg, seed=0)
+    assert data.materialized
+    pixels = data.train.select_columns(["pixel_values"]).materialize()
+    per_row = pixels.size_bytes() / data.n_train
+    assert r * r * 2 <= per_row <= r * r * 2 + 8
+    auto = cfg.model_copy(update={"materialize": "auto"})
+    monkeypatch.setattr(dataset, "MATERIALIZE_BUDGET", data.n_train * r * r * 2)
+    assert dataset._materialize(auto, data.n_train)
+    monkeypatch.setattr(dataset, "MATERIALIZE_BUDGET", data.n_train * r * r * 2 - 1)
+    assert not dataset._materialize(auto, data.n_train)
 
 
 def test_split_deterministic_disjoint_and_order_stable(ray_local, folder, monkeypatch):
@@ -177,7 +230,7 @@ def test_mstar_loads_as_is(ray_local):
     assert (data.n_train + data.n_val, data.n_skipped) == (1000, 0)
     assert 60 <= data.n_val <= 140
     rows = data.train.take(8)
-    assert all(r["pixel_values"].shape == (3, 64, 64) for r in rows)
+    assert all(r["pixel_values"].shape == (1, 64, 64) and r["pixel_values"].dtype == np.uint16 for r in rows)
     assert all(r["text"].startswith("<SAR> image of ") and r["text"].count("<SAR>") == 1 for r in rows)
     assert rows[0]["path"].startswith(str(MSTAR))
 
