@@ -79,11 +79,15 @@ def _losses(out: Path) -> list[float]:
     return [r["loss"] for r in read_log(out / "train_log.jsonl") if "loss" in r]
 
 
+def _val_losses(out: Path) -> list[float]:
+    return [r["val_loss"] for r in read_log(out / "train_log.jsonl") if "val_loss" in r]
+
+
 def test_cached_trial_trains_like_the_uncached_one_with_zero_encoder_calls(in_tmp):
     """Same seed, flip on: the cached trial draws the same latents (the flipped image's posterior
     where the pixels would flip), so its losses equal the uncached trial's; it calls the encoder
     never, the uncached one every step; a VAE-tuning trial ignores the cache."""
-    sets = ["strategy.unet.mode=lora", "data.flip=true"]
+    sets = ["strategy.unet.mode=lora", "data.flip=true", "train.eval_every=1"]
     plain = run_trial(_cfg(in_tmp, *sets, "data.cache=off", out="off"), progress=False)
     cached = run_trial(_cfg(in_tmp, *sets, "data.cache=auto", out="auto"), progress=False)
     vae = run_trial(_cfg(in_tmp, *sets, "data.cache=auto", "strategy.vae.mode=lora", out="vae"), progress=False)
@@ -91,10 +95,16 @@ def test_cached_trial_trains_like_the_uncached_one_with_zero_encoder_calls(in_tm
     assert _calls(plain.out) >= 3  # one per step (+ validation)
     assert _calls(vae.out) >= 3
     # Step 1 sees the same weights: equal up to float noise (the cache encoded 16 images a call,
-    # the step 2). Later steps amplify that noise through Adam's normalised updates: close.
+    # the step 2). Later steps amplify that noise through Adam's first, sign-like updates (a
+    # LoRA weight whose gradient is ~0 moves by +-lr on either side of it): close.
     assert _losses(cached.out)[0] == pytest.approx(_losses(plain.out)[0], rel=1e-5)
     np.testing.assert_allclose(_losses(cached.out), _losses(plain.out), rtol=5e-3)
-    assert cached.val_loss == pytest.approx(plain.val_loss, rel=5e-3)
+    # Validation reads the same held-out latents: equal after the first update. Not compared at
+    # the last step: on 2 held-out images with fixed noise the loss swings ~1% a step, and the
+    # amplified noise above moved it 0.700 vs 0.684 at step 3 (0.6942 vs 0.6942 at step 5).
+    first = [_val_losses(r.out)[0] for r in (plain, cached)]
+    assert first[1] == pytest.approx(first[0], rel=1e-4)
+    assert len(_val_losses(cached.out)) == 3 and np.isfinite(cached.val_loss)
 
     from mlflow.tracking import MlflowClient
 
