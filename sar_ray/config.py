@@ -41,7 +41,10 @@ class ModelConfig(_Strict):
         description="Hub id or local directory of a diffusers StableDiffusion (1.x/2.x) or "
         "StableDiffusionXL pipeline, or `tiny-sd15` (alias `tiny-sd`) / `tiny-sd2` / `tiny-sdxl` "
         "(random small models with the public configs of SD 1.5 / 2.1 / SDXL base except widths "
-        "and depths, built from constructors, no download).",
+        "and depths, built from constructors, no download), or `tiny-sdxl-natural` (likewise "
+        "`tiny-sd15-natural`, `tiny-sd2-natural`): that tiny model pretrained on the photographs "
+        "shipped with scikit-image, built on first use in about two minutes and cached under "
+        "~/.cache/sar-ray/models ($SAR_RAY_CACHE/models).",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     variant: str | None = Field(None, description="Weight variant to load, e.g. `fp16`.")

@@ -44,6 +44,7 @@ from transformers import (
     CLIPTokenizer,
 )
 
+from sar_ray import natural
 from sar_ray.config import ModelConfig
 
 # The model families whose public configs ship in sar_ray/model_configs/.
@@ -329,7 +330,9 @@ def _with_prediction_type(scheduler: DDPMScheduler, cfg: ModelConfig) -> DDPMSch
 
 
 def load_components(cfg: ModelConfig, keep_fp32: Iterable[str] = ()) -> Components:
-    """Load the components of `cfg.pretrained`: a hub id, a local pipeline folder, or tiny-sd/sdxl.
+    """Load the components of `cfg.pretrained`: a hub id, a local pipeline folder, tiny-sd/sdxl,
+    or a natural-image tiny base (`tiny-sdxl-natural`: built and cached on first use, then read
+    as a local folder).
 
     Weights are in `cfg.weight_dtype` except the components named in `keep_fp32` (those a
     strategy tunes fully, so they are never rounded through fp16) and the VAE when
@@ -345,6 +348,8 @@ def load_components(cfg: ModelConfig, keep_fp32: Iterable[str] = ()) -> Componen
         return c
 
     src = cfg.pretrained
+    if natural.is_natural(src):  # built once from skimage's photographs, then a local folder
+        src = str(natural.ensure(src))
     local = Path(src).is_dir()
     # A local folder never touches the network; a hub id uses the cache (and HF_HUB_OFFLINE).
     hub: dict = {"revision": cfg.revision}

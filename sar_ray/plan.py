@@ -120,7 +120,7 @@ def _read_cache(repo_id: str, revision: str | None) -> Callable[[str], dict | No
 
 def resolve_configs(model: ModelConfig) -> tuple[dict[str, dict], str]:
     """(configs by component, where they came from) for `model.pretrained`, without a download."""
-    src = model.pretrained
+    src = model.pretrained.removesuffix("-natural")
     if src in TINY_FAMILIES:
         family = TINY_FAMILIES[src]
         return shipped_configs(family), f"{src}: planned at the size of the real {family} model"
