@@ -120,8 +120,11 @@ class DataConfig(_Strict):
     text_column: str | list[str] = Field(
         "text",
         description="Column holding the caption; for WebDataset a dotted path into the "
-        "sample's JSON member (SARLO-80: `caption.MID`) or a `.txt` member. A list: one of them "
-        "per image, chosen by a seeded hash of the image's name.",
+        "sample's JSON member (SARLO-80: `caption.MID`) or a `.txt` member. A list (SARLO-80: "
+        "`[caption.SHORT, caption.MID, caption.LONG]`): every image needs all of them; training "
+        "samples one per image and epoch by a stable hash of (image, epoch, `train.seed`), so "
+        "a resumed trial picks the same ones; validation always uses the same one per image "
+        "(a hash of its name), so its loss compares across steps and trials.",
     )
     synthetic: SynthConfig = Field(default_factory=SynthConfig)
     resolution: int = Field(64, ge=8, description="Training side length in pixels.")

@@ -38,6 +38,7 @@ from ray.train.torch import TorchTrainer
 
 from . import checkpoint as ckpt
 from .config import TrialConfig
+from .data.dataset import epoch_caption
 from .diffusion import Batch, StepOutput, compute_loss, random_flip, validation_loss
 from .models import Components, load_components
 from .strategies import Applied, apply, enable_checkpointing, full_components, make_optimizer, place
@@ -172,7 +173,8 @@ def _ema_state(ema, c: Components) -> dict[str, torch.Tensor] | None:
 
 
 
-_COLUMNS = ("pixel_values", "text", "original_size", "crop_top_left", "latent_moments", "latent_moments_flip")
+_COLUMNS = ("pixel_values", "text", "original_size", "crop_top_left", "latent_moments", "latent_moments_flip",
+            "texts", "key")  # texts, key: only with several caption columns (see EpochOrder)
 
 
 def _to_batch(cols: dict[str, np.ndarray], device: torch.device) -> Batch:
@@ -226,6 +228,8 @@ class EpochOrder:
     Materialized data (it fits the object store): the shard is read once and every epoch is a
     fresh seeded permutation of all its rows. Streamed data: Ray Data's order plus a seeded
     shuffle buffer per epoch (a true per-epoch permutation would re-shuffle the images).
+    Rows with several candidate captions (`texts`) train under the one `dataset.epoch_caption`
+    picks for (image, epoch, seed): `text` is replaced in each yielded micro-batch.
     """
 
     def __init__(self, shard, batch_size: int, seed: int, rank: int, in_memory: bool):
@@ -244,9 +248,11 @@ class EpochOrder:
         return self._rows
 
     def epoch(self, epoch: int, skip: int = 0) -> Iterator[dict[str, np.ndarray]]:
-        if not self.in_memory:
-            yield from self._streamed(epoch, skip)
-            return
+        batches = self._streamed(epoch, skip) if not self.in_memory else self._in_memory(epoch, skip)
+        for cols in batches:
+            yield _epoch_captions(cols, epoch, self.seed) if "texts" in cols else cols
+
+    def _in_memory(self, epoch: int, skip: int) -> Iterator[dict[str, np.ndarray]]:
         rows = self._read_all()
         n = len(rows["text"]) if rows else 0
         order = np.random.default_rng([self.seed % 2**63, epoch, self.rank]).permutation(n)
@@ -266,6 +272,12 @@ class EpochOrder:
         for i, batch in enumerate(it):
             if i >= skip:
                 yield batch
+
+
+def _epoch_captions(cols: dict[str, np.ndarray], epoch: int, seed: int) -> dict[str, np.ndarray]:
+    """`cols` with `text` set to each row's caption for `epoch` (a copy; the rows stay as read)."""
+    text = np.asarray([epoch_caption(t, k, epoch, seed) for t, k in zip(cols["texts"], cols["key"])], dtype=object)
+    return {**cols, "text": text}
 
 
 def _drop_mask(n: int, p: float, generator: torch.Generator) -> torch.Tensor | None:

@@ -36,12 +36,14 @@ from typing import Any
 import numpy as np
 
 from sar_ray.data.captions import DataError
-from sar_ray.data.dataset import PIXEL_DTYPE, TrainData
+from sar_ray.data.dataset import PIXEL_DTYPE, TrainData, caption_lists
 
-CACHE_VERSION = 2  # 2: pixels travel as uint16 (rounded to 1/65535), no longer float32
+# 2: pixels travel as uint16 (rounded to 1/65535), no longer float32; 3: rows of several caption
+# columns carry every candidate (texts, key) for the step's per-epoch choice.
+CACHE_VERSION = 3
 MARKER = "_cache.json"
 LOCAL_ROOT = ".sar-ray-cache/latents"  # next to the synthetic-data cache
-COLUMNS = ("latent_moments", "latent_moments_flip", "text", "original_size", "crop_top_left", "path")
+COLUMNS = ("latent_moments", "latent_moments_flip", "text", "texts", "key", "original_size", "crop_top_left", "path")
 
 
 class CacheError(DataError):
@@ -191,7 +193,9 @@ class _Encode:
                 m = posterior(self.vae, x).parameters  # (B, 2C, R/8, R/8): mean | logvar
             return (m.float() if m.dtype == torch.bfloat16 else m).cpu().numpy()
 
-        out = {k: batch[k] for k in ("text", "original_size", "crop_top_left", "path") if k in batch}
+        out = {k: batch[k] for k in ("text", "key", "original_size", "crop_top_left", "path") if k in batch}
+        if "texts" in batch:  # several captions: every candidate, for the step's per-epoch choice
+            out["texts"] = caption_lists(batch["texts"])
         out["latent_moments"] = moments(px)
         if self.flip:
             out["latent_moments_flip"] = moments(px.flip(-1))

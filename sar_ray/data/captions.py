@@ -37,6 +37,9 @@ class Record:
 
     `name` is the image's name as the table gives it (relative path, or for embedded bytes the
     struct's path or ``<table>[row i]``): the train/val split key and what errors show.
+    `texts`: with several caption columns, every candidate in `data.text_column`'s order
+    (training picks one per epoch, `dataset.epoch_caption`); `text` is the fixed one of them
+    (validation, reference prompts). Empty with one caption column.
     """
 
     path: str | None  # absolute image path; None when the table holds the bytes
@@ -44,6 +47,7 @@ class Record:
     text: str
     label: str | None = None
     name: str = ""
+    texts: tuple[str, ...] = ()
 
     @property
     def source(self) -> str:
@@ -59,8 +63,8 @@ def read_table(
 ) -> list[Record]:
     """Records of every row of the caption table found from `path` (see module docstring).
 
-    `text_column` may be a list of columns: each image gets one of them, chosen by a stable
-    hash of its name (the same in every run)."""
+    `text_column` may be a list of columns: each record carries all of them (`texts`) and, as
+    `text`, the one a stable hash of its name picks (the same in every run)."""
     root = Path(path).expanduser()
     if not root.exists():
         raise DataError(
@@ -182,16 +186,18 @@ def _record(
     where = f"{table.name}[row {i}]"
     value = row.get(image_column)
     record = _image(row, i, table, base, image_column, value, where)
-    if len(texts) > 1:
-        from sar_ray.data.dataset import stable_hash
+    values = []
+    for text_column in texts:
+        text = row.get(text_column)
+        if text is None:
+            raise DataError(f"{table}: row {i} has no {text_column!r}; give every image a caption")
+        values.append(str(text))
+    if len(values) == 1:
+        return replace(record, text=values[0])
+    from sar_ray.data.dataset import stable_hash
 
-        text_column = texts[(stable_hash(record.name) >> 1) % len(texts)]
-    else:
-        text_column = texts[0]
-    text = row.get(text_column)
-    if text is None:
-        raise DataError(f"{table}: row {i} has no {text_column!r}; give every image a caption")
-    return replace(record, text=str(text))
+    fixed = values[(stable_hash(record.name) >> 1) % len(values)]  # = webdataset.pick_text
+    return replace(record, text=fixed, texts=tuple(values))
 
 
 def _image(row: dict[str, Any], i: int, table: Path, base: Path, image_column: str, value, where: str) -> Record:

@@ -3,7 +3,8 @@
     data = build_datasets(cfg.data, seed=cfg.train.seed)
     data.train   # ray.data.Dataset: pixel_values (1, R, R) uint16 (the [0, 1] image in 65535
                  # steps), text, path, original_size (h, w) and crop_top_left (top, left) for SDXL
-                 # micro-conditioning
+                 # micro-conditioning; with several caption columns also texts (every candidate)
+                 # and key (the image's stable hash), from which the step picks one per epoch
 
 On the driver: read the caption table, cap at ``max_images``, check every image decodes (a
 Ray Data pass that returns only failures, so it runs on the cluster's CPUs), split train/val
@@ -16,8 +17,10 @@ is 2/65535 (3e-5) in the model's range, finer than the fp16 or bf16 the VAE ofte
 WebDataset shards and Parquet tables holding the image bytes never reach the driver: see
 ``streamed`` (a scan in Ray Data, then the same rows and the same preparation).
 
-Augmentations that must change every epoch (``flip``, ``caption_dropout``) are not applied
-here: rows are a deterministic function of (file, seed), so those belong in the training step.
+Augmentations that must change every epoch (``flip``, ``caption_dropout``, the choice among
+several captions: ``epoch_caption``) are not applied here: rows are a deterministic function of
+(file, seed), so those belong in the training step. ``text`` is the fixed choice (a hash of the
+image's name), what validation reads.
 """
 
 from __future__ import annotations
@@ -173,7 +176,8 @@ def _build_streamed(cfg: DataConfig, seed: int, source) -> TrainData:
         ds, to_rows, fmt = source.rows(seed, cfg.max_images)
         ds = ds.map_batches(
             with_rows, fn_kwargs={"to_rows": to_rows, "bad": bad, "rule": rule, "want_val": want_val,
-                                  "prefix": cfg.caption_prefix},
+                                  "prefix": cfg.caption_prefix, "multi": not isinstance(cfg.text_column, str)
+                                  and len(cfg.text_column) > 1},
             batch_format=fmt, batch_size=ROWS_PER_BLOCK,
         ).map_batches(functools.partial(prep, crop=crop), batch_format="numpy",
                       batch_size=_batch_size(cfg.resolution))
@@ -192,6 +196,13 @@ def _build_streamed(cfg: DataConfig, seed: int, source) -> TrainData:
 def stable_hash(name: str) -> int:
     """A 64-bit hash of `name`, the same in every process and Python version."""
     return int.from_bytes(hashlib.blake2b(name.encode("utf-8"), digest_size=8).digest(), "big")
+
+
+def epoch_caption(texts, key: int, epoch: int, seed: int) -> str:
+    """The caption, of an image's candidates `texts`, that training uses in `epoch`: a stable
+    hash of (the image's `key`, epoch, train.seed), so it changes across epochs, a resume picks
+    the same one, and it depends on neither the worker nor the row order."""
+    return str(texts[stable_hash(f"{int(key)}:{int(epoch)}:{int(seed)}") % len(texts)])
 
 
 def split_records(records: list[Record], val_fraction: float) -> tuple[list[Record], list[Record]]:
@@ -318,6 +329,9 @@ def _to_dataset(records: list[Record], prefix: str | None) -> ray.data.Dataset:
         }
         for r in records
     ]
+    if any(r.texts for r in records):  # several caption columns: every candidate travels
+        for item, r in zip(items, records):
+            item["texts"] = [with_prefix(t, prefix) for t in r.texts]
     return ray.data.from_items(items, override_num_blocks=_num_blocks(len(items)))
 
 
@@ -393,7 +407,7 @@ def _prepare_batch(
 ) -> dict[str, np.ndarray]:
     """`skip_unreadable`: drop rows whose image does not decode (streamed data, whose scan
     reads headers only) rather than fail the epoch."""
-    pixels, originals, crops, texts, names = [], [], [], [], []
+    pixels, originals, crops, texts, names, candidates, keys = [], [], [], [], [], [], []
     for row in _rows(batch):
         # The crop position depends on (seed, file) only: the same rows every run and epoch.
         rng = np.random.default_rng([seed % 2**63, int(row["key"])]) if crop == "random" else None
@@ -409,7 +423,10 @@ def _prepare_batch(
         crops.append(top_left)
         texts.append(row["text"])
         names.append(_cell(row["path"], str) or row["name"])
-    return {
+        if "texts" in row:
+            candidates.append(row["texts"])
+            keys.append(int(row["key"]))
+    out = {
         "pixel_values": np.stack(pixels) if pixels
         else np.zeros((0, 1, resolution, resolution), PIXEL_DTYPE),  # (B, 1, R, R) uint16
         "text": np.asarray(texts, dtype=object),
@@ -417,6 +434,19 @@ def _prepare_batch(
         "original_size": np.asarray(originals, np.int32).reshape(-1, 2),  # (B, 2): h, w before resizing
         "crop_top_left": np.asarray(crops, np.int32).reshape(-1, 2),  # (B, 2): top, left in the resized image
     }
+    if "texts" in batch:  # several captions: all of them, and the key that picks one per epoch
+        out["texts"] = caption_lists(candidates)
+        out["key"] = np.asarray(keys, np.int64)
+    return out
+
+
+def caption_lists(rows) -> np.ndarray:
+    """(B,) object array of lists of str, which Ray Data stores as an Arrow ``list<string>``
+    column (a batch of it reads back as arrays of str; a 2-D array would become a tensor)."""
+    out = np.empty(len(rows), dtype=object)
+    for i, texts in enumerate(rows):
+        out[i] = [str(t) for t in texts]
+    return out
 
 
 def _has_table(folder: Path) -> bool:

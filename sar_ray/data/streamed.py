@@ -5,7 +5,8 @@ then ``dataset._prepare_batch``), so it does not care where the data came from.
     source = open_source(cfg)        # driver: list files, read the schema or the first samples
     scan = source.scan(cfg.max_images)   # Ray Data: every sample's name and problem, summed per
                                      # block; the driver gets counts and the bad names only
-    source.rows(...)                 # Ray Data: {path, image_bytes, name, text, key} rows
+    source.rows(...)                 # Ray Data: {path, image_bytes, name, text, key} rows (+ texts:
+                                     # every candidate caption, with several caption columns)
 
 What the driver checks up front (exit 2 before Ray Data starts): the files exist and are
 reachable, the columns / members exist, the JSON paths resolve and the arrays are images
@@ -374,9 +375,11 @@ def _row_names(paths: list[str], row_hash: np.ndarray) -> list[str]:
     return out
 
 
-def with_rows(batch, to_rows, bad: frozenset, rule: SplitRule, want_val: bool, prefix: str | None) -> dict:
-    """The rows of `batch` on one side of the split, minus the bad ones, as `_to_dataset` makes them."""
-    from sar_ray.data.dataset import stable_hash, with_prefix
+def with_rows(batch, to_rows, bad: frozenset, rule: SplitRule, want_val: bool, prefix: str | None,
+              multi: bool = False) -> dict:
+    """The rows of `batch` on one side of the split, minus the bad ones, as `_to_dataset` makes them;
+    `multi` (several caption columns): with the `texts` column too."""
+    from sar_ray.data.dataset import caption_lists, stable_hash, with_prefix
     from sar_ray.data.webdataset import pick_text
 
     keep = []
@@ -386,12 +389,16 @@ def with_rows(batch, to_rows, bad: frozenset, rule: SplitRule, want_val: bool, p
         if rule.in_val(split_name) != want_val:
             continue
         key = stable_hash(split_name) >> 1
+        texts = [with_prefix(t, prefix) for t in row["texts"]]
         keep.append({"path": row.get("path"), "image_bytes": row["image_bytes"], "name": row["name"],
-                     "text": with_prefix(pick_text(row["texts"], key), prefix), "key": key})
-    return {
+                     "text": pick_text(texts, key), "texts": texts, "key": key})
+    out = {
         "path": np.asarray([r["path"] for r in keep], dtype=object),
         "image_bytes": np.asarray([r["image_bytes"] for r in keep], dtype=object),
         "name": np.asarray([r["name"] for r in keep], dtype=object),
         "text": np.asarray([r["text"] for r in keep], dtype=object),
         "key": np.asarray([r["key"] for r in keep], dtype=np.int64),
     }
+    if multi:  # several caption columns: every candidate travels (see dataset._to_dataset)
+        out["texts"] = caption_lists([r["texts"] for r in keep])
+    return out

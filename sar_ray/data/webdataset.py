@@ -253,7 +253,8 @@ class _open:
 
 
 def pick_text(texts: list[str], key_hash: int) -> str:
-    """One caption of several, chosen by the sample's hash: the same every run."""
+    """One caption of several, chosen by the sample's hash: the same every run. The fixed one
+    (validation, reference prompts); training samples one per epoch (`dataset.epoch_caption`)."""
     return texts[key_hash % len(texts)]
 
 

@@ -51,12 +51,17 @@ def test_key_misses_on_any_change_of_what_the_latents_depend_on(tmp_path, monkey
         "dtype": _cfg(tmp_path, "model.weight_dtype=bf16", "model.vae_force_upcast=false",
                       "train.mixed_precision=bf16"),
         "data": _cfg(tmp_path, "data.synthetic.n=13"),
+        # The rows hold the captions too: several caption columns store every candidate.
+        "captions": _cfg(tmp_path, "data.text_column=[text, label]"),
     }
     for what, cfg in changed.items():
         assert _key(cfg, vae) != k, what
     # Pixels rounded to other steps feed the encoder other values (a cache of float32 pixels,
-    # version 1, is a miss too).
+    # version 1, is a miss too; so is one of version 2, whose rows lack the candidate captions).
     assert cache.key_inputs(base, vae)["pixels"] == "uint16"
+    monkeypatch.setattr(cache, "CACHE_VERSION", 2)
+    assert _key(base, vae) != k
+    monkeypatch.undo()
     monkeypatch.setattr(cache, "PIXEL_DTYPE", np.uint8)
     assert _key(base, vae) != k
     monkeypatch.undo()
