@@ -198,17 +198,13 @@ def build(base: str, recipe: Recipe = Recipe()):
     """Train the random tiny `base` on natural photographs: (Components, info dict)."""
     from .models import build_tiny, pool_at_eos
 
-    threads = torch.get_num_threads()
     torch.manual_seed(recipe.seed)
     c = build_tiny(base, seed=recipe.seed)
     crops = _Crops(_photos(recipe.resolution), recipe.resolution, recipe.seed)
-    try:
-        vae_loss = _train_vae(c.vae, crops, recipe)
-        c.vae.register_to_config(scaling_factor=_scaling_factor(c.vae, crops))
-        pool_at_eos(c)  # as load_components will, so the UNet learns the text states it will see
-        unet_loss = _train_unet(c, crops, recipe)
-    finally:
-        torch.set_num_threads(threads)
+    vae_loss = _train_vae(c.vae, crops, recipe)
+    c.vae.register_to_config(scaling_factor=_scaling_factor(c.vae, crops))
+    pool_at_eos(c)  # as load_components will, so the UNet learns the text states it will see
+    unet_loss = _train_unet(c, crops, recipe)
     for m in c.modules().values():
         m.eval()
     info = {"base": base, "recipe": recipe.__dict__, "recipe_version": RECIPE_VERSION,

@@ -41,6 +41,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+from . import natural
 from .config import ComponentStrategy, ConfigError, ModelConfig, StudyConfig, TrialConfig
 from .models import detect_kind
 from .strategies import TRAINABLE_PREFIXES, _sdxl_unused_parameters, lora_config
@@ -120,7 +121,7 @@ def _read_cache(repo_id: str, revision: str | None) -> Callable[[str], dict | No
 
 def resolve_configs(model: ModelConfig) -> tuple[dict[str, dict], str]:
     """(configs by component, where they came from) for `model.pretrained`, without a download."""
-    src = model.pretrained.removesuffix("-natural")
+    src = natural.base_of(model.pretrained) if natural.is_natural(model.pretrained) else model.pretrained
     if src in TINY_FAMILIES:
         family = TINY_FAMILIES[src]
         return shipped_configs(family), f"{src}: planned at the size of the real {family} model"

@@ -23,6 +23,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from . import config as config_mod
+from . import natural
 from .config import ConfigError, DataConfig, ModelConfig, ParamSpec, SearchConfig, StudyConfig, TrialConfig
 
 STEPS = 8  # optimizer steps of a smoke trial: enough for a warm-up, evaluations, checkpoints
@@ -115,7 +116,7 @@ def _show(v: Any) -> str:
 def model_family(pretrained: str) -> str:
     """sd15 | sd2 | sdxl of a hub id, a local diffusers folder or a tiny model name."""
     if pretrained.startswith("tiny-"):  # tiny-sd, tiny-sdxl, tiny-sdxl-natural, ...
-        pretrained = pretrained.removesuffix("-natural")
+        pretrained = natural.base_of(pretrained) if natural.is_natural(pretrained) else pretrained
         return {"tiny-sd": "sd15"}.get(pretrained) or pretrained.removeprefix("tiny-")
     folder = Path(pretrained)
     if (folder / "model_index.json").is_file():
@@ -134,8 +135,8 @@ def model_family(pretrained: str) -> str:
 
 def _model(edit: _Edit, model: ModelConfig) -> None:
     # A natural-image tiny base becomes its random twin: its two minutes of pretraining would
-    # check nothing the random one does not (tests/test_models.py builds one with a short recipe).
-    tiny = TINY[model_family(model.pretrained)] if model.pretrained.endswith("-natural") or not \
+    # check nothing the random one does not (tests/test_natural.py builds one with a short recipe).
+    tiny = TINY[model_family(model.pretrained)] if natural.is_natural(model.pretrained) or not \
         model.pretrained.startswith("tiny-") else model.pretrained
     edit.put("model.pretrained", tiny)
     edit.put("model.revision", None)  # hub-only settings; the tiny model is built in code

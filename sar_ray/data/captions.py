@@ -195,9 +195,9 @@ def _record(
     if len(values) == 1:
         return replace(record, text=values[0])
     from sar_ray.data.dataset import stable_hash
+    from sar_ray.data.webdataset import pick_text
 
-    fixed = values[(stable_hash(record.name) >> 1) % len(values)]  # = webdataset.pick_text
-    return replace(record, text=fixed, texts=tuple(values))
+    return replace(record, text=pick_text(values, stable_hash(record.name) >> 1), texts=tuple(values))
 
 
 def _image(row: dict[str, Any], i: int, table: Path, base: Path, image_column: str, value, where: str) -> Record:
