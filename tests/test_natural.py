@@ -38,6 +38,11 @@ def test_natural_base_builds_once_caches_and_loads_like_a_checkpoint(short, monk
     # The latents are scaled to unit variance, as SD's 0.18215 / 0.13025 were found.
     assert c.vae.config.scaling_factor == pytest.approx(info["scaling_factor"])
     assert c.vae.config.scaling_factor != build_tiny("sdxl").vae.config.scaling_factor
+    # It was trained with v-prediction and says so: the trial's loss and the sampler read it
+    # from the saved scheduler config, as from SD 2.x's.
+    assert info["prediction_type"] == "v_prediction"
+    assert c.noise_scheduler.config.prediction_type == "v_prediction"
+    assert build_tiny("sdxl").noise_scheduler.config.prediction_type == "epsilon"  # the random twin mirrors SDXL
     assert (c.kind, c.family, len(c.text_encoders)) == ("sdxl", "sdxl", 2)
     assert c.unet.config.addition_embed_type == "text_time"
 
