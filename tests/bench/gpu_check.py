@@ -210,9 +210,9 @@ def set_up_training(c: models.Components, cfg: TrialConfig, device: torch.device
 def synthetic_batches(cfg: TrialConfig, n_batches: int, device: torch.device) -> list[diffusion.Batch]:
     """`n_batches` micro-batches of synthetic SAR at `data.resolution`, normalised as training
     normalises real scenes, on `device` (made once: the timed loop measures the model, not numpy)."""
-    from sar_ray.data.dataset import prepare_image, with_prefix
-    from sar_ray.data.normalize import to_model_range, to_three_channels
+    from sar_ray.data.dataset import prepare_image, to_pixel_values, with_prefix
     from sar_ray.data.synth import generate_scene
+    from sar_ray.train import model_pixels
 
     rng = np.random.default_rng(cfg.train.seed)
     r, b = cfg.data.resolution, cfg.train.batch_size
@@ -222,9 +222,10 @@ def synthetic_batches(cfg: TrialConfig, n_batches: int, device: torch.device) ->
         for _ in range(b):
             amplitude, caption, _label = generate_scene(rng, r, looks=4)  # (R, R) linear, "<SAR> image of ..."
             img = prepare_image(amplitude, cfg.data.normalization, r)  # (R, R) in [0, 1]
-            pixels.append(to_three_channels(to_model_range(img)))  # (3, R, R) in [-1, 1]
+            pixels.append(to_pixel_values(img))  # (1, R, R) uint16, as the trainer's rows hold it
             captions.append(with_prefix(caption, cfg.data.caption_prefix))
-        batches.append(diffusion.Batch(torch.from_numpy(np.stack(pixels)).to(device), captions))  # (B, 3, R, R)
+        # The narrow array goes to the device and is widened there, as in the trainer's _to_batch.
+        batches.append(diffusion.Batch(model_pixels(torch.from_numpy(np.stack(pixels)).to(device)), captions))  # (B, 3, R, R)
     return batches
 
 

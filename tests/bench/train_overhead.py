@@ -211,10 +211,11 @@ def plain_loop(args, cfg, device: torch.device) -> Run:
     from diffusers.training_utils import compute_snr
 
     from sar_ray.data.dataset import load_folder_arrays, split_records, with_prefix
-    from sar_ray.data.normalize import to_model_range, to_three_channels
+    from sar_ray.data.dataset import to_pixel_values
     from sar_ray.data.synth import synthetic_path
     from sar_ray.models import build_tiny
     from sar_ray.strategies import apply
+    from sar_ray.train import model_pixels
 
     t = cfg.train
     run = Run("a", time.time(), {})
@@ -223,7 +224,8 @@ def plain_loop(args, cfg, device: torch.device) -> Run:
     train_recs, _ = split_records(records, cfg.data.val_fraction)
     keep = {id(r) for r in train_recs}
     rows = [(a, with_prefix(r.text, cfg.data.caption_prefix)) for a, r in zip(arrays, records) if id(r) in keep]
-    pixels_all = torch.from_numpy(np.stack([to_three_channels(to_model_range(a)) for a, _ in rows]))  # (N, 3, R, R)
+    # As the trainer's rows hold them: one channel of uint16, widened to 3 x float32 on the device.
+    pixels_all = torch.from_numpy(np.stack([to_pixel_values(a) for a, _ in rows]))  # (N, 1, R, R) uint16
     captions_all = [c for _, c in rows]
 
     torch.manual_seed(t.seed)
@@ -255,7 +257,7 @@ def plain_loop(args, cfg, device: torch.device) -> Run:
 
     for step in range(1, args.steps + 1):
         i = ((step - 1) % n_batches) * args.batch_size
-        pixels = pixels_all[i : i + args.batch_size].to(device)  # (B, 3, R, R)
+        pixels = model_pixels(pixels_all[i : i + args.batch_size].to(device))  # (B, 3, R, R) in [-1, 1]
         ids = [x[i : i + args.batch_size].to(device) for x in ids_all]  # [(B, 77)]
         with amp:
             with torch.no_grad():
