@@ -98,6 +98,11 @@ class NormalizationConfig(_Strict):
         return self
 
 
+def text_columns(value: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """`data.text_column` (one column name, or a list of them) as a tuple of names."""
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
 class DataConfig(_Strict):
     path: str = Field(
         "synthetic",
@@ -175,6 +180,11 @@ class DataConfig(_Strict):
         "instead of pixels (no encoder call per step); `off`: every step encodes its pixels.",
     )
 
+    @property
+    def text_columns(self) -> tuple[str, ...]:
+        """Every caption column; more than one: training samples one per image and epoch."""
+        return text_columns(self.text_column)
+
     @model_validator(mode="after")
     def _splits_leave_training(self) -> DataConfig:
         if self.val_fraction + self.holdout_fraction >= 1:
@@ -191,7 +201,7 @@ class DataConfig(_Strict):
     @field_validator("text_column")
     @classmethod
     def _text_column(cls, v: str | list[str]) -> str | list[str]:
-        names = [v] if isinstance(v, str) else v
+        names = text_columns(v)
         if not names or not all(n.strip() for n in names):
             raise ValueError(f"needs a column name or a non-empty list of them (got {v!r})")
         return v

@@ -76,7 +76,9 @@ def read_table(
     rows, columns = _load_rows(table)
     if not rows:
         raise DataError(f"{table}: caption table has no rows; add one row per image")
-    texts = [text_column] if isinstance(text_column, str) else list(text_column)
+    from sar_ray.config import text_columns
+
+    texts = list(text_columns(text_column))
     for col, key in [(image_column, "image_column")] + [(t, "text_column") for t in texts]:
         if col not in columns:
             raise DataError(

@@ -176,8 +176,7 @@ def _build_streamed(cfg: DataConfig, seed: int, source) -> TrainData:
         ds, to_rows, fmt = source.rows(seed, cfg.max_images)
         ds = ds.map_batches(
             with_rows, fn_kwargs={"to_rows": to_rows, "bad": bad, "rule": rule, "want_val": want_val,
-                                  "prefix": cfg.caption_prefix, "multi": not isinstance(cfg.text_column, str)
-                                  and len(cfg.text_column) > 1},
+                                  "prefix": cfg.caption_prefix, "multi": len(cfg.text_columns) > 1},
             batch_format=fmt, batch_size=ROWS_PER_BLOCK,
         ).map_batches(functools.partial(prep, crop=crop), batch_format="numpy",
                       batch_size=_batch_size(cfg.resolution))

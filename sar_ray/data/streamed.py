@@ -181,10 +181,6 @@ def _holds_bytes(table, image_column: str) -> bool:
     return pa.types.is_binary(t) or pa.types.is_large_binary(t)
 
 
-def _texts(cfg: DataConfig) -> list[str]:
-    return [cfg.text_column] if isinstance(cfg.text_column, str) else list(cfg.text_column)
-
-
 class WebDatasetSource:
     """WebDataset shards; rows via `ray.data.read_webdataset`."""
 
@@ -250,7 +246,7 @@ class ParquetSource:
         self._datasets: dict[tuple[str, ...], object] = {}
         # Rows of an HF image struct with a path but no bytes name a file next to the table.
         self.base = None if is_remote(path) else os.path.dirname(os.path.abspath(files[0]))
-        self.image_column, self.texts = cfg.image_column, _texts(cfg)
+        self.image_column, self.texts = cfg.image_column, list(cfg.text_columns)
         try:
             schema = pq.read_schema(files[0], filesystem=fs)
             self.n = sum(pq.read_metadata(f, filesystem=fs).num_rows for f in files)

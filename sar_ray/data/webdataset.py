@@ -48,8 +48,9 @@ class Spec:
 
     @classmethod
     def of(cls, image_column: str, text_column: str | list[str]) -> Spec:
-        texts = (text_column,) if isinstance(text_column, str) else tuple(text_column)
-        return cls(image_column, texts)
+        from sar_ray.config import text_columns
+
+        return cls(image_column, text_columns(text_column))
 
     def text_members(self, members: list[str]) -> list[str]:
         """The members (of a sample with `members`) that captions are read from."""
@@ -283,7 +284,9 @@ def list_samples(path: str, image_column: str | None = None, text_column: str | 
     from sar_ray.data.captions import Record
 
     shards, fs = list_shards(path)
-    texts = () if text_column is None else ((text_column,) if isinstance(text_column, str) else tuple(text_column))
+    from sar_ray.config import text_columns
+
+    texts = () if text_column is None else text_columns(text_column)
     records = []
     for shard in shards:
         where_shard = display(shard, fs)
