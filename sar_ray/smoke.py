@@ -293,25 +293,13 @@ MAX_POOL = 20_000  # beyond this many combinations, list diagonals instead of al
 
 
 def _pool(search: SearchConfig, base: TrialConfig) -> list[dict[str, Any]]:
-    from .sweep import _active, _ordered, _valid, grid_points
+    from .sweep import diagonal_points, grid_points
 
     discrete = search.model_copy(update={"space": {k: ParamSpec(grid=_candidates(s)) for k, s in search.space.items()},
                                          "algorithm": "grid", "points": None})
     if math.prod(len(_candidates(s)) for s in search.space.values()) <= MAX_POOL:
         return grid_points(discrete, base)
-    # Too many to list: point i takes every axis's i-th value (cyclically), which still tries
-    # each value of every axis that is active.
-    longest = max(len(_candidates(s)) for s in search.space.values())
-    pool = []
-    for i in range(longest):
-        point: dict[str, Any] = {}
-        for key in _ordered(discrete.space):
-            if _active(key, point, base):
-                values = discrete.space[key].values
-                point[key] = values[i % len(values)]
-        if _valid(base, point):
-            pool.append(point)
-    return pool
+    return diagonal_points(discrete, base)  # too many to list
 
 
 def _candidates(spec: ParamSpec) -> list[Any]:

@@ -115,6 +115,28 @@ def grid_points(search: SearchConfig, base: TrialConfig, source: str = "search.s
     return [p for p in points if _checked(base, p, source)]
 
 
+def diagonal_points(search: SearchConfig, base: TrialConfig) -> list[dict[str, Any]]:
+    """A few points where listing the whole grid is too many: each axis steps through its
+    values, one per point in which it is active, so every value of every axis that can be
+    active is tried (a LoRA rank cycles only over the points where its component is LoRA);
+    points that make no valid trial are left out. Grid axes only, as `grid_points`."""
+    order = _ordered(search.space)
+    used = dict.fromkeys(order, 0)
+    points: list[dict[str, Any]] = []
+    for _ in range(max(len(search.space[k].values) for k in order) * len(order)):
+        if all(used[k] >= len(search.space[k].values) for k in order):
+            break
+        point: dict[str, Any] = {}
+        for key in order:
+            if _active(key, point, base):
+                values = search.space[key].values
+                point[key] = values[used[key] % len(values)]
+                used[key] += 1
+        if point_error(base, point) is None:
+            points.append(point)
+    return points
+
+
 NOTHING_TRAINS = "nothing would train"
 
 
@@ -129,10 +151,6 @@ def point_error(base: TrialConfig, params: dict[str, Any]) -> str | None:
         return None
     except ValidationError as e:
         return config_mod.format_validation_error(e, "", TrialConfig).removeprefix(": ").replace("\n: ", "; ")
-
-
-def _valid(base: TrialConfig, params: dict[str, Any]) -> bool:
-    return point_error(base, params) is None
 
 
 def _checked(base: TrialConfig, params: dict[str, Any], source: str) -> bool:

@@ -8,6 +8,7 @@ import optuna
 import pytest
 
 from sar_ray import config
+from sar_ray import smoke as smoke_mod
 from sar_ray.config import ConfigError, StudyConfig
 from sar_ray.smoke import MAX_POINTS, STEP_KEYS, STEPS, covering_points, model_family, smoke_study
 from sar_ray.sweep import _define_by_run, _tune_pieces, concurrent_trials, grid_points
@@ -164,6 +165,23 @@ def test_more_values_than_points_takes_six_and_says_what_it_leaves_out(tmp_path)
     assert [p["strategy.unet.rank"] for p in smoked.search.points] == [1, 2, 3, 4, 5, 6]
     line = next(x for x in replaced if x.startswith("search.points:"))
     assert "not tried: strategy.unet.rank=7, strategy.unet.rank=8" in line
+
+
+def test_a_space_too_large_to_list_still_tries_every_value(tmp_path):
+    """Over MAX_POOL combinations the pool is the space's diagonals (sweep.diagonal_points):
+    every value of every axis still appears, a rank only where its component is LoRA."""
+    ranks, lrs = [1, 2, 4, 8, 16, 32, 64], [1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3]
+    space = {"strategy.unet.mode": {"grid": ["full", "lora"]}, "strategy.unet.rank": {"grid": ranks},
+             "train.lr": {"grid": lrs}, "train.seed": {"grid": list(range(7))},
+             "train.warmup_steps": {"grid": list(range(7))}, "train.max_grad_norm": {"grid": [0.5, 1.0, 2.0]},
+             "strategy.token": {"grid": ["none", "learn"]}}
+    s = _study(tmp_path, space, "grid")
+    assert math.prod(len(v["grid"]) for v in space.values()) > smoke_mod.MAX_POOL
+    points, missed, inactive = covering_points(s.search, s.trial(), limit=100)
+    assert not missed and not inactive
+    for key, spec in space.items():
+        assert {json.dumps(p[key]) for p in points if key in p} == {json.dumps(v) for v in spec["grid"]}, key
+    assert all(("strategy.unet.rank" in p) == (p["strategy.unet.mode"] == "lora") for p in points)
 
 
 def test_a_searched_step_key_is_rescaled_like_the_others(tmp_path):
