@@ -396,6 +396,7 @@ class TrainState:
     # check costs no host sync per step; read where the loss is logged or a checkpoint is due.
     first_bad: torch.Tensor | None = None
     loss: torch.Tensor | None = None  # the newest step's loss, on the device
+    logged_loss: tuple[int, float] | None = None  # (step, mean over workers) of the newest logged loss
     val_loss: float | None = None
     encoder_calls: Any = None  # data.cache.EncoderCalls: VAE encoder forward calls of this worker
     # quick/<metric> of the newest validation samples (rank 0), in every later report so that a
@@ -736,6 +737,7 @@ def _after_step(state: TrainState, api: Session, out: Path, val_batches: list[Ba
         return
     _check_finite(state, api, out)
     loss = _mean_over_workers(state.loss, state.device)
+    state.logged_loss = (step, loss)
     if do_log:
         record = {"step": step, "epoch": state.pos.epoch, "loss": loss, "lr": state.lr_sched.get_last_lr()[0],
                   "images_per_s": meter.rate(), "time": time.time()}
@@ -799,8 +801,11 @@ def _finish(state: TrainState, api: Session, out: Path, outputs: dict | None = N
     the samples prove the saved files, not the in-memory modules) and rank 0 writes the
     folder. Where the driver cannot see this folder (another node, no shared filesystem) they
     also go to the run's storage for the driver to fetch (`publish_outputs`)."""
-    result = {"step": state.pos.step, "loss": _mean_over_workers(state.loss, state.device) if state.loss is not None
-              else float("nan"), "val_loss": state.val_loss}
+    if state.logged_loss is not None and state.logged_loss[0] == state.pos.step:  # the last step always logs
+        loss = state.logged_loss[1]
+    else:  # no step ran here (resumed at max_steps)
+        loss = _mean_over_workers(state.loss, state.device) if state.loss is not None else float("nan")
+    result = {"step": state.pos.step, "loss": loss, "val_loss": state.val_loss}
     from .sample import generate, load_pipeline
 
     cfg = state.cfg

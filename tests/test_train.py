@@ -140,3 +140,29 @@ def test_two_workers_sample_their_share_and_match_one_process_sampling_the_saved
     for name in names:
         assert (r.samples / name).read_bytes() == (alone.folder / name).read_bytes(), name
     assert not (r.out / ".weights-saved").exists()
+
+
+def test_the_final_loss_is_the_last_logged_one_with_no_second_reduction(tmp_path, monkeypatch):
+    """The last step always logs its loss, a mean over workers (a collective and a host sync);
+    the finish phase reuses it instead of reducing the same loss again."""
+    from sar_ray import train
+    from sar_ray.trial import run_trial
+
+    monkeypatch.chdir(tmp_path)
+    calls: list[float] = []
+    mean = train._mean_over_workers
+
+    def counted(value, device):
+        calls.append(mean(value, device))
+        return calls[-1]
+
+    monkeypatch.setattr(train, "_mean_over_workers", counted)
+    cfg = load(None, [
+        "model.pretrained=tiny-sd", "data.synthetic.n=8", "data.synthetic.size=32", "data.resolution=32",
+        "data.val_fraction=0", "train.max_steps=3", "train.batch_size=2", "train.log_every=2",
+        "train.eval_every=100", "train.checkpoint_every=100", 'sample.prompts=["<SAR> image of a forest"]',
+        "sample.seeds=[0]", "sample.steps=1", "tracking.enabled=false", f"out={tmp_path / 'w'}",
+    ]).trial()
+    r = run_trial(cfg, progress=False)
+    assert len(calls) == 2  # steps 2 (log_every) and 3 (the last), not a third in the finish phase
+    assert r.loss == calls[-1]
