@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sar_ray.config import NormalizationConfig
+from sar_ray.config import NormalizationConfig, SynthConfig, text_columns
 from sar_ray.metrics import DEFAULT_PREFIX, caption_for_clip
 
 CONFIG_NAME = "open_clip_config.json"
@@ -311,17 +311,33 @@ class ClipTrainResult:
 
 
 class _PairDataset(torch.utils.data.Dataset):
-    """(image (S, S) float32 in [0, 1], caption) per record, decoded on access."""
+    """(image (S, S) float32 in [0, 1], caption) per record, decoded on access.
 
-    def __init__(self, records, norm: NormalizationConfig, size: int, strip_prefix: str | None):
-        self.records, self.norm, self.size, self.strip = records, norm, size, strip_prefix
+    A record with several candidate captions (`texts`) yields the one diffusion training uses
+    in `epoch` (`dataset.epoch_caption` of the image's key, the epoch and `seed`): set `epoch`
+    before iterating. DataLoader workers copy the dataset when an iteration starts, so they
+    see it as long as they are not persistent (see `train_clip`)."""
+
+    def __init__(self, records, norm: NormalizationConfig, size: int, strip_prefix: str | None, seed: int = 0):
+        from sar_ray.data.dataset import stable_hash
+
+        self.records, self.norm, self.size, self.strip, self.seed = records, norm, size, strip_prefix, seed
+        self.epoch = 0
+        # The key dataset._to_dataset gives each row (and the streamed readers too).
+        self.keys = [stable_hash(r.name) >> 1 for r in records]
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, i: int):
+    def caption(self, i: int) -> str:
+        """Record `i`'s training caption in the current epoch (before the prefix is stripped)."""
+        from sar_ray.data.dataset import epoch_caption
+
         r = self.records[i]
-        return load_record_image(r, self.norm, self.size), caption_for_clip(r.text, self.strip)
+        return epoch_caption(r.texts, self.keys[i], self.epoch, self.seed) if r.texts else r.text
+
+    def __getitem__(self, i: int):
+        return load_record_image(self.records[i], self.norm, self.size), caption_for_clip(self.caption(i), self.strip)
 
 
 def load_record_image(record, norm: NormalizationConfig, size: int | None) -> np.ndarray:
@@ -336,14 +352,14 @@ def load_record_image(record, norm: NormalizationConfig, size: int | None) -> np
     return prepare_image(pixels, norm, size, "center", None)
 
 
-def _records(data: str | os.PathLike, captions=None, image_column="file_name", text_column="text"):
-    from sar_ray.config import SynthConfig
+def _records(data: str | os.PathLike, captions=None, image_column="file_name", text_column="text",
+             synthetic: SynthConfig | None = None):
     from sar_ray.data.captions import read_table
     from sar_ray.data.synth import synthetic_path
 
-    if str(data) == "synthetic":
-        return read_table(synthetic_path(SynthConfig()))
-    return read_table(Path(data).expanduser().absolute(), captions, image_column, text_column)
+    if str(data) == "synthetic":  # the scenes' own layout, as build_datasets reads them
+        return read_table(synthetic_path(synthetic or SynthConfig()))
+    return read_table(Path(data).expanduser().absolute(), captions, image_column, list(text_columns(text_column)))
 
 
 def train_clip(
@@ -361,7 +377,8 @@ def train_clip(
     normalization: NormalizationConfig | None = None,
     captions: str | os.PathLike | None = None,
     image_column: str = "file_name",
-    text_column: str = "text",
+    text_column: str | Sequence[str] = "text",
+    synthetic: SynthConfig | None = None,
     strip_prefix: str | None = DEFAULT_PREFIX,
     max_images: int | None = None,
     num_workers: int = 0,
@@ -374,6 +391,10 @@ def train_clip(
     ``synthetic``), read by the same readers and normalised the same way (`normalization`,
     default: the reference method). The held-out split is training's (a hash of each file
     name), so images a diffusion trial validates on are also unseen by its evaluator.
+    `captions`, `image_column`, `text_column`: as ``data.*`` (a study's); `synthetic`: the
+    scenes ``data: synthetic`` means (default: ``SynthConfig()``). With several text columns
+    each image trains on the caption diffusion training picks for it in that epoch
+    (`dataset.epoch_caption` under `seed`); held-out retrieval keeps each image's fixed one.
     AdamW, linear warmup then cosine decay; saves `out` (see :func:`save_clip`).
     """
     import open_clip
@@ -384,7 +405,9 @@ def train_clip(
         raise ClipError(f"need epochs > 0, batch_size > 0, lr > 0 (got {epochs}, {batch_size}, {lr})")
     t0 = time.time()
     norm = normalization or NormalizationConfig()
-    records = _records(data, captions, image_column, text_column)
+    records = _records(data, captions, image_column, text_column, synthetic)
+    if str(data) == "synthetic":  # what was read, for the saved config
+        image_column, text_column = "file_name", "text"
     if max_images is not None:
         records = records[:max_images]
     train_recs, val_recs = split_records(records, val_fraction)
@@ -401,9 +424,11 @@ def train_clip(
         if arch in ARCHS else open_clip.get_tokenizer(arch)
 
     gen = torch.Generator().manual_seed(seed)
+    pairs = _PairDataset(train_recs, norm, size, strip_prefix, seed)
     loader = torch.utils.data.DataLoader(
-        _PairDataset(train_recs, norm, size, strip_prefix), batch_size=min(batch_size, len(train_recs)),
-        shuffle=True, drop_last=True, generator=gen, num_workers=num_workers,
+        pairs, batch_size=min(batch_size, len(train_recs)), shuffle=True, drop_last=True, generator=gen,
+        # Workers start anew each epoch, with a copy of `pairs` that has the epoch's captions.
+        num_workers=num_workers, persistent_workers=False,
     )
     total = epochs * len(loader)
     # No weight decay on gains, biases, embeddings and the temperature (as open_clip's main).
@@ -422,6 +447,7 @@ def train_clip(
     losses, step = [], 0
     model.train()
     for epoch in range(epochs):
+        pairs.epoch = epoch  # 0-based, as diffusion training counts the epochs epoch_caption sees
         run, n = 0.0, 0
         for images, texts in loader:
             pixels = to_clip_input(images, size, mean, std).to(device)
@@ -446,6 +472,8 @@ def train_clip(
         "normalization": norm.model_dump(),
         "pretrained": str(pretrained) if pretrained else None,
         "data": str(data),
+        "image_column": image_column,
+        "text_columns": list(text_columns(text_column)),
         "epochs": epochs,
         "n_train": len(train_recs),
         "n_val": len(val_recs),

@@ -125,3 +125,63 @@ def test_bad_arch_and_weights_are_clear_errors(tmp_path):
         sc.build_clip("tiny", pretrained=tmp_path / "missing.safetensors")
     with pytest.raises(sc.ClipError, match="not a SAR-CLIP folder"):
         sc.load_clip(tmp_path)
+
+
+# ------------------------------------------------------------------------------- caption columns
+
+
+def write_two_caption_table(out, n=12, image_column="file_name", columns=("short", "long")):
+    """n noise scenes whose caption columns differ (each names its scene and its column)."""
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n):
+        write_amplitude_png(out / f"{i:04d}.png", rng.random((32, 32)))
+        rows.append({image_column: f"{i:04d}.png", **{c: f"scene {i} {c}" for c in columns}})
+    (out / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
+def captions_seen(monkeypatch, folder, out, **kw):
+    """train_clip on `folder`: the captions it tokenised in each epoch, then those of its held-out retrieval."""
+    import open_clip
+
+    seen = [[]]
+
+    class Spy(open_clip.SimpleTokenizer):
+        def __call__(self, texts, *a, **k):
+            seen[-1].extend(texts)
+            return super().__call__(texts, *a, **k)
+
+    monkeypatch.setattr(open_clip, "SimpleTokenizer", Spy)
+    # One batch of every training image per epoch (drop_last drops nothing).
+    result = sc.train_clip(folder, out, epochs=4, batch_size=64, val_fraction=0.25, seed=3,
+                           on_epoch=lambda epoch, loss: seen.append([]), **kw)
+    return result, seen[:-1], seen[-1]
+
+
+def test_several_caption_columns_train_one_per_image_and_epoch_as_diffusion_does(tmp_path, monkeypatch):
+    from sar_ray.data.captions import read_table
+    from sar_ray.data.dataset import epoch_caption, split_records, stable_hash
+
+    folder = write_two_caption_table(tmp_path / "data")
+    cols = ["short", "long"]
+    result, epochs, retrieval = captions_seen(monkeypatch, folder, tmp_path / "a", text_column=cols)
+    train, val = split_records(read_table(folder, text_column=cols), 0.25)
+    by_scene = {r.name: r for r in train}
+    per_image = {}
+    for epoch, texts in enumerate(epochs):
+        assert len(texts) == len(train)
+        for text in texts:
+            r = by_scene[f"{int(text.split()[1]):04d}.png"]
+            # The caption a diffusion trial of train.seed 3 trains this image on in this epoch.
+            assert text == epoch_caption(r.texts, stable_hash(r.name) >> 1, epoch, 3)
+            per_image.setdefault(r.name, set()).add(text)
+    assert any(len(v) == 2 for v in per_image.values())  # some image changes caption across epochs
+    assert retrieval == sorted(r.text for r in val)  # held out: each image's fixed caption
+    meta = json.loads((result.path / sc.CONFIG_NAME).read_text())["sar_ray"]
+    assert meta["text_columns"] == cols and meta["image_column"] == "file_name"
+
+    # Same seed: the same captions, also when DataLoader workers (started anew each epoch) read them.
+    _, again, _ = captions_seen(monkeypatch, folder, tmp_path / "b", text_column=cols, num_workers=1)
+    assert again == epochs
