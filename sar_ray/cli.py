@@ -526,18 +526,38 @@ def _add_evaluate(sub) -> None:
 
 
 def _cmd_clip_train(args: argparse.Namespace) -> int:
-    from .config import NormalizationConfig
+    from . import config
     from .metrics.clip import ClipError, train_clip
 
     def on_epoch(epoch: int, loss: float) -> None:
         if not args.quiet:
             console.print(f"epoch {epoch}/{args.epochs}  contrastive loss {loss:.4f}")
 
+    # Base: the study's data section (what its trials read) or the defaults; then the flags.
+    if args.config:
+        data = config.load(args.config, args.overrides).data
+    elif args.overrides:
+        raise UserError("--set needs --config (the study file whose data section it changes)")
+    else:
+        data = config.DataConfig()
+        if not args.data:
+            raise UserError("clip train: give --data (a folder, caption table or `synthetic`) or --config STUDY.yaml")
+    text_column = data.text_column
+    if args.text_column:
+        names = [n.strip() for flag in args.text_column for n in flag.split(",")]
+        if not all(names):
+            raise UserError(f"--text-column: empty column name in {', '.join(map(repr, args.text_column))}")
+        text_column = names[0] if len(names) == 1 else names
+    normalization = data.normalization
+    if args.normalization:
+        normalization = normalization.model_copy(update={"method": args.normalization})
+
     try:
         result = train_clip(
-            args.data, args.out, arch=args.arch, pretrained=args.pretrained, epochs=args.epochs,
+            args.data or data.path, args.out, arch=args.arch, pretrained=args.pretrained, epochs=args.epochs,
             batch_size=args.batch_size, lr=args.lr, seed=args.seed, val_fraction=args.val_fraction,
-            normalization=NormalizationConfig(method=args.normalization), max_images=args.max_images,
+            normalization=normalization, captions=data.captions, image_column=args.image_column or data.image_column,
+            text_column=text_column, synthetic=data.synthetic, max_images=args.max_images,
             strip_prefix=None if args.keep_prefix else "<SAR>", num_workers=args.workers,
             device=args.device, on_epoch=on_epoch,
         )
@@ -563,7 +583,18 @@ def _add_clip(sub) -> None:
         "(loadable with open_clip.create_model('local-dir:OUT')) and reports held-out "
         "prompt-retrieval accuracy.",
     )
-    t.add_argument("--data", required=True, help="folder with metadata.jsonl, a CSV/Parquet caption table, or `synthetic`")
+    t.add_argument("--data", help="folder with metadata.jsonl, a CSV/Parquet caption table, or `synthetic` "
+                   "(default with --config: the study's data.path)")
+    t.add_argument("--config", help="study YAML: train on its data (data.path, captions, image_column, "
+                   "text_column, normalization, synthetic); the flags below win")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a study value with --config, e.g. --set data.text_column=caption")
+    t.add_argument("--image-column", help="column holding the image path or bytes (default: the study's "
+                   "data.image_column, else file_name)")
+    t.add_argument("--text-column", action="append", metavar="NAME[,NAME...]",
+                   help="caption column (default: the study's data.text_column, else text); several (repeat "
+                   "the flag or separate with commas): each image trains on one of them per epoch, as in "
+                   "diffusion training, and held-out retrieval uses its fixed one")
     t.add_argument("--out", required=True, help="output folder")
     t.add_argument("--arch", default="tiny", help="tiny, small, or an open_clip model name such as ViT-B-32 (default tiny)")
     t.add_argument("--pretrained", help="local weights file (or folder) to start from")
@@ -573,8 +604,8 @@ def _add_clip(sub) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--val-fraction", type=float, default=0.1, help="held-out fraction (by file hash, as training)")
     t.add_argument("--max-images", type=int, help="use at most this many images")
-    t.add_argument("--normalization", choices=["reference", "db", "percentile", "none"], default="reference",
-                   help="SAR normalisation (use the study's data.normalization.method)")
+    t.add_argument("--normalization", choices=["reference", "db", "percentile", "none"],
+                   help="SAR normalisation method (default: the study's data.normalization, else reference)")
     t.add_argument("--keep-prefix", action="store_true", help="keep a leading <SAR> token in captions")
     t.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     t.add_argument("--device", help="cpu or cuda (default: cuda if available)")

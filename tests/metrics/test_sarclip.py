@@ -185,3 +185,48 @@ def test_several_caption_columns_train_one_per_image_and_epoch_as_diffusion_does
     # Same seed: the same captions, also when DataLoader workers (started anew each epoch) read them.
     _, again, _ = captions_seen(monkeypatch, folder, tmp_path / "b", text_column=cols, num_workers=1)
     assert again == epochs
+
+
+def _clip_meta(out):
+    return json.loads((out / sc.CONFIG_NAME).read_text())["sar_ray"]
+
+
+def test_cli_clip_train_reads_the_study_data_section_and_flags_win(tmp_path, capsys):
+    from sar_ray.cli import main
+
+    data = write_two_caption_table(tmp_path / "data", n=8, image_column="img", columns=("cap_a", "cap_b"))
+    study = tmp_path / "study.yaml"
+    study.write_text(f"data:\n  path: {data}\n  image_column: img\n  text_column: [cap_a, cap_b]\n"
+                     "  normalization:\n    method: db\n    db_min: -40\n")
+    base = ["clip", "train", "--config", str(study), "--epochs", "1", "--batch-size", "4", "-q"]
+    assert main([*base, "--out", str(tmp_path / "c1")]) == 0, capsys.readouterr().err
+    meta = _clip_meta(tmp_path / "c1")
+    assert meta["data"] == str(data) and meta["image_column"] == "img"
+    assert meta["text_columns"] == ["cap_a", "cap_b"]
+    assert meta["normalization"]["method"] == "db" and meta["normalization"]["db_min"] == -40
+
+    # Explicit flags win over the study: one column, another normalisation (its other settings kept).
+    assert main([*base, "--out", str(tmp_path / "c2"), "--text-column", "cap_b", "--normalization", "percentile"]) == 0
+    meta = _clip_meta(tmp_path / "c2")
+    assert meta["text_columns"] == ["cap_b"] and meta["normalization"]["method"] == "percentile"
+    assert meta["normalization"]["db_min"] == -40
+    # --set changes the study as the other subcommands do.
+    assert main([*base, "--out", str(tmp_path / "c3"), "--set", "data.text_column=cap_a"]) == 0
+    assert _clip_meta(tmp_path / "c3")["text_columns"] == ["cap_a"]
+
+
+def test_cli_clip_train_bad_columns_are_one_line_exit_2(tmp_path, capsys):
+    from sar_ray.cli import main
+
+    data = write_two_caption_table(tmp_path / "data", n=6)
+    base = ["clip", "train", "--data", str(data), "--epochs", "1", "-q", "--out", str(tmp_path / "o")]
+    capsys.readouterr()
+    assert main([*base, "--text-column", "short,nope"]) == 2  # comma-separated: a list, each checked
+    err = capsys.readouterr().err
+    assert "no column 'nope'" in err and "short, long" in err and len(err.strip().splitlines()) == 1
+    assert main([*base, "--image-column", "path"]) == 2
+    err = capsys.readouterr().err
+    assert "no column 'path'" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+    assert main(["clip", "train", "--out", str(tmp_path / "o"), "--set", "data.path=x"]) == 2
+    assert "--set needs --config" in capsys.readouterr().err
