@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 
@@ -31,3 +32,32 @@ def torch_one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def eval_cache_in_tmp(tmp_path_factory):
+    """`eval.cache_dir` defaults to ~/.cache/sar-ray/eval, and no environment variable moves it
+    ($SAR_RAY_CACHE moves the tiny natural bases, which some tests reuse from the real cache:
+    left alone). Tests must not fill the user's cache, so its default points at a session tmp
+    folder: every config built in this process, and the trials it sends to Ray workers (their
+    configs carry the value), describes references there."""
+    from pydantic import BaseModel
+
+    from sar_ray import config
+
+    def rebuild() -> None:
+        # Models embedding EvalConfig copy its schema (defaults included) when built: rebuild
+        # it, then every model of the module, in definition order (a model after its parts).
+        config.EvalConfig.model_rebuild(force=True)
+        for model in vars(config).values():
+            if isinstance(model, type) and issubclass(model, BaseModel) and model.__module__ == config.__name__ \
+                    and model is not config.EvalConfig:
+                model.model_rebuild(force=True)
+
+    field = config.EvalConfig.model_fields["cache_dir"]
+    home = field.default
+    field.default = str(tmp_path_factory.mktemp("eval-cache"))
+    rebuild()
+    yield Path(field.default)
+    field.default = home
+    rebuild()
