@@ -196,10 +196,10 @@ def _record(
         values.append(str(text))
     if len(values) == 1:
         return replace(record, text=values[0])
-    from sar_ray.data.dataset import stable_hash
+    from sar_ray.data.dataset import image_key
     from sar_ray.data.webdataset import pick_text
 
-    return replace(record, text=pick_text(values, stable_hash(record.name) >> 1), texts=tuple(values))
+    return replace(record, text=pick_text(values, image_key(record.name)), texts=tuple(values))
 
 
 def _image(row: dict[str, Any], i: int, table: Path, base: Path, image_column: str, value, where: str) -> Record:

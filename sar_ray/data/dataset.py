@@ -197,6 +197,12 @@ def stable_hash(name: str) -> int:
     return int.from_bytes(hashlib.blake2b(name.encode("utf-8"), digest_size=8).digest(), "big")
 
 
+def image_key(name: str) -> int:
+    """An image's row key (its name's stable hash, 63 bits so it fits an int64 column): what
+    the fixed and the per-epoch caption choices hash, in every reader."""
+    return stable_hash(name) >> 1
+
+
 def epoch_caption(texts, key: int, epoch: int, seed: int) -> str:
     """The caption, of an image's candidates `texts`, that training uses in `epoch`: a stable
     hash of (the image's `key`, epoch, train.seed), so it changes across epochs, a resume picks
@@ -324,7 +330,7 @@ def _to_dataset(records: list[Record], prefix: str | None) -> ray.data.Dataset:
             "name": r.name,
             "text": with_prefix(r.text, prefix),
             # uint64 does not fit Arrow's int64 column; the crop RNG is seeded from this.
-            "key": stable_hash(r.name) >> 1,
+            "key": image_key(r.name),
         }
         for r in records
     ]

@@ -375,7 +375,7 @@ def with_rows(batch, to_rows, bad: frozenset, rule: SplitRule, want_val: bool, p
               multi: bool = False) -> dict:
     """The rows of `batch` on one side of the split, minus the bad ones, as `_to_dataset` makes them;
     `multi` (several caption columns): with the `texts` column too."""
-    from sar_ray.data.dataset import caption_lists, stable_hash, with_prefix
+    from sar_ray.data.dataset import caption_lists, image_key, with_prefix
     from sar_ray.data.webdataset import pick_text
 
     keep = []
@@ -384,7 +384,7 @@ def with_rows(batch, to_rows, bad: frozenset, rule: SplitRule, want_val: bool, p
             continue
         if rule.in_val(split_name) != want_val:
             continue
-        key = stable_hash(split_name) >> 1
+        key = image_key(split_name)
         texts = [with_prefix(t, prefix) for t in row["texts"]]
         keep.append({"path": row.get("path"), "image_bytes": row["image_bytes"], "name": row["name"],
                      "text": pick_text(texts, key), "texts": texts, "key": key})

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sar_ray.data.captions import DataError
+from sar_ray.data.dataset import image_key
 from sar_ray.data.io import ImageReadError, npy_header
 from sar_ray.data.storage import display, list_files
 
@@ -301,7 +302,7 @@ def list_samples(path: str, image_column: str | None = None, text_column: str | 
                     caption = [resolve_text(t, sample, where) for t in texts]
                 except SampleError as e:
                     raise DataError(str(e)) from None
-                text = pick_text(caption, _hash(f"{key}")) if caption else ""
+                text = pick_text(caption, image_key(f"{key}")) if caption else ""
                 records.append(Record(member_path(shard, fs, f"{key}.{member}", infos[member]), None, text, None,
                                       sample_name(shard, fs, key)))
                 if max_images is not None and len(records) >= max_images:
@@ -326,12 +327,6 @@ def _first_image_member(members) -> str | None:
         if found:
             return found[0]
     return None
-
-
-def _hash(name: str) -> int:
-    from sar_ray.data.dataset import stable_hash
-
-    return stable_hash(name) >> 1
 
 
 def _has_caption_table(folder: str) -> bool:

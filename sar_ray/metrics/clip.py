@@ -319,12 +319,11 @@ class _PairDataset(torch.utils.data.Dataset):
     see it as long as they are not persistent (see `train_clip`)."""
 
     def __init__(self, records, norm: NormalizationConfig, size: int, strip_prefix: str | None, seed: int = 0):
-        from sar_ray.data.dataset import stable_hash
+        from sar_ray.data.dataset import image_key
 
         self.records, self.norm, self.size, self.strip, self.seed = records, norm, size, strip_prefix, seed
         self.epoch = 0
-        # The key dataset._to_dataset gives each row (and the streamed readers too).
-        self.keys = [stable_hash(r.name) >> 1 for r in records]
+        self.keys = [image_key(r.name) for r in records]  # the key training's rows carry
 
     def __len__(self) -> int:
         return len(self.records)
