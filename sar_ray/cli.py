@@ -533,15 +533,20 @@ def _cmd_clip_train(args: argparse.Namespace) -> int:
         if not args.quiet:
             console.print(f"epoch {epoch}/{args.epochs}  contrastive loss {loss:.4f}")
 
-    # Base: the study's data section (what its trials read) or the defaults; then the flags.
+    # Base: the study's data section (what its trials read) and train.seed, or the defaults;
+    # then the flags.
     if args.config:
-        data = config.load(args.config, args.overrides).data
+        study = config.load(args.config, args.overrides)
+        data, seed = study.data, study.train.seed
     elif args.overrides:
         raise UserError("--set needs --config (the study file whose data section it changes)")
     else:
-        data = config.DataConfig()
+        data, seed = config.DataConfig(), 0
         if not args.data:
-            raise UserError("clip train: give --data (a folder, caption table or `synthetic`) or --config STUDY.yaml")
+            raise UserError("clip train: give --data (a folder, caption table, WebDataset shards or `synthetic`) "
+                            "or --config STUDY.yaml")
+    if args.seed is not None:
+        seed = args.seed
     text_column = data.text_column
     if args.text_column:
         names = [n.strip() for flag in args.text_column for n in flag.split(",")]
@@ -555,9 +560,9 @@ def _cmd_clip_train(args: argparse.Namespace) -> int:
     try:
         result = train_clip(
             args.data or data.path, args.out, arch=args.arch, pretrained=args.pretrained, epochs=args.epochs,
-            batch_size=args.batch_size, lr=args.lr, seed=args.seed, val_fraction=args.val_fraction,
+            batch_size=args.batch_size, lr=args.lr, seed=seed, val_fraction=args.val_fraction,
             normalization=normalization, captions=data.captions, image_column=args.image_column or data.image_column,
-            text_column=text_column, synthetic=data.synthetic, max_images=args.max_images,
+            text_column=text_column, synthetic=data.synthetic, max_images=args.max_images, on_corrupt=data.on_corrupt,
             strip_prefix=None if args.keep_prefix else "<SAR>", num_workers=args.workers,
             device=args.device, on_epoch=on_epoch,
         )
@@ -579,20 +584,24 @@ def _add_clip(sub) -> None:
         help="fine-tune an open_clip model on SAR image-caption pairs",
         description="Contrastive fine-tuning of any open_clip architecture (random init, or "
         "--pretrained local weights; nothing is downloaded) on the same data readers and "
-        "normalisation as training. Saves open_clip_config.json + open_clip_model.safetensors "
+        "normalisation as training: caption tables, or WebDataset shards (SARLO-80: --image-column "
+        "sar.npy, a complex SLC read as amplitude, --text-column caption.MID, a dotted path into "
+        "KEY.meta.json). Saves open_clip_config.json + open_clip_model.safetensors "
         "(loadable with open_clip.create_model('local-dir:OUT')) and reports held-out "
         "prompt-retrieval accuracy.",
     )
-    t.add_argument("--data", help="folder with metadata.jsonl, a CSV/Parquet caption table, or `synthetic` "
-                   "(default with --config: the study's data.path)")
+    t.add_argument("--data", help="folder with metadata.jsonl, a CSV/Parquet caption table, WebDataset "
+                   "shards (a .tar, a folder of them, a brace pattern such as 'shard-{000000..000009}.tar'), "
+                   "or `synthetic` (default with --config: the study's data.path)")
     t.add_argument("--config", help="study YAML: train on its data (data.path, captions, image_column, "
-                   "text_column, normalization, synthetic); the flags below win")
+                   "text_column, normalization, synthetic, on_corrupt) with its train.seed; the flags below win")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a study value with --config, e.g. --set data.text_column=caption")
-    t.add_argument("--image-column", help="column holding the image path or bytes (default: the study's "
-                   "data.image_column, else file_name)")
+    t.add_argument("--image-column", help="column holding the image path or bytes, or the shards' image "
+                   "member such as sar.npy (default: the study's data.image_column, else file_name)")
     t.add_argument("--text-column", action="append", metavar="NAME[,NAME...]",
-                   help="caption column (default: the study's data.text_column, else text); several (repeat "
+                   help="caption column, or for shards a JSON path such as caption.MID (default: the study's "
+                   "data.text_column, else text); several (repeat "
                    "the flag or separate with commas): each image trains on one of them per epoch, as in "
                    "diffusion training, and held-out retrieval uses its fixed one")
     t.add_argument("--out", required=True, help="output folder")
@@ -601,7 +610,8 @@ def _add_clip(sub) -> None:
     t.add_argument("--epochs", type=int, default=10)
     t.add_argument("--batch-size", type=int, default=64)
     t.add_argument("--lr", type=float, default=5e-4)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, help="init, batch order and per-epoch caption choice (default: "
+                   "the study's train.seed with --config, else 0)")
     t.add_argument("--val-fraction", type=float, default=0.1, help="held-out fraction (by file hash, as training)")
     t.add_argument("--max-images", type=int, help="use at most this many images")
     t.add_argument("--normalization", choices=["reference", "db", "percentile", "none"],

@@ -275,42 +275,86 @@ def member_path(shard: str, fs, member: str, info: tarfile.TarInfo) -> str:
 
 
 def list_samples(path: str, image_column: str | None = None, text_column: str | list[str] | None = None,
-                 max_images: int | None = None) -> list:
+                 max_images: int | None = None, on_corrupt: str | None = None) -> list:
     """Records of a WebDataset's samples (the first `max_images` in shard order) whose `path`
-    is a member path, so nothing but names travels (``sar-ray evaluate --reference``).
+    is a member path, so nothing but names travels.
 
-    `image_column` None: the first ``.npy`` member, else ``.png``/``.tif``; `text_column` None:
-    no captions. Samples without the image member are left out, a JSON path that does not
-    resolve is a DataError (the caption spec is wrong)."""
+    `on_corrupt` None (``sar-ray evaluate --reference``): `image_column` None means the first
+    ``.npy`` member, else ``.png``/``.tif``; `text_column` None: no captions. Samples without
+    the image member are left out, a JSON path that does not resolve is a DataError (the caption
+    spec is wrong); records are named ``shard.tar:KEY``.
+
+    `on_corrupt` "skip" or "error" (training readers: ``sar-ray clip train``): samples are
+    checked as diffusion training checks them. A spec that fits none of the first samples is
+    `peek`'s DataError; a sample that does not fit it (`check_sample`: member, caption path,
+    .npy header) is left out ("skip") or refused with the first problem and the count
+    ("error"), the message `dataset.build_datasets` gives. `max_images` counts samples scanned,
+    as training's scan does. Records are named by their sample key (what training's split and
+    caption choices hash) and, with several caption columns, carry every candidate (`texts`)."""
+    from sar_ray.config import text_columns
     from sar_ray.data.captions import Record
 
     shards, fs = list_shards(path)
-    from sar_ray.config import text_columns
-
     texts = () if text_column is None else text_columns(text_column)
-    records = []
-    for shard in shards:
-        where_shard = display(shard, fs)
-        with _open(shard, fs, stream=False) as f:
-            for key, sample in iter_samples(f, where_shard, heads=True, full=lambda m: m.endswith(("json", "txt"))):
-                infos = sample["__info__"]
-                member = image_column or _first_image_member(infos)
-                if member not in infos:
-                    continue
-                where = f"{where_shard}: sample {key}"
-                try:
-                    caption = [resolve_text(t, sample, where) for t in texts]
-                except SampleError as e:
-                    raise DataError(str(e)) from None
-                text = pick_text(caption, image_key(f"{key}")) if caption else ""
-                records.append(Record(member_path(shard, fs, f"{key}.{member}", infos[member]), None, text, None,
-                                      sample_name(shard, fs, key)))
-                if max_images is not None and len(records) >= max_images:
-                    return records
+    training = on_corrupt is not None
+    if training:
+        if image_column is None:
+            raise ValueError("list_samples: on_corrupt needs an image_column")
+        spec = Spec(image_column, texts)
+        wanted = set(peek(shards[0], fs, spec))  # DataError when the config fits no sample
+    else:
+        wanted = set()
+    records, n, bad, first_error = [], 0, 0, ""
+    samples = _samples(shards, fs, lambda m: m in wanted or m.endswith(("json", "txt")))
+    for shard, key, sample in samples:
+        infos = sample["__info__"]
+        where = f"{display(shard, fs)}: sample {key}"
+        if training:
+            n += 1
+            try:
+                check_sample(spec, sample, where)
+            except SampleError as e:
+                bad, first_error = bad + 1, first_error or str(e)
+                if max_images is not None and n >= max_images:
+                    break
+                continue
+            member = image_column
+        else:
+            member = image_column or _first_image_member(infos)
+            if member not in infos:
+                continue
+        try:
+            caption = [resolve_text(t, sample, where) for t in texts]
+        except SampleError as e:
+            raise DataError(str(e)) from None
+        text = pick_text(caption, image_key(f"{key}")) if caption else ""
+        records.append(Record(member_path(shard, fs, f"{key}.{member}", infos[member]), None, text, None,
+                              key if training else sample_name(shard, fs, key),
+                              tuple(caption) if training and len(caption) > 1 else ()))
+        if max_images is not None and (n if training else len(records)) >= max_images:
+            break
+    samples.close()  # the open shard of an early stop
+    if training and bad:
+        if on_corrupt == "error":
+            raise ImageReadError(f"{first_error} ({bad} of {n} images in {path} unusable; set "
+                                 "data.on_corrupt=skip to leave them out)")
+        if not records:
+            raise DataError(f"{path}: no usable images (all {n} unusable, first: {first_error})")
+        import logging
+
+        logging.getLogger(__name__).warning("skipped %d of %d samples of %s: %s", bad, n, path, first_error)
     if not records:
         raise DataError(f"{path}: empty dataset (no sample has an image member"
                         f"{f' {image_column!r}' if image_column else ''})")
     return records
+
+
+def _samples(shards: list[str], fs, full) -> Iterator[tuple[str, str, dict]]:
+    """(shard, key, sample) of every sample of `shards` in order, from headers (see `iter_samples`)."""
+    for shard in shards:
+        with _open(shard, fs, stream=False) as f:
+            for key, sample in iter_samples(f, display(shard, fs), heads=True, full=full):
+                yield shard, key, sample
 
 
 def list_streamed(path, max_images: int | None = None, columns: tuple | None = None) -> list | None:

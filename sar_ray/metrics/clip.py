@@ -340,7 +340,9 @@ class _PairDataset(torch.utils.data.Dataset):
 
 
 def load_record_image(record, norm: NormalizationConfig, size: int | None) -> np.ndarray:
-    """Decode + normalise (+ training's resize/center crop to `size`) one caption-table record."""
+    """Decode + normalise (+ training's resize/center crop to `size`) one record: a caption
+    table's row, or a WebDataset sample (its `path` names the member in the shard; a complex
+    SLC is read as its amplitude |s|, as diffusion training reads it)."""
     from sar_ray.data.dataset import prepare_image
     from sar_ray.data.io import read_image, read_image_bytes
 
@@ -351,13 +353,25 @@ def load_record_image(record, norm: NormalizationConfig, size: int | None) -> np
     return prepare_image(pixels, norm, size, "center", None)
 
 
+def is_shards(data: str | os.PathLike) -> bool:
+    """`data` names WebDataset shards (a .tar, a folder of them, a brace pattern, s3://)."""
+    from sar_ray.data.webdataset import is_webdataset
+
+    return str(data) != "synthetic" and (is_webdataset(str(data)) or "://" in str(data))
+
+
 def _records(data: str | os.PathLike, captions=None, image_column="file_name", text_column="text",
-             synthetic: SynthConfig | None = None):
+             synthetic: SynthConfig | None = None, max_images: int | None = None, on_corrupt: str = "skip"):
     from sar_ray.data.captions import read_table
     from sar_ray.data.synth import synthetic_path
+    from sar_ray.data.webdataset import list_samples
 
     if str(data) == "synthetic":  # the scenes' own layout, as build_datasets reads them
         return read_table(synthetic_path(synthetic or SynthConfig()))
+    if is_shards(data):
+        # Diffusion training's checks and names: the sample key splits and picks the captions;
+        # member paths, so only names are held and a worker reads one member's bytes.
+        return list_samples(str(data), image_column, text_column, max_images, on_corrupt=on_corrupt)
     return read_table(Path(data).expanduser().absolute(), captions, image_column, list(text_columns(text_column)))
 
 
@@ -380,17 +394,21 @@ def train_clip(
     synthetic: SynthConfig | None = None,
     strip_prefix: str | None = DEFAULT_PREFIX,
     max_images: int | None = None,
+    on_corrupt: str = "skip",
     num_workers: int = 0,
     device: str | None = None,
     on_epoch: Callable[[int, float], None] | None = None,
 ) -> ClipTrainResult:
     """Fine-tune an open_clip model on SAR image-caption pairs with the CLIP contrastive loss.
 
-    `data`: what training reads (a folder with metadata.jsonl, a CSV/Parquet caption table, or
-    ``synthetic``), read by the same readers and normalised the same way (`normalization`,
-    default: the reference method). The held-out split is training's (a hash of each file
-    name), so images a diffusion trial validates on are also unseen by its evaluator.
-    `captions`, `image_column`, `text_column`: as ``data.*`` (a study's); `synthetic`: the
+    `data`: what training reads (a folder with metadata.jsonl, a CSV/Parquet caption table,
+    WebDataset shards: a ``.tar``, a folder of them, a brace pattern, or ``synthetic``), read by
+    the same readers and normalised the same way (`normalization`, default: the reference
+    method). The held-out split is training's (a hash of each file name; of each sample key
+    for shards), so images a diffusion trial validates on are also unseen by its evaluator.
+    `captions`, `image_column`, `text_column`: as ``data.*`` (a study's; for shards the image
+    member such as ``sar.npy`` and dotted JSON paths such as ``caption.MID``); `on_corrupt`: as
+    ``data.on_corrupt`` for shard samples that do not fit them; `synthetic`: the
     scenes ``data: synthetic`` means (default: ``SynthConfig()``). With several text columns
     each image trains on the caption diffusion training picks for it in that epoch
     (`dataset.epoch_caption` under `seed`); held-out retrieval keeps each image's fixed one.
@@ -404,7 +422,7 @@ def train_clip(
         raise ClipError(f"need epochs > 0, batch_size > 0, lr > 0 (got {epochs}, {batch_size}, {lr})")
     t0 = time.time()
     norm = normalization or NormalizationConfig()
-    records = _records(data, captions, image_column, text_column, synthetic)
+    records = _records(data, captions, image_column, text_column, synthetic, max_images, on_corrupt)
     if str(data) == "synthetic":  # what was read, for the saved config
         image_column, text_column = "file_name", "text"
     if max_images is not None:
@@ -474,6 +492,7 @@ def train_clip(
         "image_column": image_column,
         "text_columns": list(text_columns(text_column)),
         "epochs": epochs,
+        "seed": seed,
         "n_train": len(train_recs),
         "n_val": len(val_recs),
         "final_loss": losses[-1] if losses else None,

@@ -230,3 +230,129 @@ def test_cli_clip_train_bad_columns_are_one_line_exit_2(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
     assert main(["clip", "train", "--out", str(tmp_path / "o"), "--set", "data.path=x"]) == 2
     assert "--set needs --config" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------- WebDataset shards
+
+
+def _shards():
+    """tests/data/shards.py: tiny shards in SARLO-80's layout (KEY.sar.npy complex64 SLC,
+    KEY.sar.png, KEY.meta.json with caption.SHORT / MID / LONG), as the data tests write them."""
+    import sys
+    from pathlib import Path
+
+    folder = str(Path(__file__).resolve().parents[1] / "data")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    import shards
+
+    return shards
+
+
+def test_webdataset_shards_train_on_their_samples_and_captions_per_epoch_as_diffusion_does(tmp_path, monkeypatch):
+    from sar_ray.data.dataset import epoch_caption, image_key, prepare_image, split_records
+    from sar_ray.data.webdataset import pick_text
+
+    shards = _shards()
+    shards.write_sarlo(tmp_path / "wds", n_shards=3, per_shard=4)
+    pattern = str(tmp_path / "wds" / "shard-{000000..000001}.tar")  # a brace pattern: the first 8 samples
+    cols = ["caption.SHORT", "caption.LONG"]
+    keys = [f"{i:04d}" for i in range(8)]
+
+    def texts(key):
+        return [shards.meta(key)["caption"]["SHORT"], shards.meta(key)["caption"]["LONG"]]
+
+    # What it reads: one record per sample, named by its key (training's split and caption
+    # hash), every candidate caption, and the SLC member read as amplitude |s|, normalised.
+    records = sc._records(pattern, image_column="sar.npy", text_column=cols)
+    assert [r.name for r in records] == keys
+    norm = NormalizationConfig()
+    for r in records:
+        assert r.texts == tuple(texts(r.name)) and r.text == pick_text(texts(r.name), image_key(r.name))
+        want = prepare_image(np.abs(shards.slc(r.name)), norm, 32, "center", None)
+        np.testing.assert_allclose(sc.load_record_image(r, norm, 32), want, rtol=1e-6)
+
+    result, epochs, retrieval = captions_seen(monkeypatch, pattern, tmp_path / "m", image_column="sar.npy",
+                                              text_column=cols)
+    from sar_ray.data.captions import Record
+
+    # The split of a diffusion trial on these shards (by sample key), the captions it draws.
+    train, val = split_records([Record(None, None, "", None, k) for k in keys], 0.25)
+    train_keys = {r.name for r in train}
+    assert (result.n_train, result.n_val) == (len(train), len(val))
+    per_image = {}
+    for epoch, seen in enumerate(epochs):
+        assert len(seen) == len(train)
+        by_key = {t.rsplit(" ", 1)[-1]: t for t in seen}  # each caption ends with its scene key
+        assert set(by_key) == train_keys
+        for k, t in by_key.items():
+            assert t == epoch_caption(texts(k), image_key(k), epoch, 3)
+            per_image.setdefault(k, set()).add(t)
+    assert any(len(v) == 2 for v in per_image.values())  # captions change across epochs
+    assert retrieval == sorted(pick_text(texts(r.name), image_key(r.name)) for r in val)  # the fixed ones
+    meta = _clip_meta(result.path)
+    assert meta["data"] == pattern and meta["image_column"] == "sar.npy" and meta["text_columns"] == cols
+
+
+def test_cli_clip_train_on_the_sarlo80_study_takes_its_columns_and_train_seed(tmp_path, capsys):
+    from pathlib import Path
+
+    from sar_ray.cli import main
+
+    _shards().write_sarlo(tmp_path / "wds", n_shards=2, per_shard=4)
+    study = Path(__file__).resolve().parents[2] / "sweeps" / "sarlo80.yaml"
+    base = ["clip", "train", "--config", str(study), "--set", f"data.path={tmp_path / 'wds'}",
+            "--epochs", "1", "--batch-size", "4", "-q"]
+    assert main([*base, "--set", "train.seed=7", "--out", str(tmp_path / "a")]) == 0, capsys.readouterr().err
+    meta = _clip_meta(tmp_path / "a")
+    assert meta["data"] == str(tmp_path / "wds") and meta["image_column"] == "sar.npy"
+    assert meta["text_columns"] == ["caption.SHORT", "caption.MID", "caption.LONG"]
+    assert meta["normalization"]["method"] == "reference" and meta["n_train"] + meta["n_val"] == 8
+    assert meta["seed"] == 7  # the study's train.seed: a trial's own per-epoch captions
+    # --seed still wins; without --config the default is 0.
+    assert main([*base, "--set", "train.seed=7", "--seed", "2", "--out", str(tmp_path / "b")]) == 0
+    assert _clip_meta(tmp_path / "b")["seed"] == 2
+    assert main(["clip", "train", "--data", str(tmp_path / "wds"), "--image-column", "sar.png", "--text-column",
+                 "caption.MID", "--epochs", "1", "-q", "--out", str(tmp_path / "c")]) == 0
+    assert _clip_meta(tmp_path / "c")["seed"] == 0 and _clip_meta(tmp_path / "c")["image_column"] == "sar.png"
+
+
+def test_cli_clip_train_bad_shards_are_diffusions_one_line_exit_2(tmp_path, capsys):
+    import re
+
+    from sar_ray.cli import main
+
+    shards = _shards()
+    good = shards.sample("0001")
+    cases = {  # the messages `sar-ray trial` gives for the same shards (tests/data/test_webdataset.py)
+        "missing member": ({"sar.png": good["sar.png"], "meta.json": good["meta.json"]}, [],
+                           r"shard-000000.tar: sample 0001: no member 'sar.npy' \(members: meta.json, sar.png\)"),
+        "json path": (good, ["--text-column", "caption.XL"],
+                      r"shard-000000.tar: sample 0001: meta.json has no 'caption.XL' \(paths found: id, caption.SHORT"),
+    }
+    for case, (members, flags, message) in cases.items():
+        shards.write_shard(tmp_path / case / "shard-000000.tar", {"0001": members})
+        capsys.readouterr()
+        code = main(["clip", "train", "--data", str(tmp_path / case), "--image-column", "sar.npy",
+                     "--text-column", "caption.MID", *flags, "--epochs", "1", "-q", "--out", str(tmp_path / "o")])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and re.search(message, err), (case, err)
+    assert not (tmp_path / "o").exists()
+
+    # A later shard whose samples lack the member: data.on_corrupt as in training (error: the
+    # first problem and the count; skip: trained without them).
+    shards.write_sarlo(tmp_path / "mixed", n_shards=2, per_shard=3)
+    shards.write_shard(tmp_path / "mixed" / "shard-000002.tar", {k: {"meta.json": shards.sample(k)["meta.json"]}
+                                                                  for k in ("0006", "0007")})
+    study = tmp_path / "study.yaml"
+    study.write_text(f"data:\n  path: {tmp_path / 'mixed'}\n  image_column: sar.npy\n  text_column: caption.MID\n")
+    base = ["clip", "train", "--config", str(study), "--epochs", "1", "-q"]
+    capsys.readouterr()
+    assert main([*base, "--set", "data.on_corrupt=error", "--out", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(
+        r"shard-000002.tar: sample 0006: no member 'sar.npy'.*\(2 of 8 images in .*mixed unusable; set "
+        r"data.on_corrupt=skip", err), err
+    assert main([*base, "--out", str(tmp_path / "s")]) == 0  # data.on_corrupt: skip (the default)
+    meta = _clip_meta(tmp_path / "s")
+    assert meta["n_train"] + meta["n_val"] == 6
