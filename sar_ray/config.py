@@ -21,6 +21,23 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
+def cache_home() -> Path:
+    """sar-ray's cache folder: $SAR_RAY_CACHE, else $XDG_CACHE_HOME/sar-ray, else ~/.cache/sar-ray.
+    Tiny natural bases (`models`), the CLIP BPE files (`clip-bpe`) and, by default, the reference
+    descriptors (`eval`) live under it, so one variable moves them all (a cluster's shared disk)."""
+    return Path(_cache_home_spec()).expanduser()
+
+
+def _cache_home_spec() -> str:
+    return os.environ.get("SAR_RAY_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "sar-ray")
+
+
+def default_eval_cache() -> str:
+    """`eval.cache_dir`'s default: `eval` under :func:`cache_home`, with a leading ``~`` kept as is,
+    so each node of a cluster expands it to its own home where the cache is used."""
+    return os.path.join(_cache_home_spec(), "eval")
+
+
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names file, field and fix."""
 
@@ -446,7 +463,9 @@ class EvalConfig(_Strict):
         "(WebDataset shards: the first N in shard order, as listing them reads every member header).",
     )
     cache_dir: str | None = Field(
-        "~/.cache/sar-ray/eval", description="Where the reference set's descriptors are kept, keyed by the "
+        default_factory=default_eval_cache,
+        description="Where the reference set's descriptors are kept (default: `eval` under sar-ray's cache, "
+        "$SAR_RAY_CACHE or ~/.cache/sar-ray, resolved where the config is built), keyed by the "
         "reference files (paths, sizes, mtimes), the eval settings that change them and the descriptor code, "
         "so trials scored against one reference describe it once; null: no cache.",
     )

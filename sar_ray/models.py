@@ -103,10 +103,9 @@ class Components:
 
 
 def _cache_dir() -> Path:
-    root = os.environ.get("SAR_RAY_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "sar-ray"
-    )
-    return Path(root) / "clip-bpe"
+    from .config import cache_home
+
+    return cache_home() / "clip-bpe"
 
 
 @lru_cache(maxsize=1)

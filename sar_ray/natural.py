@@ -32,7 +32,6 @@ import fcntl
 import hashlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -109,10 +108,9 @@ def base_of(name: str) -> str:
 
 
 def cache_root() -> Path:
-    root = os.environ.get("SAR_RAY_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "sar-ray"
-    )
-    return Path(root) / "models"
+    from .config import cache_home
+
+    return cache_home() / "models"
 
 
 def cached_path(name: str, recipe: Recipe = Recipe()) -> Path:

@@ -36,11 +36,11 @@ def torch_one_thread():
 
 @pytest.fixture(scope="session", autouse=True)
 def eval_cache_in_tmp(tmp_path_factory):
-    """`eval.cache_dir` defaults to ~/.cache/sar-ray/eval, and no environment variable moves it
-    ($SAR_RAY_CACHE moves the tiny natural bases, which some tests reuse from the real cache:
-    left alone). Tests must not fill the user's cache, so its default points at a session tmp
-    folder: every config built in this process, and the trials it sends to Ray workers (their
-    configs carry the value), describes references there."""
+    """`eval.cache_dir` defaults to `eval` under sar-ray's cache ($SAR_RAY_CACHE or
+    ~/.cache/sar-ray). Tests must not fill the user's cache, and moving $SAR_RAY_CACHE would move
+    the tiny natural bases too, which some tests reuse from the real cache; so the default alone
+    points at a session tmp folder: every config built in this process, and the trials it sends
+    to Ray workers (their configs carry the value), describes references there."""
     from pydantic import BaseModel
 
     from sar_ray import config
@@ -55,9 +55,10 @@ def eval_cache_in_tmp(tmp_path_factory):
                 model.model_rebuild(force=True)
 
     field = config.EvalConfig.model_fields["cache_dir"]
-    home = field.default
-    field.default = str(tmp_path_factory.mktemp("eval-cache"))
+    home = field.default_factory
+    tmp = str(tmp_path_factory.mktemp("eval-cache"))
+    field.default_factory = lambda: tmp
     rebuild()
-    yield Path(field.default)
-    field.default = home
+    yield Path(tmp)
+    field.default_factory = home
     rebuild()

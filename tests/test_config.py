@@ -193,3 +193,19 @@ def test_asha_on_a_quick_realism_metric_needs_samples_at_every_rung():
         config.load(None, base + ["train.sample_every=10"])
     with pytest.raises(ConfigError, match="not a quick metric; valid: quick/stats/js"):
         config.load(None, [b.replace("quick/stats/js", "quick/stats/jss") for b in base] + ["train.sample_every=5"])
+
+
+def test_one_variable_moves_every_cache_the_eval_one_included(monkeypatch, tmp_path):
+    """A cluster user points $SAR_RAY_CACHE at shared disk: the natural bases, the CLIP BPE files
+    and the reference descriptors all go there (the eval cache used to stay in ~/.cache)."""
+    from sar_ray import models, natural
+
+    monkeypatch.setenv("SAR_RAY_CACHE", str(tmp_path / "shared"))
+    assert config.default_eval_cache() == str(tmp_path / "shared" / "eval")
+    assert natural.cache_root() == tmp_path / "shared" / "models"
+    assert models._cache_dir() == tmp_path / "shared" / "clip-bpe"
+    monkeypatch.delenv("SAR_RAY_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert config.default_eval_cache() == str(tmp_path / "xdg" / "sar-ray" / "eval")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert config.default_eval_cache() == "~/.cache/sar-ray/eval"  # expanded on the node that uses it
