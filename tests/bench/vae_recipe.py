@@ -1,0 +1,108 @@
+"""Can the natural base's VAE learn to give SAR speckle? Its training loss, side by side.
+
+    python tests/bench/vae_recipe.py [--steps 500] [--gan-start 250] [--gan-weight 0.5]
+
+Trains the random tiny-sdxl VAE on the skimage crops (`natural._Crops`, the natural base's
+recipe) once with L1 alone (today's recipe) and once with SD's patch discriminator added from
+`--gan-start` (hinge loss, SD's adaptive weight on the decoder's last layer), then reconstructs
+held-out synthetic SAR scenes (the quickstart's data) from their posterior means and prints,
+per loss: W (amplitude Wasserstein to a reference set; the scenes themselves: W_held), the
+mean |dx| of the reconstructions over the scenes' (1: as much pixel-to-pixel variation, i.e.
+speckle), and their 99.5th percentile over the scenes' (bright targets). Measured 2026-12-03 on
+2 loaded cores, 500 steps: L1 W 0.069, |dx| 0.110, p99.5 0.67; + GAN W 0.071, |dx| 0.093,
+p99.5 0.64; W_held 0.018 (~5 min a loss at 1 thread).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def patch_discriminator(ch: int = 32) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, ch, 4, 2, 1), nn.LeakyReLU(0.2),
+        nn.Conv2d(ch, ch * 2, 4, 2, 1), nn.GroupNorm(8, ch * 2), nn.LeakyReLU(0.2),
+        nn.Conv2d(ch * 2, ch * 4, 4, 1, 1), nn.GroupNorm(8, ch * 4), nn.LeakyReLU(0.2),
+        nn.Conv2d(ch * 4, 1, 4, 1, 1),
+    )
+
+
+def train_vae(steps: int, gan_start: int | None, gan_weight: float):
+    from sar_ray import natural
+    from sar_ray.models import build_tiny
+
+    recipe = natural.Recipe()
+    torch.manual_seed(recipe.seed)
+    vae = build_tiny("tiny-sdxl", seed=recipe.seed).vae
+    crops = natural._Crops(natural._photos(recipe.resolution), recipe.resolution, recipe.seed)
+    disc = patch_discriminator()
+    opt = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr)
+    opt_d = torch.optim.AdamW(disc.parameters(), lr=4e-4, betas=(0.5, 0.9))
+    last = vae.decoder.conv_out.weight
+    vae.train()
+    for step in range(steps):
+        x, _ = crops(recipe.batch_size)
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        l1 = (rec - x).abs().mean()
+        loss = l1 + 1e-6 * post.kl().mean()
+        if gan_start is not None and step >= gan_start:
+            g = -disc(rec).mean()
+            g_rec = torch.autograd.grad(l1, last, retain_graph=True)[0].norm()
+            g_gan = torch.autograd.grad(g, last, retain_graph=True)[0].norm()
+            loss = loss + gan_weight * (g_rec / (g_gan + 1e-4)).clamp(0, 1e4).detach() * g
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if gan_start is not None and step >= gan_start - 50:  # the discriminator warms up first
+            d = F.relu(1 - disc(x)).mean() + F.relu(1 + disc(rec.detach())).mean()
+            opt_d.zero_grad(set_to_none=True)
+            d.backward()
+            opt_d.step()
+    return vae.eval()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=500)
+    ap.add_argument("--gan-start", type=int, default=250)
+    ap.add_argument("--gan-weight", type=float, default=0.5)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+
+    from sar_ray.config import NormalizationConfig
+    from sar_ray.data.normalize import normalize
+    from sar_ray.data.synth import generate_scene, scene_rng
+    from sar_ray.metrics.statistics import CDF_BINS, amplitude_histogram, wasserstein_from_histograms
+
+    def scenes(n: int, offset: int) -> np.ndarray:
+        return np.stack([normalize(generate_scene(scene_rng(0, offset + i), 64, 4)[0], NormalizationConfig())
+                         for i in range(n)]).astype(np.float32)
+
+    def w(a: np.ndarray, b: np.ndarray) -> float:
+        return wasserstein_from_histograms(amplitude_histogram(a, CDF_BINS), amplitude_histogram(b, CDF_BINS))
+
+    def dx(a: np.ndarray) -> float:
+        return float(np.abs(np.diff(a, axis=-1)).mean())
+
+    ref, held = scenes(64, 0), scenes(16, 1000)
+    print(f"W_held (the scenes themselves) = {w(ref, held):.4f}")
+    for name, start in (("L1", None), (f"L1 + GAN from step {args.gan_start} x {args.gan_weight}", args.gan_start)):
+        t0 = time.monotonic()
+        vae = train_vae(args.steps, start, args.gan_weight)
+        with torch.no_grad():
+            x = torch.from_numpy(held)[:, None].repeat(1, 3, 1, 1) * 2 - 1
+            rec = ((vae.decode(vae.encode(x).latent_dist.mean).sample.mean(1).clamp(-1, 1) + 1) / 2).numpy()
+        print(f"{name:32s} W {w(ref, rec):.4f}  |dx| {dx(rec) / dx(held):.3f}  "
+              f"p99.5 {np.percentile(rec, 99.5) / np.percentile(held, 99.5):.2f}  ({time.monotonic() - t0:.0f} s)",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
