@@ -68,6 +68,33 @@ def _grads(sets, rank, world, use_ddp: bool, accum: int, drop_rank: int | None):
     return grads
 
 
+def _weights(sets, rank, world, use_ddp: bool, steps: int):
+    """The trainable weights after `steps` AdamW steps, each on this rank's own batch."""
+    from sar_ray.diffusion import compute_loss
+    from sar_ray.train import GradSync
+
+    cfg, c, applied = _components(sets)
+    params = applied.trainable_parameters()
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    sync = GradSync(c, applied, cfg, torch.device("cpu")) if use_ddp else None
+    for step in range(steps):
+        batch = _batch(rank, step, drop_all=False)
+        gen = torch.Generator().manual_seed(7 * rank + step)
+        if sync is not None:
+            with sync.accumulating(True):
+                sync.forward(compute_loss, c, batch, cfg.train, gen, False, 32).loss.backward()
+        else:
+            compute_loss(c, batch, cfg.train, gen, False, 32).loss.backward()
+            for p in params:  # the sync DDP replaced: the mean of the ranks' gradients
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad)
+                p.grad /= world
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return [p.detach().clone() for p in params]
+
+
 def _worker(rank: int, world: int, port: int, cases, out_q):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -79,6 +106,13 @@ def _worker(rank: int, world: int, port: int, cases, out_q):
             worst = max(float((a - b).abs().max()) for a, b in zip(ref, got))
             scale = max(float(a.abs().max()) for a in ref)
             out_q.put((i, rank, worst, scale, len(ref)))
+        sets, steps = WEIGHTS_CASE
+        ref = _weights(sets, rank, world, use_ddp=False, steps=steps)
+        got = _weights(sets, rank, world, use_ddp=True, steps=steps)
+        start = _components(sets)[2].trainable_parameters()
+        worst = max(float((a - b).abs().max()) for a, b in zip(ref, got))
+        moved = max(float((a - s0).abs().max()) for a, s0 in zip(got, start))
+        out_q.put(("weights", rank, worst, moved, [t.sum().item() for t in got]))
     finally:
         dist.destroy_process_group()
 
@@ -98,7 +132,7 @@ def _run(cases):
         p.kill()
     assert not alive, "gradient sync hung"
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
-    return [q.get(timeout=5) for _ in procs for _ in cases]
+    return [q.get(timeout=5) for _ in procs for _ in [*cases, WEIGHTS_CASE]]
 
 
 CASES = [
@@ -111,9 +145,31 @@ CASES = [
 ]
 
 
-def test_ddp_gradients_equal_the_mean_of_the_ranks_gradients():
-    results = _run(CASES)
+# Full UNet + LoRA text encoder + learned token, 3 optimizer steps on each rank's own batches.
+WEIGHTS_CASE = (["strategy.unet.mode=full", "strategy.text_encoder.mode=lora", "strategy.token=learn"], 3)
+
+
+@pytest.fixture(scope="module")
+def synced():
+    """One process pair runs every gradient case, then the weights case."""
+    return _run(CASES)
+
+
+def test_ddp_gradients_equal_the_mean_of_the_ranks_gradients(synced):
+    results = [r for r in synced if r[0] != "weights"]
     assert sorted((i, r) for i, r, *_ in results) == [(i, r) for i in range(len(CASES)) for r in (0, 1)]
     for i, rank, worst, scale, n in results:
         assert n > 0 and scale > 0, CASES[i]
         assert worst <= 1e-5 * max(scale, 1.0), (CASES[i], rank, worst, scale)
+
+
+def test_after_n_steps_the_weights_equal_those_of_the_flat_sync_on_every_rank(synced):
+    """Identical weights after N steps: DDP's bucketed all-reduce during backward against the
+    flat mean of the ranks' gradients it replaced (within fp tolerance), and the same on both
+    ranks, after the weights moved."""
+    weights = {rank: (worst, moved, sums) for tag, rank, worst, moved, sums in synced if tag == "weights"}
+    assert sorted(weights) == [0, 1]
+    for rank, (worst, moved, _) in weights.items():
+        assert moved > 1e-4, (rank, moved)  # the steps changed the weights
+        assert worst <= 1e-5, (rank, worst)
+    assert weights[0][2] == pytest.approx(weights[1][2], rel=1e-6, abs=1e-6)  # the ranks agree
