@@ -163,3 +163,42 @@ def test_trial_over_the_stated_gpu_memory_is_refused_before_any_compute(capsys, 
                        "--set", "scaling.gpu_memory_gb=4", "--out", str(tmp_path / "t"))
     assert code == 2 and "gpu_memory_gb" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "t").exists()
+
+
+def test_evaluate_reads_a_webdataset_reference_with_the_studys_members(capsys, tmp_path):
+    """`evaluate --reference <shards> --config sweeps/sarlo80.yaml`: the study's data.image_column
+    picks the member the reference is read from; a member the shards lack exits 2, one line."""
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    sys.path.insert(0, str(ROOT / "tests" / "data"))
+    try:
+        import shards
+    finally:
+        sys.path.remove(str(ROOT / "tests" / "data"))
+    shards.write_sarlo(tmp_path / "wds", n_shards=2, per_shard=4)
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    for i in range(6):
+        amp = np.abs(shards.slc(f"{i:04d}"))
+        Image.fromarray(np.round(amp / amp.max() * 65535).astype(np.uint16)).save(gen / f"{i}.png")
+    pattern = str(tmp_path / "wds" / "shard-{000000..000001}.tar")
+    study = str(ROOT / "sweeps" / "sarlo80.yaml")
+    for member in ("sar.npy", "sar.png"):
+        out = tmp_path / f"{member}.json"
+        code, _, err = run(capsys, "evaluate", "--generated", str(gen), "--reference", pattern, "--config", study,
+                           "--set", f"data.image_column={member}", "--metrics", "stats", "--out", str(out), "-q")
+        assert code == 0, err
+        doc = json.loads(out.read_text())
+        assert doc["n_reference"] == 8 and doc["n_generated"] == 6
+    # The complex SLC is read as |s|, the PNG as the stored amplitude x 1000: after the reference
+    # normalisation (a ratio to the set's own statistics) the two readings give the same scores.
+    a, b = (json.loads((tmp_path / f"{m}.json").read_text())["metrics"] for m in ("sar.npy", "sar.png"))
+    assert a["stats/wasserstein"] == pytest.approx(b["stats/wasserstein"], abs=2e-3)
+    code, _, err = run(capsys, "evaluate", "--generated", str(gen), "--reference", pattern, "--config", study,
+                       "--set", "data.image_column=sar.tif", "--metrics", "stats", "-q")
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "sar.tif" in lines[0], err
