@@ -351,10 +351,12 @@ def _add_data(sub) -> None:
     i.set_defaults(func=_cmd_data_inspect)
     c = dsub.add_parser(
         "cache",
-        help="encode the study's training images once with its frozen VAE encoder (the latent cache)",
-        description="Build the shared latent cache of the study's base trial ahead of `sar-ray trial` / "
-        "`sweep` (which otherwise build it on first use): a Ray Data job stores each image's VAE posterior "
-        "under scaling.storage_path/latents (else .sar-ray-cache/latents). Trials read it with data.cache: auto.",
+        help="encode the study's training images once with its frozen VAE encoder, and its captions once "
+        "with its frozen text encoders (the latent and text caches)",
+        description="Build the shared caches of the study's base trial ahead of `sar-ray trial` / "
+        "`sweep` (which otherwise build them on first use): Ray Data jobs store each image's VAE posterior "
+        "under scaling.storage_path/latents (else .sar-ray-cache/latents) and each caption's text encoder "
+        "output under scaling.storage_path/text (else .sar-ray-cache/text). Trials read them with data.cache: auto.",
     )
     _add_config_args(c)
     c.set_defaults(func=_cmd_data_cache)
@@ -363,7 +365,7 @@ def _add_data(sub) -> None:
 def _cmd_data_cache(args: argparse.Namespace) -> int:
     from . import config
     from .data import build_datasets
-    from .data.cache import build, cache_root
+    from .data.cache import build, build_text, cache_root, open_latents
     from .train import connect_ray
 
     cfg = config.load(args.config, list(args.overrides)).trial()
@@ -373,6 +375,10 @@ def _cmd_data_cache(args: argparse.Namespace) -> int:
     where = f"{cache_root(cfg)[1]}/{key}"
     console.print(f"latent cache {where}: {marker['n_train']} train + {marker['n_val']} val images "
                   f"({'built' if built else 'already built; reused'})", markup=False, soft_wrap=True)
+    # The captions come from the cached rows (no pixel pass).
+    tkey, tmarker, tbuilt = build_text(cfg, open_latents(cfg, data, key, marker))
+    console.print(f"text cache {cache_root(cfg, 'text')[1]}/{tkey}: {tmarker['n_captions']} captions "
+                  f"({'built' if tbuilt else 'already built; reused'})", markup=False, soft_wrap=True)
     if cfg.data.cache != "auto":
         console.print("note: data.cache is off in this study; set data.cache: auto for trials to read it",
                       markup=False, soft_wrap=True)

@@ -191,10 +191,13 @@ class DataConfig(_Strict):
     )
     cache: Literal["auto", "off"] = Field(
         "off",
-        description="The shared latent cache: `auto` encodes every training image once with the frozen "
-        "VAE encoder (a Ray Data job; under `scaling.storage_path`/latents, else "
+        description="The shared latent and text caches: `auto` encodes every training image once with the "
+        "frozen VAE encoder (a Ray Data job; under `scaling.storage_path`/latents, else "
         ".sar-ray-cache/latents) and trials that do not tune the VAE read the stored posteriors "
-        "instead of pixels (no encoder call per step); `off`: every step encodes its pixels.",
+        "instead of pixels (no encoder call per step); and every distinct caption once with the frozen "
+        "text encoders (under `scaling.storage_path`/text, else .sar-ray-cache/text), which trials whose "
+        "text encoders are all frozen and whose token is not learned read instead of encoding; `off`: "
+        "every step encodes its pixels and captions.",
     )
 
     @property

@@ -40,6 +40,9 @@ class Batch:
     # is not flip-equivariant, so a flip of the latent would be a different sample).
     latent_moments: torch.Tensor | None = None
     latent_moments_flip: torch.Tensor | None = None
+    # The text-embedding cache (`data.cache`, a `data.cache.TextEmbeddings`): the frozen text
+    # encoders' output per caption, looked up instead of running them. None: encode.
+    text_cache: object | None = None
 
     @property
     def size(self) -> int:
@@ -204,13 +207,17 @@ def conditioning(c: Components, batch: Batch, resolution: int) -> tuple[torch.Te
     Dropped captions become the unconditional embedding the model's sampler uses: zeros for
     SDXL (`force_zeros_for_empty_prompt`), the encoding of "" for SD 1.x/2.x; training on any
     other "empty" would teach classifier-free guidance a different unconditional branch.
+    With the text cache (`batch.text_cache`) the same tensors are looked up, not computed.
     """
     device = batch.device
     zeros = c.force_zeros_for_empty_prompt and batch.drop is not None
     captions = batch.captions
     if batch.drop is not None and not zeros:
         captions = [("" if d else t) for t, d in zip(captions, batch.drop.tolist())]
-    prompt_embeds, pooled = encode_text(c, captions, device)  # (B, 77, D), (B, P) | None
+    if batch.text_cache is not None:  # frozen encoders, no learned token: computed once ahead
+        prompt_embeds, pooled = batch.text_cache.lookup(captions, device, c)
+    else:
+        prompt_embeds, pooled = encode_text(c, captions, device)  # (B, 77, D), (B, P) | None
     if zeros:
         keep = (~batch.drop).to(device)
         prompt_embeds = prompt_embeds * keep[:, None, None].to(prompt_embeds.dtype)

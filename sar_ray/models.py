@@ -328,7 +328,7 @@ def _with_prediction_type(scheduler: DDPMScheduler, cfg: ModelConfig) -> DDPMSch
     return scheduler
 
 
-def load_components(cfg: ModelConfig, keep_fp32: Iterable[str] = ()) -> Components:
+def load_components(cfg: ModelConfig, keep_fp32: Iterable[str] = (), text_only: bool = False) -> Components:
     """Load the components of `cfg.pretrained`: a hub id, a local pipeline folder, tiny-sd/sdxl,
     or a natural-image tiny base (`tiny-sdxl-natural`: built and cached on first use, then read
     as a local folder).
@@ -336,6 +336,8 @@ def load_components(cfg: ModelConfig, keep_fp32: Iterable[str] = ()) -> Componen
     Weights are in `cfg.weight_dtype` except the components named in `keep_fp32` (those a
     strategy tunes fully, so they are never rounded through fp16) and the VAE when
     `cfg.vae_force_upcast`. Put modules in train mode yourself; everything loads in eval mode.
+    `text_only`: the text encoders and tokenizers alone, exactly as a trial loads them (the
+    text-embedding cache); `unet` and `vae` are None (a tiny model is built whole: it is tiny).
     """
     keep = set(keep_fp32)
     if cfg.pretrained in TINY:
@@ -370,8 +372,8 @@ def load_components(cfg: ModelConfig, keep_fp32: Iterable[str] = ()) -> Componen
     def transformers_part(cls, name):
         return cls.from_pretrained(src, subfolder=name, dtype=_module_dtype(name, cfg, keep), **weights)
 
-    unet = diffusers_part(UNet2DConditionModel, "unet")
-    vae = diffusers_part(AutoencoderKL, "vae")
+    unet = None if text_only else diffusers_part(UNet2DConditionModel, "unet")
+    vae = None if text_only else diffusers_part(AutoencoderKL, "vae")
     encoders: list[nn.Module] = [transformers_part(CLIPTextModel, "text_encoder")]
     tokenizers = [CLIPTokenizer.from_pretrained(src, subfolder="tokenizer", **hub)]
     if kind == "sdxl":
@@ -381,7 +383,9 @@ def load_components(cfg: ModelConfig, keep_fp32: Iterable[str] = ()) -> Componen
     # sampler the pipeline ships with (diffusers' training scripts do the same).
     scheduler = DDPMScheduler.from_pretrained(src, subfolder="scheduler", **hub)
     for m in [unet, vae, *encoders]:
-        m.eval()
+        if m is not None:
+            m.eval()
+    unet_config = unet.config if unet is not None else UNet2DConditionModel.load_config(src, subfolder="unet", **hub)
     c = Components(
         kind=kind,
         unet=unet,
@@ -390,7 +394,7 @@ def load_components(cfg: ModelConfig, keep_fp32: Iterable[str] = ()) -> Componen
         tokenizers=tokenizers,
         noise_scheduler=_with_prediction_type(scheduler, cfg),
         source=src,
-        family=detect_family(kind, unet.config),
+        family=detect_family(kind, unet_config),
         force_zeros_for_empty_prompt=kind == "sdxl" and bool(index.get("force_zeros_for_empty_prompt", True)),
     )
     pool_at_eos(c)

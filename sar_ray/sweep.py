@@ -571,7 +571,8 @@ def run_sweep(study: StudyConfig, *, resume: bool = False, fresh: bool = False, 
 
         # Every trial reads the same images: check and prepare them once, here, while the
         # cluster's CPUs are free, instead of once per trial (and, with data.cache: auto, encode
-        # them once: the latent cache that trials with a frozen VAE read).
+        # them once: the latent cache that trials with a frozen VAE read, and the text cache that
+        # trials with frozen text encoders and no learned token read).
         shared = prebuild(base, build_datasets(base.data, base.train.seed))
     trainable = tune.with_resources(
         tune.with_parameters(_trial_driver, study_raw=study_raw, folder=str(folder), tracking=tracking,

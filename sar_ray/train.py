@@ -177,8 +177,9 @@ _COLUMNS = ("pixel_values", "text", "original_size", "crop_top_left", "latent_mo
             "texts", "key")  # texts, key: only with several caption columns (see EpochOrder)
 
 
-def _to_batch(cols: dict[str, np.ndarray], device: torch.device) -> Batch:
-    """Numpy columns of a micro-batch -> the step's Batch on `device`.
+def _to_batch(cols: dict[str, np.ndarray], device: torch.device, text_cache=None) -> Batch:
+    """Numpy columns of a micro-batch -> the step's Batch on `device` (`text_cache`: the trial's
+    `data.cache.TextEmbeddings`, where the text-embedding cache feeds it).
 
     Pixels may arrive lean (uint8 / uint16 / float16, one channel) and become the model's
     (B, 3, R, R) float32 in [-1, 1] on the device: the copy to the device moves the narrow
@@ -194,14 +195,15 @@ def _to_batch(cols: dict[str, np.ndarray], device: torch.device) -> Batch:
             return torch.from_numpy(np.stack(list(m)) if m.dtype == object else np.array(m)).to(device)
 
         return Batch(None, [str(t) for t in cols["text"]], geometry("original_size"), geometry("crop_top_left"),
-                     latent_moments=moments("latent_moments"), latent_moments_flip=moments("latent_moments_flip"))
+                     latent_moments=moments("latent_moments"), latent_moments_flip=moments("latent_moments_flip"),
+                     text_cache=text_cache)
     arr = cols["pixel_values"]
     arr = np.stack(list(arr)) if arr.dtype == object else np.array(arr)  # a writable copy
     px = torch.from_numpy(arr)
     if device.type == "cuda":
         px = px.pin_memory().to(device, non_blocking=True)
     return Batch(model_pixels(px.to(device)), [str(t) for t in cols["text"]], geometry("original_size"),
-                 geometry("crop_top_left"))
+                 geometry("crop_top_left"), text_cache=text_cache)
 
 
 def model_pixels(px: torch.Tensor) -> torch.Tensor:
@@ -399,6 +401,8 @@ class TrainState:
     logged_loss: tuple[int, float] | None = None  # (step, mean over workers) of the newest logged loss
     val_loss: float | None = None
     encoder_calls: Any = None  # data.cache.EncoderCalls: VAE encoder forward calls of this worker
+    text_calls: Any = None  # data.cache.TextEncoderCalls: text encoder forward calls of this worker's steps
+    text_cache: Any = None  # data.cache.TextEmbeddings where the text-embedding cache feeds the steps
     # quick/<metric> of the newest validation samples (rank 0), in every later report so that a
     # scheduler ranking on one never reads a result without it; kept across a resume.
     quick: dict[str, float] = field(default_factory=dict)
@@ -535,11 +539,11 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
     out = Path(config["out"])
     api = session_for(config)
     try:
-        state = _setup(cfg, api)
+        state = _setup(cfg, api, config.get("text_cache"))
         _resume(state, api, out, config.get("run_uri"))
         order = EpochOrder(api.dataset_shard("train"), cfg.train.batch_size, cfg.train.seed, api.rank,
                            in_memory=bool(config.get("materialized")))
-        val_batches = _load_val_batches(cfg, state.device, api)
+        val_batches = _load_val_batches(cfg, state.device, api, state.text_cache)
         # Fault injection; only a fresh start crashes, so the retry that resumes goes through.
         crash_at = int(config.get("crash_at") or os.environ.get(CRASH_ENV, "0") or 0) if state.pos.step == 0 else 0
         _train(state, api, out, order, val_batches, crash_at)
@@ -548,8 +552,9 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
         api.flush()  # everything rank 0 logged reaches the driver, also when a step raised
 
 
-def _setup(cfg: TrialConfig, api: Session) -> TrainState:
-    """Phase setup: load the model, apply the strategy, place it, build optimizer and sync."""
+def _setup(cfg: TrialConfig, api: Session, text_table: dict | None = None) -> TrainState:
+    """Phase setup: load the model, apply the strategy, place it, build optimizer and sync.
+    `text_table`: the text-embedding cache (`data.cache.open_text`) the steps read, or None."""
     t = cfg.train
     device = _device(cfg, api.local_mode)
     # Same seed on every rank: identical initial weights and adapters (also broadcast below).
@@ -578,9 +583,14 @@ def _setup(cfg: TrialConfig, api: Session) -> TrainState:
         first_bad=torch.zeros((), dtype=torch.long, device=device),
     )
     optimizer.zero_grad(set_to_none=True)
-    from .data.cache import EncoderCalls
+    from .data.cache import EncoderCalls, TextEmbeddings, TextEncoderCalls
 
     state.encoder_calls = EncoderCalls(c.vae)
+    state.text_calls = TextEncoderCalls(c.text_encoders)
+    if text_table is not None:
+        if cfg.strategy.token == "learn" or any(applied.modes.get(n, "frozen") != "frozen" for n in c.text_encoder_names):
+            raise TrainingError("the text-embedding cache was given to a trial whose text side trains")
+        state.text_cache = TextEmbeddings(text_table, device)
     return state
 
 
@@ -623,7 +633,7 @@ def _train(state: TrainState, api: Session, out: Path, order: EpochOrder, val_ba
             seen_in_epoch += 1
             pos.micro_in_epoch += 1
             micro += 1
-            batch = _to_batch(cols, state.device)
+            batch = _to_batch(cols, state.device, state.text_cache)
             meter.images += batch.size * api.world_size
             last_micro = micro % t.grad_accum == 0
             step_out = _micro_step(state, batch, tune_vae, last_micro)
@@ -752,7 +762,8 @@ def _after_step(state: TrainState, api: Session, out: Path, val_batches: list[Ba
     do_sample = bool(t.sample_every) and step % t.sample_every == 0 and not is_last
     if do_sample:
         folder = out / "samples" / f"step-{step:06d}"  # every rank samples its share; rank 0 writes
-        got = _validation_samples(state.c, cfg, folder, state.device, api)
+        with state.text_calls.paused() if state.text_calls is not None else nullcontext():
+            got = _validation_samples(state.c, cfg, folder, state.device, api)  # prompts: not the cache's
         _log_grid(api, folder, step, got.rows_per_rank if got is not None else None)
         if got is not None and val_batches:  # rank 0
             state.quick = _quick_metrics(state, got.amplitudes, val_batches)
@@ -835,6 +846,7 @@ def _finish(state: TrainState, api: Session, out: Path, outputs: dict | None = N
         api.log({"event": "published", "step": state.pos.step, "uri": outputs["uri"], "time": time.time()})
     api.log({"event": "end", "step": state.pos.step, "peak_memory_mb": _peak_memory_mb(state.device),
              "vae_encoder_calls": state.encoder_calls.n if state.encoder_calls is not None else None,
+             "text_encoder_calls": state.text_calls.n if state.text_calls is not None else None,
              "time": time.time()})
     return result
 
@@ -974,7 +986,7 @@ def _report_with_checkpoint(state: TrainState, api: Session, metrics: dict, out:
         api.report(metrics, Checkpoint.from_directory(tmp))
 
 
-def _load_val_batches(cfg: TrialConfig, device, api: Session) -> list[Batch]:
+def _load_val_batches(cfg: TrialConfig, device, api: Session, text_cache=None) -> list[Batch]:
     """The validation shard, read once and kept (it is small: `eval_batches` micro-batches).
     The whole shard is iterated so that Ray Data's split iterators stay in step."""
     shard = api.dataset_shard("val") if cfg.data.val_fraction > 0 else None
@@ -983,7 +995,7 @@ def _load_val_batches(cfg: TrialConfig, device, api: Session) -> list[Batch]:
     batches = []
     for batch in shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy", drop_last=False):
         if len(batches) < cfg.train.eval_batches:
-            batches.append(_to_batch(batch, device))
+            batches.append(_to_batch(batch, device, text_cache))
     return batches
 
 
@@ -1075,13 +1087,14 @@ def run_name(cfg: TrialConfig) -> str:
 
 def build_trainer(cfg: TrialConfig, datasets: dict, out: Path, callbacks: list | None = None,
                   name: str | None = None, report_to: str = "train", progress=None,
-                  driver_token: str | None = None) -> TorchTrainer:
+                  driver_token: str | None = None, text_cache: dict | None = None) -> TorchTrainer:
     """The TorchTrainer of one trial. `name`: its Ray Train run name (a sweep passes
     `<sweep>-<tune trial id>`; default `run_name(cfg)`). `report_to="tune"`: local mode inside a
     Tune trial, where the loop reports to Tune itself (see `session_for`). `progress`: a
     `ProgressChannel` the loop's log records go to (the driver's monitor drains it).
     `driver_token`: what the driver wrote to `out/.driver`; rank 0 publishes its outputs to
-    storage where it does not read it back (see `publish_outputs`)."""
+    storage where it does not read it back (see `publish_outputs`). `text_cache`: the
+    text-embedding cache's table (`data.cache.open_text`), sent to the workers with the config."""
     s = cfg.scaling
     local_mode = s.num_workers == 0
     resources = {"CPU": s.cpus_per_worker}
@@ -1097,6 +1110,7 @@ def build_trainer(cfg: TrialConfig, datasets: dict, out: Path, callbacks: list |
                            "materialized": isinstance(datasets.get("train"), MaterializedDataset),
                            "report_to": report_to, "progress": progress, "outputs": outputs,
                            "run_uri": f"{storage.rstrip('/')}/{name}",
+                           "text_cache": text_cache,  # data.cache: per-caption text encoder outputs
                            # fault injection reaches workers started before the variable was set
                            "crash_at": int(os.environ.get(CRASH_ENV, "0") or 0)},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,

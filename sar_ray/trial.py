@@ -160,6 +160,8 @@ class TrialMonitor:
             self.state["peak_memory_mb"] = rec.get("peak_memory_mb")
             if rec.get("vae_encoder_calls") is not None:  # rank 0's count (zero when the latent cache fed it)
                 self._pending.append(("data/vae_encoder_calls", rec["vae_encoder_calls"], step))
+            if rec.get("text_encoder_calls") is not None:  # rank 0's, in its steps (zero when the text cache fed them)
+                self._pending.append(("data/text_encoder_calls", rec["text_encoder_calls"], step))
         elif event == "published":  # rank 0 ran where the trial folder is not: fetch its outputs
             self.state["published"] = rec["uri"]
         self._write(rec)
@@ -387,7 +389,8 @@ def run_trial(
     connect_ray(cfg.scaling.address)
     if data is None:
         data = build_datasets(cfg.data, cfg.train.seed)
-    data, tags = latent_cache.for_trial(cfg, data, tags)  # cached posteriors where the VAE is frozen
+    # Cached posteriors where the VAE is frozen; cached text embeddings where the text side is.
+    data, tags = latent_cache.for_trial(cfg, data, tags)
     _check_ingest_cpus(cfg, data.materialized)
     (out / "config.yaml").write_text(config_mod.dump_yaml(cfg))
 
@@ -415,7 +418,7 @@ def run_trial(
     (out / DRIVER_MARK).write_text(token)
     trainer = build_trainer(cfg, {"train": data.train, **({"val": data.val} if data.val is not None else {})}, out,
                             callbacks, name=run_name, report_to=report_to, progress=monitor.channel,
-                            driver_token=token)
+                            driver_token=token, text_cache=data.text_embeds)
     error: BaseException | None = None
     if bar is not None:
         bar.start()

@@ -1,6 +1,13 @@
-"""The shared latent cache (`data.cache: auto`): the frozen VAE encoder's posterior of every
-training image, computed once by a Ray Data job and read by every trial that does not tune
-the VAE, so that a trial's steps make no encoder call.
+"""The shared caches of `data.cache: auto`, two halves:
+
+- latents: the frozen VAE encoder's posterior of every training image, computed once by a Ray
+  Data job and read by every trial that does not tune the VAE, so that a trial's steps make no
+  VAE encoder call;
+- text embeddings: the frozen text encoders' output for every caption the data can train or
+  validate on (every candidate of several caption columns, and "" for dropped captions),
+  computed once by a Ray Data job and read by every trial whose text encoders are all frozen
+  and whose `<SAR>` token is not learned (`strategy.token: none`), so that its steps make no
+  text encoder call.
 
     data, tags = for_trial(cfg, data, tags)   # run_trial: cached datasets (built on first use)
     prebuild(study_base, shared)              # sweep: build once, before the first trial
@@ -21,6 +28,19 @@ listing of the files: names, sizes, mtimes). Any change lands in another folder,
 `<storage>/latents/<key>/`; a folder whose marker names another key, or whose files do not hold
 the counted rows, is a miss and is rebuilt. Written atomically: a tmp folder, the marker last,
 then a rename.
+
+The text half (`text_wanted`, `build_text`, `TextEmbeddings`) stores one row per distinct
+caption under `<storage>/text/<key>/`: SD 1.x/2.x the prompt embeds (last hidden state), SDXL
+both encoders' penultimate hidden states concatenated and the second's pooled embeds: exactly
+`models.encode_text`'s output, computed under the trial's autocast, stored in the dtype it
+came out in (bf16 widened to fp32, losslessly) and cast back on lookup. Captions reach the cache
+as the step sees them (`data.caption_prefix` applied by the dataset); a dropped caption gets
+what it gets uncached (`diffusion.conditioning`: the embedding of "" for SD, the caption's
+embedding zeroed for SDXL). The key hashes the text encoders' weights and pooling config
+(`models.pool_at_eos`), the tokenizers (vocabulary, merges, added tokens, length, padding), the
+encoders' dtype and the autocast they run under, the caption prefix and columns, and the data
+source; the table is small (distinct captions, not images) and travels to the workers with the
+trial's config.
 """
 
 from __future__ import annotations
@@ -29,6 +49,7 @@ import hashlib
 import json
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -43,6 +64,8 @@ from sar_ray.data.dataset import PIXEL_DTYPE, TrainData, caption_lists
 CACHE_VERSION = 3
 MARKER = "_cache.json"
 LOCAL_ROOT = ".sar-ray-cache/latents"  # next to the synthetic-data cache
+TEXT_VERSION = 1
+TEXT_LOCAL_ROOT = ".sar-ray-cache/text"
 COLUMNS = ("latent_moments", "latent_moments_flip", "text", "texts", "key", "original_size", "crop_top_left", "path")
 
 
@@ -56,6 +79,8 @@ class CachedTrainData(TrainData):
 
     cached: TrainData | None = None
     cache_key: str | None = None
+    text_key: str | None = None  # the text-embedding cache built with these data (`prebuild`)
+    text_table: dict | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,16 +171,17 @@ def cache_key(inputs: dict[str, Any]) -> str:
     return hashlib.blake2b(json.dumps(inputs, sort_keys=True, default=str).encode(), digest_size=12).hexdigest()
 
 
-def cache_root(cfg):
-    """(pyarrow filesystem, root) of the cache: `<scaling.storage_path>/latents`, else `.sar-ray-cache/latents`."""
+def cache_root(cfg, half: str = "latents"):
+    """(pyarrow filesystem, root) of a cache half (`latents` or `text`): `<scaling.storage_path>/<half>`,
+    else `.sar-ray-cache/<half>`."""
     import pyarrow.fs as pafs
 
     if cfg.scaling.storage_path:
         from sar_ray.trial import storage_filesystem
 
         fs, root = storage_filesystem(cfg.scaling.storage_path)
-        return fs, f"{root.rstrip('/')}/latents"
-    return pafs.LocalFileSystem(), str(Path(LOCAL_ROOT).absolute())
+        return fs, f"{root.rstrip('/')}/{half}"
+    return pafs.LocalFileSystem(), str(Path(LOCAL_ROOT if half == "latents" else TEXT_LOCAL_ROOT).absolute())
 
 
 # --------------------------------------------------------------------------------------------
@@ -252,7 +278,7 @@ def _remove(fs, path: str) -> None:
         fs.delete_dir(path)
 
 
-def _rows(fs, folder: str) -> int | None:
+def _rows(fs, folder: str, column: str = "latent_moments") -> int | None:
     """Rows in a folder of Parquet files (from their footers), or None if any is unreadable."""
     import pyarrow.fs as pafs
     import pyarrow.parquet as pq
@@ -264,7 +290,7 @@ def _rows(fs, folder: str) -> int | None:
         for info in infos:
             with fs.open_input_file(info.path) as f:
                 md = pq.read_metadata(f)
-                if "latent_moments" not in md.schema.to_arrow_schema().names:
+                if column not in md.schema.to_arrow_schema().names:
                     return None
                 n += md.num_rows
         return n
@@ -297,7 +323,7 @@ def _valid(fs, folder: str, key: str, data: TrainData | None) -> dict | None:
 # --------------------------------------------------------------------------------------------
 
 
-def _open(cfg, data: TrainData, key: str, marker: dict) -> TrainData:
+def open_latents(cfg, data: TrainData, key: str, marker: dict) -> TrainData:
     import ray.data
 
     fs, root = cache_root(cfg)
@@ -319,26 +345,45 @@ def prebuild(cfg, data: TrainData | None) -> TrainData | None:
     if data is None or cfg.data.cache != "auto":
         return data
     key, marker, _ = build(cfg, data)
+    cached = open_latents(cfg, data, key, marker)
+    text_key, _, _ = build_text(cfg, cached)  # the captions read from the cached rows (no pixels)
     return CachedTrainData(**{f.name: getattr(data, f.name) for f in fields(TrainData)},
-                           cached=_open(cfg, data, key, marker), cache_key=key)
+                           cached=cached, cache_key=key, text_key=text_key, text_table=open_text(cfg, text_key))
 
 
 def for_trial(cfg, data: TrainData, tags: dict | None) -> tuple[TrainData, dict]:
     """The datasets a trial trains on, and its MLflow tags: cached (built on first use) where
-    `wanted`, else the pixels. Tags `data.cache_used` and `data.cache_key` say which."""
+    `wanted`, else the pixels; with `text_embeds` set to the text-embedding table where
+    `text_wanted` (else None). Tags `data.cache_used` / `data.cache_key` and
+    `data.text_cache_used` / `data.text_cache_key` say which."""
     tags = dict(tags or {})
+    shared = data if isinstance(data, CachedTrainData) else None
     if not wanted(cfg):  # off, or the VAE trains (against pixels)
         tags["data.cache_used"] = "false"
-        return data, tags
-    vae = load_vae(cfg.model)
-    key = cache_key(key_inputs(cfg, vae))
-    if isinstance(data, CachedTrainData) and data.cache_key == key and data.cached is not None:
-        cached = data.cached
+        out = data
     else:
-        key, marker, _ = build(cfg, data, vae=vae)
-        cached = _open(cfg, data, key, marker)
-    tags.update({"data.cache_used": "true", "data.cache_key": key})
-    return cached, tags
+        vae = load_vae(cfg.model)
+        key = cache_key(key_inputs(cfg, vae))
+        if shared is not None and shared.cache_key == key and shared.cached is not None:
+            out = shared.cached
+        else:
+            key, marker, _ = build(cfg, data, vae=vae)
+            out = open_latents(cfg, data, key, marker)
+        tags.update({"data.cache_used": "true", "data.cache_key": key})
+    table = None
+    if not text_wanted(cfg):  # off, or a text encoder or the token trains
+        tags["data.text_cache_used"] = "false"
+    else:
+        c = load_text(cfg.model)
+        key = cache_key(text_key_inputs(cfg, c))
+        if shared is not None and shared.text_key == key and shared.text_table is not None:
+            table = shared.text_table
+        else:
+            key, _, _ = build_text(cfg, out, c=c)
+            table = open_text(cfg, key)
+        tags.update({"data.text_cache_used": "true", "data.text_cache_key": key})
+    plain = {f.name: getattr(out, f.name) for f in fields(TrainData)}
+    return TrainData(**{**plain, "text_embeds": table}), tags
 
 
 # --------------------------------------------------------------------------------------------
@@ -355,4 +400,331 @@ class EncoderCalls:
 
     def _hook(self, *_):
         self.n += 1
+
+
+class TextEncoderCalls:
+    """Counts forward calls of the text encoders (a forward hook on each: an SDXL step that
+    encodes its captions makes 2). `paused()`: calls not counted (sampling, whose prompts the
+    cache never replaces)."""
+
+    def __init__(self, text_encoders):
+        self.n, self._paused = 0, False
+        self._handles = [te.register_forward_hook(self._hook) for te in text_encoders]
+
+    def _hook(self, *_):
+        if not self._paused:
+            self.n += 1
+
+    @contextmanager
+    def paused(self):
+        was, self._paused = self._paused, True
+        try:
+            yield
+        finally:
+            self._paused = was
+
+
+# --------------------------------------------------------------------------------------------
+# the text half: when, the key
+# --------------------------------------------------------------------------------------------
+
+
+def text_wanted(cfg) -> bool:
+    """`data.cache: auto`, every text encoder frozen and no learned token: the text side is a
+    fixed function of the caption (a LoRA / full text encoder or `strategy.token: learn` changes it
+    every step)."""
+    s = cfg.strategy
+    encoders = [s.text_encoder, s.text_encoder_2 or s.text_encoder]
+    return cfg.data.cache == "auto" and s.token == "none" and all(e.mode == "frozen" for e in encoders)
+
+
+def load_text(model_cfg):
+    """The model's text encoders and tokenizers (a `Components` without UNet and VAE), loaded
+    as a trial loads its frozen ones: `model.weight_dtype`, pooling at `<|endoftext|>`."""
+    from sar_ray.models import load_components
+
+    c = load_components(model_cfg, text_only=True)
+    c.unet = c.vae = None
+    return c
+
+
+def text_encoder_hash(c) -> str:
+    """blake2b of every text encoder's state (names, dtypes, shapes, bytes) and the config keys
+    that change its output (the pooling position `eos_token_id`, the hidden activation)."""
+    import torch
+
+    h = hashlib.blake2b(digest_size=16)
+    for name, te in zip(c.text_encoder_names, c.text_encoders):
+        cfg = te.config
+        h.update(f"{name}:{type(te).__name__}:{cfg.eos_token_id}:{getattr(cfg, 'hidden_act', None)}:"
+                 f"{getattr(cfg, 'layer_norm_eps', None)}\n".encode())
+        for pname, t in sorted(te.state_dict().items()):
+            t = t.detach().cpu().contiguous()
+            h.update(f"{name}.{pname}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def tokenizer_hash(c) -> str:
+    """blake2b of what turns a caption into ids: each tokenizer's class, vocabulary (added tokens
+    included), BPE merges, maximum length, padding and special tokens."""
+    h = hashlib.blake2b(digest_size=16)
+    for tok in c.tokenizers:
+        h.update(f"{type(tok).__name__}:{tok.model_max_length}:{tok.padding_side}:{tok.truncation_side}:"
+                 f"{tok.pad_token}:{tok.bos_token}:{tok.eos_token}:{tok.unk_token}\n".encode())
+        h.update(json.dumps(sorted(tok.get_vocab().items())).encode())
+        ranks = getattr(tok, "bpe_ranks", None)
+        if ranks:
+            h.update(json.dumps(sorted((" ".join(k), v) for k, v in ranks.items())).encode())
+    return h.hexdigest()
+
+
+def text_dtype(cfg) -> str:
+    """The frozen text encoders' dtype in a trial (`strategies.place`: `model.weight_dtype`)."""
+    return cfg.model.weight_dtype
+
+
+def text_key_inputs(cfg, c) -> dict[str, Any]:
+    d = cfg.data
+    return {
+        "version": TEXT_VERSION,
+        "kind": c.kind,
+        "force_zeros_for_empty_prompt": c.force_zeros_for_empty_prompt,
+        "text_encoders": text_encoder_hash(c),
+        "tokenizers": tokenizer_hash(c),
+        "dtype": text_dtype(cfg),
+        "autocast": cfg.train.mixed_precision,  # the step encodes under the trial's autocast
+        "caption_prefix": d.caption_prefix,  # prefixed by the dataset: the captions the step sees
+        "text_column": d.text_column,
+        "source": source_identity(d),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# the text half: building (a Ray Data job over the distinct captions) and reading
+# --------------------------------------------------------------------------------------------
+
+
+def captions_of(data: TrainData) -> list[str]:
+    """Every caption a trial on `data` can condition on, sorted: each row's `text` and every
+    candidate of `texts` (the per-epoch choice), of train and validation, and "" (a dropped
+    caption of SD 1.x/2.x). Reads only the caption columns (a cached dataset: no pixels)."""
+    out = {""}
+    for ds in (data.train, data.val):
+        if ds is None:
+            continue
+        cols = [k for k in ("text", "texts") if k in ds.schema().names]
+        for b in ds.select_columns(cols).iter_batches(batch_size=4096, batch_format="numpy"):
+            out.update(str(t) for t in b["text"])
+            if "texts" in b:
+                for texts in b["texts"]:
+                    out.update(str(t) for t in texts)
+    return sorted(out)
+
+
+def place_text(c, device):
+    """The text encoders on `device` in a trial's dtype for them (`strategies.place`: fp16 is
+    fp32 on CPU)."""
+    import torch
+
+    for i, te in enumerate(c.text_encoders):
+        if device.type == "cpu" and next(te.parameters()).dtype == torch.float16:
+            te = torch.nn.Module.to(te, torch.float32)
+        c.text_encoders[i] = te.to(device).eval()
+    return c
+
+
+def _projection(c):
+    """SDXL's pooled-embeds projection (the second encoder's `text_projection`), else None."""
+    from transformers import CLIPTextModelWithProjection
+
+    return next((te.text_projection for te in c.text_encoders if isinstance(te, CLIPTextModelWithProjection)), None)
+
+
+def encode_captions(c, captions: list[str], mixed_precision: str, device) -> dict[str, np.ndarray]:
+    """`models.encode_text` of `captions` as a step computes it (under the trial's autocast, no
+    gradient) -> numpy columns `prompt_embeds` (B, 77, D) and, SDXL, `pooled_hidden` (B, D2):
+    what the second encoder's `text_projection` takes (its pooled, final-norm state at
+    `<|endoftext|>`). The projection itself runs in the step (`TextEmbeddings.lookup`): a small
+    matmul rounds a row by its place in the batch (BLAS kernels for a few rows), so only the
+    step's own batch gives the uncached bits. bf16 widened to fp32 (lossless), the dtype they
+    came out in under `*_dtype`."""
+    import torch
+
+    from sar_ray.diffusion import autocast
+    from sar_ray.models import encode_text
+
+    proj, seen = _projection(c), []
+    handle = proj.register_forward_hook(lambda _m, args, _out: seen.append(args[0])) if proj is not None else None
+    try:
+        with torch.no_grad(), autocast(device, mixed_precision):
+            embeds, _ = encode_text(c, list(captions), device)
+    finally:
+        if handle is not None:
+            handle.remove()
+    out: dict[str, Any] = {}
+    for name, t in (("prompt_embeds", embeds), ("pooled_hidden", seen[0] if seen else None)):
+        if t is None:
+            continue
+        out[f"{name}_dtype"] = np.array([str(t.dtype).removeprefix("torch.")] * len(captions))
+        out[name] = (t.float() if t.dtype == torch.bfloat16 else t).cpu().numpy()
+    return out
+
+
+def text_table(c, captions: list[str], mixed_precision: str, device) -> dict[str, Any]:
+    """`open_text`'s table for `captions`, encoded here and now (tests, benches: no Ray, no files)."""
+    cols = encode_captions(c, captions, mixed_precision, device)
+    table: dict[str, Any] = {"captions": [str(t) for t in captions]}
+    for name in ("prompt_embeds", "pooled_hidden"):
+        table[name] = cols.get(name)
+        table[f"{name}_dtype"] = str(cols[f"{name}_dtype"][0]) if name in cols else None
+    return table
+
+
+class _EncodeText:
+    """Ray Data actor: caption rows -> the frozen text encoders' output."""
+
+    def __init__(self, model_cfg: dict, mixed_precision: str, use_gpu: bool):
+        import torch
+
+        from sar_ray.config import ModelConfig
+
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.c = place_text(load_text(ModelConfig.model_validate(model_cfg)), self.device)
+        self.mixed_precision = mixed_precision
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        captions = [str(t) for t in batch["text"]]
+        return {"text": np.array(captions, dtype=object),
+                **encode_captions(self.c, captions, self.mixed_precision, self.device)}
+
+
+def build_text(cfg, data: TrainData, *, c=None) -> tuple[str, dict, bool]:
+    """Encode every caption of `data` (`captions_of`) into `<root>/<key>/` unless a valid
+    text cache is there; returns (key, marker, whether it was built now). Atomic as `build`."""
+    import ray
+    import ray.data
+
+    c = c if c is not None else load_text(cfg.model)
+    inputs = text_key_inputs(cfg, c)
+    key = cache_key(inputs)
+    fs, root = cache_root(cfg, "text")
+    final = f"{root}/{key}"
+    marker = _valid_text(fs, final, key)
+    if marker is not None:
+        return key, marker, False
+    _remove(fs, final)
+    captions = captions_of(data)
+    tmp = f"{root}/{key}.tmp-{uuid.uuid4().hex[:8]}"
+    fs.create_dir(tmp, recursive=True)
+    gpus = cfg.scaling.use_gpu and ray.cluster_resources().get("GPU", 0) >= 1
+    ds = ray.data.from_items([{"text": t} for t in captions])
+    ds.map_batches(
+        _EncodeText, fn_constructor_kwargs={"model_cfg": cfg.model.model_dump(mode="json"),
+                                            "mixed_precision": cfg.train.mixed_precision, "use_gpu": bool(gpus)},
+        batch_format="numpy", batch_size=64, concurrency=1, num_gpus=1 if gpus else 0, num_cpus=1,
+    ).write_parquet(tmp, filesystem=fs)
+    marker = {"key": key, "inputs": inputs, "n_captions": len(captions),
+              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    with fs.open_output_stream(f"{tmp}/{MARKER}") as f:
+        f.write(json.dumps(marker, indent=2).encode())
+    try:
+        fs.move(tmp, final)
+    except OSError:
+        _remove(fs, tmp)
+        if _valid_text(fs, final, key) is None:
+            raise CacheError(f"text cache {final}: could not be written (another build in the way?)") from None
+    return key, marker, True
+
+
+def _valid_text(fs, folder: str, key: str) -> dict | None:
+    try:
+        with fs.open_input_stream(f"{folder}/{MARKER}") as f:
+            marker = json.loads(f.read().decode())
+    except Exception:  # noqa: BLE001 - missing or corrupt marker: a miss
+        return None
+    if not isinstance(marker, dict) or marker.get("key") != key:
+        return None
+    if _rows(fs, folder, "prompt_embeds") != marker.get("n_captions"):
+        return None
+    return marker
+
+
+def open_text(cfg, key: str) -> dict[str, Any]:
+    """The text cache `key` as numpy: {"captions": [str], "prompt_embeds": (N, 77, D),
+    "pooled_hidden": (N, D2) | None, "*_dtype": torch dtype names}: what `TextEmbeddings` takes."""
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    fs, root = cache_root(cfg, "text")
+    folder = f"{root}/{key}"
+    files = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(folder))
+                   if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+    parts: dict[str, list] = {}
+    for path in files:
+        with fs.open_input_file(path) as f:
+            t = pq.read_table(f)
+        for name in t.column_names:
+            col = t.column(name)
+            if name.endswith("_dtype") or name == "text":
+                parts.setdefault(name, []).extend(col.to_pylist())
+            else:
+                parts.setdefault(name, []).append(_tensor_column(col))
+    table: dict[str, Any] = {"captions": [str(t) for t in parts.get("text", [])]}
+    for name in ("prompt_embeds", "pooled_hidden"):
+        table[name] = np.concatenate(parts[name]) if name in parts else None
+        table[f"{name}_dtype"] = parts[f"{name}_dtype"][0] if parts.get(f"{name}_dtype") else None
+    return table
+
+
+def _tensor_column(col) -> np.ndarray:
+    """A Ray Data tensor column (Arrow extension type) -> (N, ...) numpy."""
+    col = col.combine_chunks() if hasattr(col, "combine_chunks") else col
+    if hasattr(col.type, "to_pandas_dtype") and hasattr(col, "to_numpy") and hasattr(col.type, "shape"):
+        return col.to_numpy()
+    return np.stack([np.asarray(x) for x in col.to_pylist()])
+
+
+class TextEmbeddings:
+    """The step's view of the text cache: captions -> (prompt_embeds, pooled | None) on the
+    device, exactly `models.encode_text`'s output for them (`diffusion.conditioning`). SDXL's
+    pooled embeds: the cached pooled state through the model's own `text_projection`, on the
+    step's batch (one (B, D2) x (D2, P) matmul, not a text encoder call)."""
+
+    def __init__(self, table: dict[str, Any], device):
+        import torch
+
+        self.index = {t: i for i, t in enumerate(table["captions"])}
+        self.device = device
+
+        def tensor(name):
+            arr = table.get(name)
+            if arr is None:
+                return None
+            dtype = getattr(torch, table[f"{name}_dtype"])
+            return torch.from_numpy(np.ascontiguousarray(arr)).to(device=device, dtype=dtype)
+
+        self.embeds, self.pooled = tensor("prompt_embeds"), tensor("pooled_hidden")
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def lookup(self, captions: list[str], device=None, c=None):
+        """(prompt_embeds (B, 77, D), pooled (B, P) | None) of `captions`; SDXL needs `c` (its projection)."""
+        import torch
+
+        missing = [t for t in captions if t not in self.index]
+        if missing:
+            raise KeyError(f"text cache holds no embedding for caption {missing[0]!r} ({len(self)} captions "
+                           f"cached): built from other data? rebuild with `sar-ray data cache`")
+        idx = torch.tensor([self.index[t] for t in captions], device=self.embeds.device)
+        device = device if device is not None else self.device
+        embeds = self.embeds.index_select(0, idx).to(device)
+        pooled = None
+        if self.pooled is not None:
+            proj = _projection(c) if c is not None else None
+            if proj is None:
+                raise ValueError("an SDXL text cache needs the model's text_projection (lookup(..., c=components))")
+            pooled = proj(self.pooled.index_select(0, idx).to(device))
+        return embeds, pooled
 

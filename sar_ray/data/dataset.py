@@ -63,6 +63,8 @@ class TrainData:
     skipped: list[str] = field(default_factory=list)  # sources of the corrupt images left out
     source: str = ""  # the resolved data path
     materialized: bool = False  # prepared rows already in the object store (no ingest CPUs needed)
+    # The text-embedding cache's table (`data.cache.open_text`) where it feeds the trial, else None.
+    text_embeds: dict | None = None
 
 
 MATERIALIZE_BUDGET = 2 * 1024**3  # data.materialize=auto keeps prepared sets under this in memory

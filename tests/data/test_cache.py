@@ -80,6 +80,10 @@ def _calls(out: Path) -> int:
     return next(r["vae_encoder_calls"] for r in read_log(out / "train_log.jsonl") if r.get("event") == "end")
 
 
+def _text_calls(out: Path) -> int:
+    return next(r["text_encoder_calls"] for r in read_log(out / "train_log.jsonl") if r.get("event") == "end")
+
+
 def _losses(out: Path) -> list[float]:
     return [r["loss"] for r in read_log(out / "train_log.jsonl") if "loss" in r]
 
@@ -91,14 +95,21 @@ def _val_losses(out: Path) -> list[float]:
 def test_cached_trial_trains_like_the_uncached_one_with_zero_encoder_calls(in_tmp):
     """Same seed, flip on: the cached trial draws the same latents (the flipped image's posterior
     where the pixels would flip), so its losses equal the uncached trial's; it calls the encoder
-    never, the uncached one every step; a VAE-tuning trial ignores the cache."""
+    never, the uncached one every step; a VAE-tuning trial ignores the latent cache. The text half:
+    the frozen text encoders are never called by the cached trials' steps (the VAE-tuning one
+    included), by the uncached one's every step, and a trial with a text-encoder LoRA ignores it."""
     sets = ["strategy.unet.mode=lora", "data.flip=true", "train.eval_every=1"]
     plain = run_trial(_cfg(in_tmp, *sets, "data.cache=off", out="off"), progress=False)
     cached = run_trial(_cfg(in_tmp, *sets, "data.cache=auto", out="auto"), progress=False)
     vae = run_trial(_cfg(in_tmp, *sets, "data.cache=auto", "strategy.vae.mode=lora", out="vae"), progress=False)
+    te = run_trial(_cfg(in_tmp, *sets, "data.cache=auto", "strategy.text_encoder.mode=lora", out="te"),
+                   progress=False)
     assert _calls(cached.out) == 0
     assert _calls(plain.out) >= 3  # one per step (+ validation)
     assert _calls(vae.out) >= 3
+    assert _calls(te.out) == 0  # its VAE is frozen: latents cached, text encoded every step
+    assert _text_calls(cached.out) == 0 and _text_calls(vae.out) == 0
+    assert _text_calls(plain.out) >= 2 * 3 and _text_calls(te.out) >= 2 * 3  # SDXL: 2 encoders a step
     # Step 1 sees the same weights: equal up to float noise (the cache encoded 16 images a call,
     # the step 2). Later steps amplify that noise through Adam's first, sign-like updates (a
     # LoRA weight whose gradient is ~0 moves by +-lr on either side of it): close.
@@ -122,6 +133,13 @@ def test_cached_trial_trains_like_the_uncached_one_with_zero_encoder_calls(in_tm
     assert runs["off"].data.tags["data.cache_used"] == "false"
     assert runs["auto"].data.metrics["data/vae_encoder_calls"] == 0
     assert runs["off"].data.metrics["data/vae_encoder_calls"] >= 3
+    text_key = cache.cache_key(cache.text_key_inputs(_cfg(in_tmp, *sets), cache.load_text(_cfg(in_tmp).model)))
+    for name, used in (("auto", "true"), ("vae", "true"), ("off", "false"), ("te", "false")):
+        assert runs[name].data.tags["data.text_cache_used"] == used, name
+        assert runs[name].data.tags.get("data.text_cache_key") == (text_key if used == "true" else None), name
+        calls = runs[name].data.metrics["data/text_encoder_calls"]
+        assert (calls == 0) if used == "true" else (calls >= 6), (name, calls)
+    assert runs["te"].data.tags["data.cache_used"] == "true"
 
 
 def _study_file(tmp_path: Path, *sets: str) -> Path:
@@ -138,8 +156,13 @@ def _study_file(tmp_path: Path, *sets: str) -> Path:
     return path
 
 
-def _folders(root: Path) -> list[Path]:
-    return sorted(p for p in (root / cache.LOCAL_ROOT).iterdir() if p.is_dir())
+def _folders(root: Path, half: str = cache.LOCAL_ROOT) -> list[Path]:
+    return sorted(p for p in (root / half).iterdir() if p.is_dir())
+
+
+def _said(out: str, half: str) -> str:
+    """The line `sar-ray data cache` printed for one cache half ("latent" or "text")."""
+    return next(line for line in out.splitlines() if line.startswith(f"{half} cache"))
 
 
 @pytest.mark.slow  # three CLI runs (cache, trial, rebuilt cache): ~110 s on 2 cores
@@ -148,27 +171,36 @@ def test_data_cache_then_trial_reuses_it_and_a_corrupt_or_foreign_cache_is_rebui
 
     study = _study_file(in_tmp, "data.cache=auto", "tracking.enabled=false", f"out={in_tmp / 't'}")
     assert main(["data", "cache", str(study)]) == 0
-    assert "built" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "built" in _said(said, "latent") and "built" in _said(said, "text")
     (folder,) = _folders(in_tmp)
+    (text_folder,) = _folders(in_tmp, cache.TEXT_LOCAL_ROOT)
+    text_stamp = (text_folder / cache.MARKER).stat().st_mtime_ns
     marker = json.loads((folder / cache.MARKER).read_text())
     assert marker["key"] == folder.name and marker["n_train"] > 0
     stamp = (folder / cache.MARKER).stat().st_mtime_ns
     assert main(["trial", str(study), "-q"]) == 0
     assert _folders(in_tmp) == [folder] and (folder / cache.MARKER).stat().st_mtime_ns == stamp  # no rebuild
     assert _calls(in_tmp / "t") == 0
+    assert _folders(in_tmp, cache.TEXT_LOCAL_ROOT) == [text_folder]
+    assert (text_folder / cache.MARKER).stat().st_mtime_ns == text_stamp and _text_calls(in_tmp / "t") == 0
 
     # A truncated shard: a miss, rebuilt (never read as a shorter or garbled set).
     shard = sorted((folder / "train").glob("*.parquet"))[0]
     shard.write_bytes(shard.read_bytes()[:100])
+    text_shard = sorted(text_folder.glob("*.parquet"))[0]
+    text_shard.write_bytes(text_shard.read_bytes()[:100])
     assert main(["data", "cache", str(study)]) == 0
     said = capsys.readouterr().out
-    assert "built" in said and "reused" not in said
+    assert "built" in _said(said, "latent") and "reused" not in _said(said, "latent")
+    assert "built" in _said(said, "text") and "reused" not in _said(said, "text")
     assert json.loads((folder / cache.MARKER).read_text())["n_train"] == marker["n_train"]
     assert main(["data", "cache", str(study)]) == 0
-    assert "reused" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "reused" in _said(said, "latent") and "reused" in _said(said, "text")
 
     # Another model's cache put in this key's place (its marker names another key): refused, rebuilt.
     (folder / cache.MARKER).write_text(json.dumps({**marker, "key": "0" * 24}))
     assert main(["data", "cache", str(study)]) == 0
-    assert "reused" not in capsys.readouterr().out
+    assert "reused" not in _said(capsys.readouterr().out, "latent")
     assert json.loads((folder / cache.MARKER).read_text())["key"] == folder.name
