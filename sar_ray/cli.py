@@ -377,8 +377,11 @@ def _cmd_data_cache(args: argparse.Namespace) -> int:
                   f"({'built' if built else 'already built; reused'})", markup=False, soft_wrap=True)
     # The captions come from the cached rows (no pixel pass).
     tkey, tmarker, tbuilt = build_text(cfg, open_latents(cfg, data, key, marker))
-    console.print(f"text cache {cache_root(cfg, 'text')[1]}/{tkey}: {tmarker['n_captions']} captions "
-                  f"({'built' if tbuilt else 'already built; reused'})", markup=False, soft_wrap=True)
+    if tmarker.get("skipped"):
+        console.print(f"text cache: not built ({tmarker['skipped']})", markup=False, soft_wrap=True)
+    else:
+        console.print(f"text cache {cache_root(cfg, 'text')[1]}/{tkey}: {tmarker['n_captions']} captions "
+                      f"({'built' if tbuilt else 'already built; reused'})", markup=False, soft_wrap=True)
     if cfg.data.cache != "auto":
         console.print("note: data.cache is off in this study; set data.cache: auto for trials to read it",
                       markup=False, soft_wrap=True)

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 import uuid
 from contextlib import contextmanager
@@ -61,11 +62,17 @@ from sar_ray.data.dataset import PIXEL_DTYPE, TrainData, caption_lists
 
 # 2: pixels travel as uint16 (rounded to 1/65535), no longer float32; 3: rows of several caption
 # columns carry every candidate (texts, key) for the step's per-epoch choice.
+log = logging.getLogger(__name__)
+
 CACHE_VERSION = 3
 MARKER = "_cache.json"
 LOCAL_ROOT = ".sar-ray-cache/latents"  # next to the synthetic-data cache
 TEXT_VERSION = 1
 TEXT_LOCAL_ROOT = ".sar-ray-cache/text"
+# A trial holds the whole text table on each worker's device: worth it for templated captions
+# (the synthetic scenes'), not for one caption per image (SARLO-80: 3 x 120k
+# captions x 0.6 MiB of SDXL embeds = 200 GiB), whose trials run their frozen text encoders.
+TEXT_BUDGET = 1 << 30
 COLUMNS = ("latent_moments", "latent_moments_flip", "text", "texts", "key", "original_size", "crop_top_left", "path")
 
 
@@ -81,6 +88,7 @@ class CachedTrainData(TrainData):
     cache_key: str | None = None
     text_key: str | None = None  # the text-embedding cache built with these data (`prebuild`)
     text_table: dict | None = None
+    text_skipped: str | None = None  # why no table was built (`text_too_large`)
 
 
 # --------------------------------------------------------------------------------------------
@@ -346,9 +354,11 @@ def prebuild(cfg, data: TrainData | None) -> TrainData | None:
         return data
     key, marker, _ = build(cfg, data)
     cached = open_latents(cfg, data, key, marker)
-    text_key, _, _ = build_text(cfg, cached)  # the captions read from the cached rows (no pixels)
+    text_key, text_marker, _ = build_text(cfg, cached)  # the captions read from the cached rows (no pixels)
+    skipped = text_marker.get("skipped")
     return CachedTrainData(**{f.name: getattr(data, f.name) for f in fields(TrainData)},
-                           cached=cached, cache_key=key, text_key=text_key, text_table=open_text(cfg, text_key))
+                           cached=cached, cache_key=key, text_key=text_key, text_skipped=skipped,
+                           text_table=None if skipped else open_text(cfg, text_key))
 
 
 def for_trial(cfg, data: TrainData, tags: dict | None) -> tuple[TrainData, dict]:
@@ -376,12 +386,16 @@ def for_trial(cfg, data: TrainData, tags: dict | None) -> tuple[TrainData, dict]
     else:
         c = load_text(cfg.model)
         key = cache_key(text_key_inputs(cfg, c))
-        if shared is not None and shared.text_key == key and shared.text_table is not None:
-            table = shared.text_table
+        if shared is not None and shared.text_key == key and (shared.text_table is not None or shared.text_skipped):
+            table, skipped = shared.text_table, shared.text_skipped
         else:
-            key, _, _ = build_text(cfg, out, c=c)
-            table = open_text(cfg, key)
-        tags.update({"data.text_cache_used": "true", "data.text_cache_key": key})
+            key, marker, _ = build_text(cfg, out, c=c)
+            skipped = marker.get("skipped")
+            table = None if skipped else open_text(cfg, key)
+        if skipped:
+            tags.update({"data.text_cache_used": "false", "data.text_cache_skipped": skipped})
+        else:
+            tags.update({"data.text_cache_used": "true", "data.text_cache_key": key})
     plain = {f.name: getattr(out, f.name) for f in fields(TrainData)}
     return TrainData(**{**plain, "text_embeds": table}), tags
 
@@ -599,9 +613,28 @@ class _EncodeText:
                 **encode_captions(self.c, captions, self.mixed_precision, self.device)}
 
 
-def build_text(cfg, data: TrainData, *, c=None) -> tuple[str, dict, bool]:
+def text_row_bytes(c) -> int:
+    """Bytes one caption takes in the table a trial holds (fp32: bf16 is widened)."""
+    width = sum(te.config.hidden_size for te in c.text_encoders)
+    proj = _projection(c)
+    pooled = proj.in_features if proj is not None else 0
+    return 4 * (c.tokenizers[0].model_max_length * width + pooled)
+
+
+def text_too_large(n_captions: int, c) -> str | None:
+    """Why a table of `n_captions` is not built (over TEXT_BUDGET), else None."""
+    row = text_row_bytes(c)
+    if n_captions * row <= TEXT_BUDGET:
+        return None
+    return (f"{n_captions} distinct captions x {row / 2**20:.2f} MiB = {n_captions * row / 2**30:.1f} GiB, over the "
+            f"{TEXT_BUDGET / 2**30:.0f} GiB a trial would hold on each device; frozen text encoders run in each step")
+
+
+def build_text(cfg, data: TrainData, *, c=None) -> tuple[str | None, dict, bool]:
     """Encode every caption of `data` (`captions_of`) into `<root>/<key>/` unless a valid
-    text cache is there; returns (key, marker, whether it was built now). Atomic as `build`."""
+    text cache is there; returns (key, marker, whether it was built now). Atomic as `build`.
+    Too many distinct captions for a table a trial holds (`text_too_large`): (key,
+    {"skipped": why, ...}, False), nothing written."""
     import ray
     import ray.data
 
@@ -613,8 +646,12 @@ def build_text(cfg, data: TrainData, *, c=None) -> tuple[str, dict, bool]:
     marker = _valid_text(fs, final, key)
     if marker is not None:
         return key, marker, False
-    _remove(fs, final)
     captions = captions_of(data)
+    why = text_too_large(len(captions), c)
+    if why is not None:
+        log.warning("text cache not built: %s", why)
+        return key, {"key": key, "skipped": why, "n_captions": len(captions)}, False
+    _remove(fs, final)
     tmp = f"{root}/{key}.tmp-{uuid.uuid4().hex[:8]}"
     fs.create_dir(tmp, recursive=True)
     gpus = cfg.scaling.use_gpu and ray.cluster_resources().get("GPU", 0) >= 1

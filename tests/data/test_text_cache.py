@@ -147,3 +147,27 @@ def test_every_candidate_caption_is_cached(tmp_path, monkeypatch, ray_local):
 
 def place_text_cpu(cfg):
     return cache.place_text(cache.load_text(cfg.model), torch.device("cpu"))
+
+
+def test_too_many_distinct_captions_for_a_table_run_the_encoders_and_say_why(tmp_path, monkeypatch, ray_local):
+    """One caption per image (SARLO-80: ~360k captions, ~200 GiB of SDXL embeds) must not become a
+    table every trial holds on its device: nothing is written, the trial's tags say why, and its
+    steps run the frozen text encoders."""
+    monkeypatch.chdir(tmp_path)
+    from sar_ray.data import build_datasets
+
+    cfg = _cfg(tmp_path, "data.synthetic.n=12", "data.synthetic.size=32", "data.resolution=32",
+               "data.val_fraction=0.25")
+    data = build_datasets(cfg.data, cfg.train.seed)
+    c = cache.load_text(cfg.model)
+    n = len(cache.captions_of(data))
+    monkeypatch.setattr(cache, "TEXT_BUDGET", (n - 1) * cache.text_row_bytes(c))  # one caption too many
+    key, marker, built = cache.build_text(cfg, data, c=c)
+    assert not built and f"{n} distinct captions" in marker["skipped"]
+    fs, root = cache.cache_root(cfg, "text")
+    assert not fs.get_file_info(f"{root}/{key}").type.name == "Directory"  # nothing written
+    out, tags = cache.for_trial(cfg, data, {})
+    assert out.text_embeds is None
+    assert tags["data.text_cache_used"] == "false" and "frozen text encoders run" in tags["data.text_cache_skipped"]
+    monkeypatch.setattr(cache, "TEXT_BUDGET", n * cache.text_row_bytes(c))  # exactly fits: built
+    assert cache.build_text(cfg, data, c=c)[2]
