@@ -306,16 +306,23 @@ def _rows(fs, folder: str, column: str = "latent_moments") -> int | None:
         return None
 
 
-def _valid(fs, folder: str, key: str, data: TrainData | None) -> dict | None:
-    """The marker of a complete cache for `key` in `folder` (rows match it, and `data`'s
-    counts when given), else None."""
+def _marker(fs, folder: str, key: str) -> dict | None:
+    """The marker of `folder` if it names `key`, else None (missing, corrupt, or another
+    model's or config's cache: refused)."""
     try:
         with fs.open_input_stream(f"{folder}/{MARKER}") as f:
             marker = json.loads(f.read().decode())
     except Exception:  # noqa: BLE001 - missing or corrupt marker: a miss
         return None
-    if not isinstance(marker, dict) or marker.get("key") != key:
-        return None  # another model's (or another config's) cache: refused
+    return marker if isinstance(marker, dict) and marker.get("key") == key else None
+
+
+def _valid(fs, folder: str, key: str, data: TrainData | None) -> dict | None:
+    """The marker of a complete cache for `key` in `folder` (rows match it, and `data`'s
+    counts when given), else None."""
+    marker = _marker(fs, folder, key)
+    if marker is None:
+        return None
     if data is not None and (marker.get("n_train"), marker.get("n_val")) != (
             data.n_train, data.n_val if data.val is not None else 0):
         return None
@@ -675,12 +682,9 @@ def build_text(cfg, data: TrainData, *, c=None) -> tuple[str | None, dict, bool]
 
 
 def _valid_text(fs, folder: str, key: str) -> dict | None:
-    try:
-        with fs.open_input_stream(f"{folder}/{MARKER}") as f:
-            marker = json.loads(f.read().decode())
-    except Exception:  # noqa: BLE001 - missing or corrupt marker: a miss
-        return None
-    if not isinstance(marker, dict) or marker.get("key") != key:
+    """The marker of a complete text cache for `key` in `folder` (its rows match it), else None."""
+    marker = _marker(fs, folder, key)
+    if marker is None:
         return None
     if _rows(fs, folder, "prompt_embeds") != marker.get("n_captions"):
         return None
