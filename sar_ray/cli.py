@@ -365,23 +365,36 @@ def _add_data(sub) -> None:
 def _cmd_data_cache(args: argparse.Namespace) -> int:
     from . import config
     from .data import build_datasets
-    from .data.cache import build, build_text, cache_root, open_latents
+    from .data.cache import build, build_text, cache_root, open_latents, text_wanted, wanted
+    from .sweep import search_configs
     from .train import connect_ray
 
-    cfg = config.load(args.config, list(args.overrides)).trial()
+    study = config.load(args.config, list(args.overrides))
+    cfg = study.trial()
+    # Only the halves some trial of the search reads (a frozen VAE; frozen text encoders and no
+    # learned token); with data.cache: off, both, as the user asked for them.
+    points = [p.model_copy(update={"data": p.data.model_copy(update={"cache": "auto"})}) for p in search_configs(study)]
+    latents, text = any(map(wanted, points)), any(map(text_wanted, points))
     connect_ray(cfg.scaling.address)
     data = build_datasets(cfg.data, cfg.train.seed)
-    key, marker, built = build(cfg, data)
-    where = f"{cache_root(cfg)[1]}/{key}"
-    console.print(f"latent cache {where}: {marker['n_train']} train + {marker['n_val']} val images "
-                  f"({'built' if built else 'already built; reused'})", markup=False, soft_wrap=True)
-    # The captions come from the cached rows (no pixel pass).
-    tkey, tmarker, tbuilt = build_text(cfg, open_latents(cfg, data, key, marker))
-    if tmarker.get("skipped"):
-        console.print(f"text cache: not built ({tmarker['skipped']})", markup=False, soft_wrap=True)
+    if latents:
+        key, marker, built = build(cfg, data)
+        console.print(f"latent cache {cache_root(cfg)[1]}/{key}: {marker['n_train']} train + {marker['n_val']} val "
+                      f"images ({'built' if built else 'already built; reused'})", markup=False, soft_wrap=True)
+        data = open_latents(cfg, data, key, marker)  # the captions come from the cached rows (no pixel pass)
     else:
-        console.print(f"text cache {cache_root(cfg, 'text')[1]}/{tkey}: {tmarker['n_captions']} captions "
-                      f"({'built' if tbuilt else 'already built; reused'})", markup=False, soft_wrap=True)
+        console.print("latent cache: not built (every trial of the search tunes the VAE, which trains on pixels)",
+                      markup=False, soft_wrap=True)
+    if not text:
+        console.print("text cache: not built (every trial of the search tunes a text encoder or learns the token)",
+                      markup=False, soft_wrap=True)
+    else:
+        tkey, tmarker, tbuilt = build_text(cfg, data)
+        if tmarker.get("skipped"):
+            console.print(f"text cache: not built ({tmarker['skipped']})", markup=False, soft_wrap=True)
+        else:
+            console.print(f"text cache {cache_root(cfg, 'text')[1]}/{tkey}: {tmarker['n_captions']} captions "
+                          f"({'built' if tbuilt else 'already built; reused'})", markup=False, soft_wrap=True)
     if cfg.data.cache != "auto":
         console.print("note: data.cache is off in this study; set data.cache: auto for trials to read it",
                       markup=False, soft_wrap=True)

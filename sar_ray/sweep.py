@@ -140,14 +140,19 @@ def diagonal_points(search: SearchConfig, base: TrialConfig) -> list[dict[str, A
 NOTHING_TRAINS = "nothing would train"
 
 
-def point_error(base: TrialConfig, params: dict[str, Any]) -> str | None:
-    """None when the base trial with `params` is a valid trial config, else what is wrong
-    (field paths as in the study file)."""
+def _point_trial(base: TrialConfig, params: dict[str, Any]) -> TrialConfig:
+    """The base trial with `params` (dotted keys); pydantic's ValidationError when invalid."""
     raw = base.model_dump()
     for key, value in params.items():
         config_mod._set_path(raw, key.split("."), value)
+    return TrialConfig.model_validate(raw)
+
+
+def point_error(base: TrialConfig, params: dict[str, Any]) -> str | None:
+    """None when the base trial with `params` is a valid trial config, else what is wrong
+    (field paths as in the study file)."""
     try:
-        TrialConfig.model_validate(raw)
+        _point_trial(base, params)
         return None
     except ValidationError as e:
         return config_mod.format_validation_error(e, "", TrialConfig).removeprefix(": ").replace("\n: ", "; ")
@@ -163,6 +168,19 @@ def _checked(base: TrialConfig, params: dict[str, Any], source: str) -> bool:
     raise ConfigError(f"{source}: the point {json.dumps(params, default=str)} is not a valid trial: {error}")
 
 
+def _search_points(study: StudyConfig) -> list[dict[str, Any]]:
+    """The points `check_search` builds: grid, every grid point; Optuna / random, every
+    combination of the categorical axes with each range at its low and high end."""
+    search, base = study.search, study.trial()
+    order = _ordered(search.space)
+    if search.algorithm == "grid":
+        axes = {k: search.space[k].values for k in order}
+    else:
+        axes = {k: (search.space[k].values or list(search.space[k].loguniform or search.space[k].uniform))
+                for k in order}
+    return _expand(axes, order, base)
+
+
 def check_search(study: StudyConfig, source: str = "search.space") -> tuple[int, int]:
     """Build a full trial config from every point the search can produce; returns (trials,
     points left out because nothing would train). Grid: every grid point (x num_samples).
@@ -172,18 +190,27 @@ def check_search(study: StudyConfig, source: str = "search.space") -> tuple[int,
     search, base = study.search, study.trial()
     if search is None:
         return 1, 0
-    order = _ordered(search.space)
-    if search.algorithm == "grid":
-        axes = {k: search.space[k].values for k in order}
-    else:
-        axes = {k: (search.space[k].values or list(search.space[k].loguniform or search.space[k].uniform))
-                for k in order}
-    points = _expand(axes, order, base)
+    points = _search_points(study)
     kept = [p for p in points if _checked(base, p, source)]
     if not kept:
         raise ConfigError(f"{source}: no point of the search space makes a trial that trains something")
     points_run = len(kept) * search.num_samples if search.algorithm == "grid" else search.num_samples
     return points_run * search.repeats, len(points) - len(kept)
+
+
+def search_configs(study: StudyConfig) -> list[TrialConfig]:
+    """The trial configs of the points `check_search` checks (the base trial without a search):
+    what a sweep asks of its shared caches (every strategy its trials can take)."""
+    base = study.trial()
+    if study.search is None:
+        return [base]
+    out = []
+    for p in _search_points(study):
+        try:
+            out.append(_point_trial(base, p))
+        except ValidationError:
+            pass  # a point that trains nothing (check_search refused any other)
+    return out
 
 
 class _DefineByRun:
@@ -573,7 +600,7 @@ def run_sweep(study: StudyConfig, *, resume: bool = False, fresh: bool = False, 
         # cluster's CPUs are free, instead of once per trial (and, with data.cache: auto, encode
         # them once: the latent cache that trials with a frozen VAE read, and the text cache that
         # trials with frozen text encoders and no learned token read).
-        shared = prebuild(base, build_datasets(base.data, base.train.seed))
+        shared = prebuild(base, build_datasets(base.data, base.train.seed), search_configs(study))
     trainable = tune.with_resources(
         tune.with_parameters(_trial_driver, study_raw=study_raw, folder=str(folder), tracking=tracking,
                              reference=reference, data=shared),

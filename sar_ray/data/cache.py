@@ -354,18 +354,28 @@ def open_latents(cfg, data: TrainData, key: str, marker: dict) -> TrainData:
                      materialized=data.materialized)
 
 
-def prebuild(cfg, data: TrainData | None) -> TrainData | None:
-    """A sweep, before its first trial: build the cache of the base trial's data and open it
-    once; trials with the same key read it from the returned data (no Ray Data job in a trial)."""
-    if data is None or cfg.data.cache != "auto":
+def prebuild(cfg, data: TrainData | None, points: list | None = None) -> TrainData | None:
+    """A sweep, before its first trial: build the caches of the base trial's data and open them
+    once; trials with the same key read them from the returned data (no Ray Data job in a
+    trial). `points` (the trial configs the search can produce, `sweep.search_configs`; default
+    the base trial): each half is built only if one of them reads it (`wanted`, `text_wanted`),
+    so a grid that tunes every VAE encodes no latents and one that tunes the text side (or
+    learns the token) in every point runs no text encoder ahead."""
+    points = points or [cfg]
+    latents, text = any(map(wanted, points)), any(map(text_wanted, points))
+    if data is None or cfg.data.cache != "auto" or not (latents or text):
         return data
-    key, marker, _ = build(cfg, data)
-    cached = open_latents(cfg, data, key, marker)
-    text_key, text_marker, _ = build_text(cfg, cached)  # the captions read from the cached rows (no pixels)
-    skipped = text_marker.get("skipped")
+    key = cached = None
+    if latents:
+        key, marker, _ = build(cfg, data)
+        cached = open_latents(cfg, data, key, marker)
+    text_key = skipped = None
+    if text:  # the captions read from the cached rows when there are (no pixels)
+        text_key, text_marker, _ = build_text(cfg, cached or data)
+        skipped = text_marker.get("skipped")
     return CachedTrainData(**{f.name: getattr(data, f.name) for f in fields(TrainData)},
                            cached=cached, cache_key=key, text_key=text_key, text_skipped=skipped,
-                           text_table=None if skipped else open_text(cfg, text_key))
+                           text_table=None if skipped or not text else open_text(cfg, text_key))
 
 
 def for_trial(cfg, data: TrainData, tags: dict | None) -> tuple[TrainData, dict]:
@@ -526,10 +536,11 @@ def text_key_inputs(cfg, c) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
-def captions_of(data: TrainData) -> list[str]:
+def captions_of(data: TrainData, limit: int | None = None) -> list[str] | None:
     """Every caption a trial on `data` can condition on, sorted: each row's `text` and every
     candidate of `texts` (the per-epoch choice), of train and validation, and "" (a dropped
-    caption of SD 1.x/2.x). Reads only the caption columns (a cached dataset: no pixels)."""
+    caption of SD 1.x/2.x). Reads only the caption columns (a cached dataset: no pixels).
+    None as soon as more than `limit` distinct captions are seen (the rest is not read)."""
     out = {""}
     for ds in (data.train, data.val):
         if ds is None:
@@ -540,6 +551,8 @@ def captions_of(data: TrainData) -> list[str]:
             if "texts" in b:
                 for texts in b["texts"]:
                     out.update(str(t) for t in texts)
+            if limit is not None and len(out) > limit:
+                return None
     return sorted(out)
 
 
@@ -628,19 +641,22 @@ def text_row_bytes(c) -> int:
     return 4 * (c.tokenizers[0].model_max_length * width + pooled)
 
 
-def text_too_large(n_captions: int, c) -> str | None:
-    """Why a table of `n_captions` is not built (over TEXT_BUDGET), else None."""
-    row = text_row_bytes(c)
-    if n_captions * row <= TEXT_BUDGET:
-        return None
-    return (f"{n_captions} distinct captions x {row / 2**20:.2f} MiB = {n_captions * row / 2**30:.1f} GiB, over the "
-            f"{TEXT_BUDGET / 2**30:.0f} GiB a trial would hold on each device; frozen text encoders run in each step")
+def text_limit(c) -> int:
+    """The most distinct captions whose table fits TEXT_BUDGET."""
+    return TEXT_BUDGET // text_row_bytes(c)
+
+
+def text_too_large(c) -> str:
+    """Why no table is built: more than `text_limit` distinct captions."""
+    row, limit = text_row_bytes(c), text_limit(c)
+    return (f"more than {limit} distinct captions x {row / 2**20:.2f} MiB (over the {TEXT_BUDGET / 2**30:.0f} GiB a "
+            "trial would hold on each device); frozen text encoders run in each step")
 
 
 def build_text(cfg, data: TrainData, *, c=None) -> tuple[str | None, dict, bool]:
     """Encode every caption of `data` (`captions_of`) into `<root>/<key>/` unless a valid
     text cache is there; returns (key, marker, whether it was built now). Atomic as `build`.
-    Too many distinct captions for a table a trial holds (`text_too_large`): (key,
+    Too many distinct captions for a table a trial holds (`text_limit`): (key,
     {"skipped": why, ...}, False), nothing written."""
     import ray
     import ray.data
@@ -653,11 +669,11 @@ def build_text(cfg, data: TrainData, *, c=None) -> tuple[str | None, dict, bool]
     marker = _valid_text(fs, final, key)
     if marker is not None:
         return key, marker, False
-    captions = captions_of(data)
-    why = text_too_large(len(captions), c)
-    if why is not None:
+    captions = captions_of(data, limit=text_limit(c))  # stops reading once over the budget
+    if captions is None:
+        why = text_too_large(c)
         log.warning("text cache not built: %s", why)
-        return key, {"key": key, "skipped": why, "n_captions": len(captions)}, False
+        return key, {"key": key, "skipped": why}, False
     _remove(fs, final)
     tmp = f"{root}/{key}.tmp-{uuid.uuid4().hex[:8]}"
     fs.create_dir(tmp, recursive=True)

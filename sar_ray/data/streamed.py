@@ -33,7 +33,7 @@ from sar_ray.data.captions import LABEL_COLUMN, DataError
 from sar_ray.data.io import ImageReadError, read_image_bytes
 from sar_ray.data.storage import display, is_remote, list_files
 
-SCAN_BATCH = 256  # scan rows per summary: the driver receives n / SCAN_BATCH small rows
+SCAN_BATCH = 256  # scan rows per summary in a worker; the driver receives one row per read task
 
 
 def stable_unit(name: str) -> float:
@@ -86,42 +86,67 @@ class Scan:
 
 def _summarize(batch: dict[str, np.ndarray], val_fraction: float) -> dict[str, np.ndarray]:
     """One summary row of a batch of scan rows (name, where, error)."""
-    n_val, bad, bad_where, first = 0, [], [], ""
-    lo, hi = (2.0, ""), (-1.0, "")
+    out = Scan()
     for name, where, err in zip(batch["name"], batch["where"], batch["error"]):
+        out.n += 1
         name, err = str(name), str(err)
         if err:
-            bad.append(name)
-            bad_where.append(str(where))
-            first = first or err
+            out.bad[name] = str(where)
+            out.first_error = out.first_error or err
             continue
         u = stable_unit(name)
-        n_val += u < val_fraction
-        lo, hi = min(lo, (u, name)), max(hi, (u, name))
+        out.n_val += u < val_fraction
+        out.lowest, out.highest = min(out.lowest, (u, name)), max(out.highest, (u, name))
+    return _summary_row(out)
+
+
+def _summary_row(scan: Scan) -> dict[str, np.ndarray]:
     return {
-        "n": np.array([len(batch["name"])]), "n_val": np.array([n_val]),
-        "bad": np.array([bad], dtype=object), "bad_where": np.array([bad_where], dtype=object),
-        "first_error": np.array([first], dtype=object),
-        "lo_u": np.array([lo[0]]), "lo_name": np.array([lo[1]], dtype=object),
-        "hi_u": np.array([hi[0]]), "hi_name": np.array([hi[1]], dtype=object),
+        "n": np.array([scan.n]), "n_val": np.array([scan.n_val]),
+        "bad": _one(list(scan.bad)), "bad_where": _one(list(scan.bad.values())),
+        "first_error": np.array([scan.first_error], dtype=object),
+        "lo_u": np.array([scan.lowest[0]]), "lo_name": np.array([scan.lowest[1]], dtype=object),
+        "hi_u": np.array([scan.highest[0]]), "hi_name": np.array([scan.highest[1]], dtype=object),
     }
 
 
+def _one(value) -> np.ndarray:
+    """A one-row object column holding `value` (np.array([[]]) would be 2-D)."""
+    out = np.empty(1, dtype=object)
+    out[0] = value
+    return out
+
+
+def _fold(out: Scan, batch: dict[str, np.ndarray]) -> Scan:
+    """`out` plus a batch of summary rows."""
+    for i in range(len(batch["n"])):
+        out.n += int(batch["n"][i])
+        out.n_val += int(batch["n_val"][i])
+        out.bad.update(zip(map(str, batch["bad"][i]), map(str, batch["bad_where"][i])))
+        out.first_error = out.first_error or str(batch["first_error"][i])
+        if batch["lo_name"][i]:
+            out.lowest = min(out.lowest, (float(batch["lo_u"][i]), str(batch["lo_name"][i])))
+        if batch["hi_name"][i]:
+            out.highest = max(out.highest, (float(batch["hi_u"][i]), str(batch["hi_name"][i])))
+    return out
+
+
+def _merge(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A block of summary rows as one row."""
+    return _summary_row(_fold(Scan(), batch))
+
+
 def _collect(scan_rows, val_fraction: float) -> Scan:
-    """Sum the per-batch summaries of a Ray dataset of scan rows on the driver."""
-    out = Scan()
+    """Sum the scan's summaries on the driver. Each Ray task folds its rows' summaries into one
+    row (`_merge`, on a whole block), so the driver receives one small row per read task (a shard,
+    a Parquet file), whatever the number of rows: one summary per SCAN_BATCH rows cost the driver
+    ~7 B a row to deserialize (an Arrow chunk per summary and column), 6.5 MiB at 100k rows."""
     summaries = scan_rows.map_batches(
         _summarize, fn_kwargs={"val_fraction": val_fraction}, batch_size=SCAN_BATCH, batch_format="numpy",
-    )
-    for s in summaries.iter_rows():
-        out.n += int(s["n"])
-        out.n_val += int(s["n_val"])
-        out.bad.update(zip(map(str, s["bad"]), map(str, s["bad_where"])))
-        out.first_error = out.first_error or str(s["first_error"])
-        if s["lo_name"]:
-            out.lowest = min(out.lowest, (float(s["lo_u"]), str(s["lo_name"])))
-        if s["hi_name"]:
-            out.highest = max(out.highest, (float(s["hi_u"]), str(s["hi_name"])))
+    ).map_batches(_merge, batch_size=None, batch_format="numpy")
+    out = Scan()
+    for batch in summaries.iter_batches(batch_size=None, batch_format="numpy"):
+        _fold(out, batch)
     return out
 
 

@@ -204,3 +204,34 @@ def test_data_cache_then_trial_reuses_it_and_a_corrupt_or_foreign_cache_is_rebui
     assert main(["data", "cache", str(study)]) == 0
     assert "reused" not in _said(capsys.readouterr().out, "latent")
     assert json.loads((folder / cache.MARKER).read_text())["key"] == folder.name
+
+
+def test_a_sweep_builds_only_the_cache_halves_some_point_of_its_search_reads(in_tmp):
+    """Before, a sweep encoded every image and caption ahead even when no trial of its grid could
+    read them (every VAE tuned; a text LoRA or the learned token in every point)."""
+    from sar_ray.data import build_datasets
+    from sar_ray.sweep import search_configs
+
+    def shared(*sets):
+        study = config.load(None, [*BASE, "data.cache=auto", f"out={in_tmp / 'o'}", *sets])
+        base, points = study.trial(), search_configs(study)
+        return points, prebuild(base, build_datasets(base.data, base.train.seed), points)
+
+    prebuild = cache.prebuild
+    # Every point tunes the VAE, and tunes a text encoder or learns the token: nothing to build.
+    _, data = shared('search.space={"strategy.vae": {"grid": [{"mode": "full"}, {"mode": "lora", "rank": 2}]}, '
+                        '"strategy.token": {"grid": ["learn"]}}', "strategy.text_encoder.mode=lora")
+    assert not isinstance(data, cache.CachedTrainData) and not (in_tmp / cache.LOCAL_ROOT).exists()
+    assert not (in_tmp / cache.TEXT_LOCAL_ROOT).exists()
+    # VAE tuned everywhere, one point with the text side frozen: the text half alone.
+    points, data = shared('search.space={"strategy.vae": {"grid": [{"mode": "full"}]}, '
+                        '"strategy.token": {"grid": ["none", "learn"]}}')
+    assert data.cached is None and data.text_table is not None and not (in_tmp / cache.LOCAL_ROOT).exists()
+    (text_folder,) = _folders(in_tmp, cache.TEXT_LOCAL_ROOT)
+    (frozen,) = [p for p in points if p.strategy.token == "none"]
+    out, tags = cache.for_trial(frozen, data, {})
+    assert out.text_embeds is data.text_table and tags["data.text_cache_key"] == text_folder.name
+    assert tags["data.cache_used"] == "false"
+    # One point with a frozen VAE: the latents too.
+    _, data = shared('search.space={"strategy.vae": {"grid": [{"mode": "frozen"}, {"mode": "full"}]}}')
+    assert data.cached is not None and len(_folders(in_tmp)) == 1

@@ -163,7 +163,9 @@ def test_too_many_distinct_captions_for_a_table_run_the_encoders_and_say_why(tmp
     n = len(cache.captions_of(data))
     monkeypatch.setattr(cache, "TEXT_BUDGET", (n - 1) * cache.text_row_bytes(c))  # one caption too many
     key, marker, built = cache.build_text(cfg, data, c=c)
-    assert not built and f"{n} distinct captions" in marker["skipped"]
+    assert not built and f"more than {n - 1} distinct captions" in marker["skipped"]
+    # The count stops once over the budget: the captions past it are never read.
+    assert cache.captions_of(data, limit=2) is None and cache.captions_of(data, limit=n) == cache.captions_of(data)
     fs, root = cache.cache_root(cfg, "text")
     assert not fs.get_file_info(f"{root}/{key}").type.name == "Directory"  # nothing written
     out, tags = cache.for_trial(cfg, data, {})

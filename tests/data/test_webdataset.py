@@ -168,3 +168,25 @@ def test_parquet_with_image_bytes_streams_with_the_caption_tables_names_split_an
         build_datasets(cfg.model_copy(update={"on_corrupt": "error"}), seed=0)
     with pytest.raises(DataError, match=r"t.parquet: no column 'caption' \(columns: image, text\)"):
         build_datasets(cfg.model_copy(update={"text_column": "caption"}), seed=0)
+
+
+def test_the_driver_receives_one_summary_per_read_task_not_per_batch_of_rows(ray_local, monkeypatch):
+    # 3,000 scan rows in 3 blocks (3 read tasks), 2 unusable: before, the driver folded one summary
+    # per 256 rows (12 rows, an Arrow chunk per row and column: driver memory grew with the rows).
+    import ray.data
+
+    from sar_ray.data import streamed
+
+    names = [f"s{i:05d}" for i in range(3000)]
+    bad = {"s00007": "shard-0.tar:s00007", "s02999": "shard-2.tar:s02999"}
+    rows = [{"name": n, "where": bad.get(n, n), "error": "broken" if n in bad else ""} for n in names]
+    folded = []
+    fold = streamed._fold
+    monkeypatch.setattr(streamed, "_fold", lambda out, batch: folded.append(len(batch["n"])) or fold(out, batch))
+    scan = streamed._collect(ray.data.from_items(rows, override_num_blocks=3), val_fraction=0.1)
+    assert sum(folded) == 3  # rows the driver received
+    good = [n for n in names if n not in bad]
+    units = sorted((streamed.stable_unit(n), n) for n in good)
+    assert (scan.n, scan.n_good, scan.n_val) == (3000, 2998, sum(u < 0.1 for u, _ in units))
+    assert scan.bad == bad and scan.first_error == "broken"
+    assert (scan.lowest, scan.highest) == (units[0], units[-1])
