@@ -356,7 +356,9 @@ def _add_data(sub) -> None:
         description="Build the shared caches of the study's base trial ahead of `sar-ray trial` / "
         "`sweep` (which otherwise build them on first use): Ray Data jobs store each image's VAE posterior "
         "under scaling.storage_path/latents (else .sar-ray-cache/latents) and each caption's text encoder "
-        "output under scaling.storage_path/text (else .sar-ray-cache/text). Trials read them with data.cache: auto.",
+        "output under scaling.storage_path/text (else .sar-ray-cache/text). Trials read them with data.cache: auto. "
+        "A half that no point of the search space reads (every VAE tuned; a text encoder tuned or the token learned "
+        "in every point) is not built.",
     )
     _add_config_args(c)
     c.set_defaults(func=_cmd_data_cache)
