@@ -235,3 +235,16 @@ def test_a_sweep_builds_only_the_cache_halves_some_point_of_its_search_reads(in_
     # One point with a frozen VAE: the latents too.
     _, data = shared('search.space={"strategy.vae": {"grid": [{"mode": "frozen"}, {"mode": "full"}]}}')
     assert data.cached is not None and len(_folders(in_tmp)) == 1
+
+
+def test_data_cache_says_which_half_no_trial_of_the_search_reads(in_tmp, capsys):
+    from sar_ray.cli import main
+
+    study = _study_file(in_tmp, "data.cache=auto", "tracking.enabled=false", "strategy.text_encoder.mode=lora",
+                        'search.space={"strategy.token": {"grid": ["learn"]}, '
+                        '"strategy.vae": {"grid": [{"mode": "frozen"}, {"mode": "full"}]}}')
+    assert main(["data", "cache", str(study)]) == 0
+    said = capsys.readouterr().out
+    assert "built" in _said(said, "latent") and len(_folders(in_tmp)) == 1
+    assert "not built (every trial of the search tunes a text encoder or learns the token)" in _said(said, "text")
+    assert not (in_tmp / cache.TEXT_LOCAL_ROOT).exists()
