@@ -367,16 +367,15 @@ def _add_data(sub) -> None:
 def _cmd_data_cache(args: argparse.Namespace) -> int:
     from . import config
     from .data import build_datasets
-    from .data.cache import build, build_text, cache_root, open_latents, text_wanted, wanted
+    from .data.cache import build, build_text, cache_root, halves, open_latents
     from .sweep import search_configs
     from .train import connect_ray
 
     study = config.load(args.config, list(args.overrides))
     cfg = study.trial()
     # Only the halves some trial of the search reads (a frozen VAE; frozen text encoders and no
-    # learned token); with data.cache: off, both, as the user asked for them.
-    points = [p.model_copy(update={"data": p.data.model_copy(update={"cache": "auto"})}) for p in search_configs(study)]
-    latents, text = any(map(wanted, points)), any(map(text_wanted, points))
+    # learned token), whatever data.cache says: the user asked for them.
+    latents, text = halves(search_configs(study))
     connect_ray(cfg.scaling.address)
     data = build_datasets(cfg.data, cfg.train.seed)
     if latents:

@@ -168,10 +168,9 @@ def _checked(base: TrialConfig, params: dict[str, Any], source: str) -> bool:
     raise ConfigError(f"{source}: the point {json.dumps(params, default=str)} is not a valid trial: {error}")
 
 
-def _search_points(study: StudyConfig) -> list[dict[str, Any]]:
+def _search_points(search: SearchConfig, base: TrialConfig) -> list[dict[str, Any]]:
     """The points `check_search` builds: grid, every grid point; Optuna / random, every
     combination of the categorical axes with each range at its low and high end."""
-    search, base = study.search, study.trial()
     order = _ordered(search.space)
     if search.algorithm == "grid":
         axes = {k: search.space[k].values for k in order}
@@ -190,7 +189,7 @@ def check_search(study: StudyConfig, source: str = "search.space") -> tuple[int,
     search, base = study.search, study.trial()
     if search is None:
         return 1, 0
-    points = _search_points(study)
+    points = _search_points(search, base)
     kept = [p for p in points if _checked(base, p, source)]
     if not kept:
         raise ConfigError(f"{source}: no point of the search space makes a trial that trains something")
@@ -205,7 +204,7 @@ def search_configs(study: StudyConfig) -> list[TrialConfig]:
     if study.search is None:
         return [base]
     out = []
-    for p in _search_points(study):
+    for p in _search_points(study.search, base):
         try:
             out.append(_point_trial(base, p))
         except ValidationError:

@@ -96,9 +96,20 @@ class CachedTrainData(TrainData):
 # --------------------------------------------------------------------------------------------
 
 
+def reads_latents(strategy) -> bool:
+    """A frozen VAE: a VAE-tuning trial trains its decoder against pixels."""
+    return strategy.vae.mode == "frozen"
+
+
 def wanted(cfg) -> bool:
-    """`data.cache: auto` and a frozen VAE: a VAE-tuning trial trains its decoder against pixels."""
-    return cfg.data.cache == "auto" and cfg.strategy.vae.mode == "frozen"
+    """`data.cache: auto` and a trial that reads latents (`reads_latents`)."""
+    return cfg.data.cache == "auto" and reads_latents(cfg.strategy)
+
+
+def halves(points) -> tuple[bool, bool]:
+    """(latents, text): whether some of the trial configs `points` reads each half of the cache
+    (`reads_latents`, `reads_text`), whatever their `data.cache`."""
+    return (any(reads_latents(p.strategy) for p in points), any(reads_text(p.strategy) for p in points))
 
 
 def encoder_dtype(model_cfg) -> str:
@@ -358,12 +369,13 @@ def prebuild(cfg, data: TrainData | None, points: list | None = None) -> TrainDa
     """A sweep, before its first trial: build the caches of the base trial's data and open them
     once; trials with the same key read them from the returned data (no Ray Data job in a
     trial). `points` (the trial configs the search can produce, `sweep.search_configs`; default
-    the base trial): each half is built only if one of them reads it (`wanted`, `text_wanted`),
-    so a grid that tunes every VAE encodes no latents and one that tunes the text side (or
-    learns the token) in every point runs no text encoder ahead."""
-    points = points or [cfg]
-    latents, text = any(map(wanted, points)), any(map(text_wanted, points))
-    if data is None or cfg.data.cache != "auto" or not (latents or text):
+    the base trial): each half is built only if one of them reads it (`halves`), so a grid that
+    tunes every VAE encodes no latents and one that tunes the text side (or learns the token) in
+    every point runs no text encoder ahead."""
+    if data is None or cfg.data.cache != "auto":
+        return data
+    latents, text = halves(points or [cfg])
+    if not (latents or text):
         return data
     key = cached = None
     if latents:
@@ -460,13 +472,16 @@ class TextEncoderCalls:
 # --------------------------------------------------------------------------------------------
 
 
+def reads_text(strategy) -> bool:
+    """Every text encoder frozen and no learned token: the text side is a fixed function of the
+    caption (a LoRA / full text encoder or `strategy.token: learn` changes it every step)."""
+    encoders = [strategy.text_encoder, strategy.text_encoder_2 or strategy.text_encoder]
+    return strategy.token == "none" and all(e.mode == "frozen" for e in encoders)
+
+
 def text_wanted(cfg) -> bool:
-    """`data.cache: auto`, every text encoder frozen and no learned token: the text side is a
-    fixed function of the caption (a LoRA / full text encoder or `strategy.token: learn` changes it
-    every step)."""
-    s = cfg.strategy
-    encoders = [s.text_encoder, s.text_encoder_2 or s.text_encoder]
-    return cfg.data.cache == "auto" and s.token == "none" and all(e.mode == "frozen" for e in encoders)
+    """`data.cache: auto` and a trial that reads text embeddings (`reads_text`)."""
+    return cfg.data.cache == "auto" and reads_text(cfg.strategy)
 
 
 def load_text(model_cfg):

@@ -1,6 +1,6 @@
 """Driver memory of `build_datasets` on a Parquet table that holds the image bytes: the old path
 (`read_table`: the whole table as Python rows on the driver, then `ray.data.from_items`) vs the
-streamed one (`ray.data.read_parquet`; the driver reads the footer and gets per-block counts).
+streamed one (`ray.data.read_parquet`; the driver reads the footer and gets one count row per read task).
 
     python tests/bench/data_driver_memory.py                  # 1k and 20k rows, 48 px 16-bit PNGs
     python tests/bench/data_driver_memory.py --rows 1000 5000 --size 32
