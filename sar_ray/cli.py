@@ -197,7 +197,7 @@ def _add_sweep(sub) -> None:
         "per trial, and write the strategy comparison report.",
     )
     _add_config_args(p)
-    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray); e.g. auto")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else the cluster the last `ray start` here recorded if it answers, else a local Ray); e.g. auto")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep (finished trials are kept); "
                    "starts it when there is nothing to continue")
     p.add_argument("--fresh", action="store_true", help="delete an earlier sweep of this name (its folder's Tune state "

@@ -194,7 +194,9 @@ def evaluate(
 
     if not ray.is_initialized():
         # Local Ray by default (RAY_ADDRESS, if set, joins a cluster); quiet: the CLI prints.
-        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+        from .train import ray_address
+
+        ray.init(address=ray_address(None), include_dashboard=False, log_to_driver=False, configure_logging=False)
     # The reference is described once per (reference, describing settings): a hit scores only
     # the generated images.
     cache = _ReferenceCache.for_reference(cfg, ref_items, size)

@@ -1050,6 +1050,41 @@ def _probe(address: str, timeout: float = 3.0) -> None:
         ) from None
 
 
+def _last_ray_start() -> tuple[str, str] | None:
+    """(address, file) of the cluster the last `ray start` on this machine recorded, which
+    `ray.init()` without an address joins; None when there is no record."""
+    try:
+        from ray._private.utils import get_ray_address_file, read_ray_address  # no public call
+
+        address = read_ray_address()
+        return (address, get_ray_address_file(None)) if address else None
+    except Exception:  # noqa: BLE001 - another Ray layout: leave the choice to ray.init
+        return None
+
+
+def ray_address(address: str | None) -> str | None:
+    """What `ray.init` gets: `address`, else RAY_ADDRESS (both probed: unreachable is an error),
+    else None (Ray joins the cluster `ray start` recorded, or starts a local one), or "local"
+    when that record names a cluster that no longer answers: a cluster killed without `ray stop`
+    leaves it, and `ray.init()` would retry it for minutes instead of starting a local Ray."""
+    import logging
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        _probe(address)
+        return address
+    last = _last_ray_start()
+    if last is not None:
+        try:
+            _probe(last[0], timeout=2.0)
+        except RayConnectionError:
+            logging.getLogger(__name__).warning(
+                "ignoring %s: the Ray cluster it records (%s) does not answer (stopped without `ray stop`?); "
+                "starting a local Ray (pass --address or RAY_ADDRESS to join a cluster)", last[1], last[0])
+            return "local"
+    return None
+
+
 def connect_ray(address: str | None) -> None:
     """Use a running Ray (address or RAY_ADDRESS), else start a local one."""
     import logging
@@ -1058,9 +1093,7 @@ def connect_ray(address: str | None) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        _probe(address)
+    address = ray_address(address)
     try:
         # A local Ray keeps its dashboard (on 127.0.0.1): Ray Train's placement-group cleaner
         # asks the state API, served by the dashboard, whether the controller is alive.

@@ -1,6 +1,8 @@
 """The sar-ray command: exit codes and one-line errors for bad input; nothing lost."""
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -129,6 +131,42 @@ def test_unreachable_ray_address_exit_2(tmp_path):
                        cwd=tmp_path)
     assert p.returncode == 2, p.stderr
     assert "cannot connect to Ray at '127.0.0.1:9'" in p.stderr
+
+
+def test_a_stale_ray_start_record_starts_a_local_ray_instead_of_retrying_it(tmp_path, monkeypatch):
+    # `ray start` records its cluster in <RAY_TMPDIR>/ray/ray_current_cluster, and ray.init()
+    # without an address joins it. A cluster killed without `ray stop` leaves the record behind:
+    # before, `sar-ray trial` (and the README's main job) then retried that address for minutes.
+    import subprocess
+    import sys
+    import tempfile
+
+    from sar_ray.train import ray_address
+
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths
+    (ray_tmp / "ray").mkdir()
+    (ray_tmp / "ray" / "ray_current_cluster").write_text("127.0.0.1:9\n")  # discard port: nothing listens
+    args = _trial_args(tmp_path, "tracking.enabled=false")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": str(ray_tmp)}
+    try:
+        p = subprocess.run([sys.executable, "-m", "sar_ray.cli", *args], capture_output=True, text=True,
+                           timeout=300, cwd=tmp_path, env=env)
+        assert p.returncode == 0, p.stderr
+        assert "ray_current_cluster: the Ray cluster it records (127.0.0.1:9) does not answer" in p.stderr
+        assert (tmp_path / "out" / "metrics.json").is_file() or (tmp_path / "out" / "weights").exists()
+
+        # A record of a cluster that answers is Ray's to join, as `ray.init()` does.
+        import socket
+
+        with socket.socket() as live:
+            live.bind(("127.0.0.1", 0))
+            live.listen()
+            (ray_tmp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{live.getsockname()[1]}\n")
+            monkeypatch.setenv("RAY_TMPDIR", str(ray_tmp))
+            monkeypatch.delenv("RAY_ADDRESS", raising=False)
+            assert ray_address(None) is None
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_checkpoints(capsys, tmp_path, monkeypatch, ray_local):
