@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -394,12 +395,12 @@ def build_report(tracker, parent_run_id: str | None, out: str | Path, objective:
             local = tracker.client.download_artifacts(r.run_id, "samples/final/grid.png", str(out / "_dl" / r.run_id))
         except Exception:  # noqa: BLE001 - a trial without samples still gets its table row
             continue
-        grids.append((r.strategy if r.kind == "anchor" else f"{r.strategy}  {r.label}", Path(local)))
+        grids.append((grid_title(r.strategy, None if r.kind == "anchor" else r.label), Path(local)))
     if grids:
         fig, axes = plt.subplots(len(grids), 1, figsize=(8, 3.2 * len(grids)), squeeze=False)
         for ax, (name, path) in zip(axes[:, 0], grids):
             ax.imshow(plt.imread(path), cmap="gray")
-            ax.set_title(name, fontsize=9)
+            ax.set_title(name, fontsize=8)
             ax.axis("off")
         fig.tight_layout()
         fig.savefig(out / "sample_grids.png", dpi=100)
@@ -425,3 +426,9 @@ def _points(ax, xs: list[float], runs: list[TrialRow], key: str) -> None:
 
 def r_mode(r: TrialRow, comp: str) -> str:
     return r.params.get(f"strategy.{comp}.mode", "")
+
+
+def grid_title(strategy: str, label: str | None, width: int = 100) -> str:
+    """A sample grid's title: the strategy, then its trial id and sampled values wrapped to
+    `width` characters, so a long label is not cut off at the figure's edges."""
+    return "\n".join([strategy, *textwrap.wrap(label or "", width)])

@@ -109,3 +109,17 @@ def test_realism_falls_back_to_the_first_distance_when_the_objective_is_not_one(
     assert realism_metric(ObjectiveConfig(metric="clip/score", mode="max")) == fallback  # alignment, not a distance
     assert realism(0.5, 0.5, 0.1) == 0 and realism(0.1, 0.5, 0.1) == 1 and realism(0.3, 0.5, 0.5) is None
     assert realism(0.8, 0.6, 0.9) == pytest.approx(2 / 3)  # a metric to maximise: the same formula
+
+
+def test_a_sample_grid_title_keeps_the_whole_trial_label_inside_the_figure():
+    # The quickstart's titles were one 120-character line, cut off at both edges of the figure.
+    from sar_ray.report import grid_title
+
+    label = ("b79d2_00003 (text_encoder={lr=0.001,mode=lora,rank=4}, token=learn, "
+             "unet={lr=0.0005,mode=full})")
+    title = grid_title("unet-full_te-lora_vae-frozen_tok", label, width=60)
+    lines = title.split("\n")
+    assert lines[0] == "unet-full_te-lora_vae-frozen_tok"
+    assert all(len(line) <= 60 for line in lines)
+    assert " ".join(lines[1:]) == label
+    assert grid_title("base (untuned)", None) == "base (untuned)"
