@@ -10,7 +10,9 @@ latents), so (base - recon) / (base - real) bounds its realism. Measured 2026-12
 random tiny-sdxl: 0.235 vs 0.018, against a base row of 0.243: realism <= ~0.04. For
 tiny-sdxl-natural (its VAE trained on skimage's photographs): 0.0218 vs 0.0177, so the VAE no
 longer bounds realism (<= ~0.98 against the quickstart's base row of 0.279); what still holds
-that model back is its UNet (see the issue notes).
+that model back is its UNet (see the issue notes). Rebuilt on a fresh 2-core machine on
+2026-12-04 (same recipe, torch's thread order): 0.0384 vs 0.0177, realism <= ~0.92; the VAE's
+500 steps land in different places from build to build, and `vae_recipe.py` (1 thread) got 0.069.
 """
 
 from __future__ import annotations
