@@ -88,12 +88,16 @@ def point_label(trial_id: str, params: dict[str, Any], seed: int | None = None) 
 def _combination(params: dict[str, str]) -> str:
     """The strategy combination of a run: each component's mode and the token, no ranks."""
     parts = [f"unet-{params.get('strategy.unet.mode', '?')}", f"te-{params.get('strategy.text_encoder.mode', '?')}"]
-    te2 = params.get("strategy.text_encoder_2")
-    if te2 and te2 != "None":
+    # SDXL's second text encoder, when it has its own strategy: logged flat like the others
+    # (strategy.text_encoder_2.mode); runs logged before that kept it as one dict string.
+    te2 = params.get("strategy.text_encoder_2.mode")
+    if te2 is None and params.get("strategy.text_encoder_2") not in (None, "", "None"):
         try:
-            parts.append(f"te2-{json.loads(te2.replace(chr(39), chr(34)))['mode']}")
+            te2 = json.loads(params["strategy.text_encoder_2"].replace(chr(39), chr(34)))["mode"]
         except (ValueError, KeyError, TypeError):
-            pass
+            te2 = None
+    if te2 is not None:
+        parts.append(f"te2-{te2}")
     parts.append(f"vae-{params.get('strategy.vae.mode', '?')}")
     if params.get("strategy.token") == "learn":
         parts.append("tok")
@@ -136,16 +140,30 @@ def group_points(rows: list[TrialRow]) -> list[TrialRow]:
     sampled values, seeds train.seed + k) become one row holding each metric's mean over
     them, and, where they have bootstrap intervals, the envelope from the lowest lower bound
     to the highest upper bound (image noise and seed noise together). A single trial stays
-    as it is."""
+    as it is.
+
+    Replicas are told apart by their seed: two trials of one point with the same seed (an
+    Optuna sampler that suggested a point twice, grid passes with num_samples > 1) are two
+    rows, never "2 seeds". Only the finished replicas are averaged (an ASHA-stopped one has
+    no final evaluation, and its early validation loss is not comparable): a point counts as
+    finished when any replica did, and its row says how many."""
     groups: dict[tuple, list[TrialRow]] = {}
-    for r in rows:
-        key = (r.strategy, json.dumps(r.point, sort_keys=True, default=str)) if r.seed is not None else (r.run_id,)
-        groups.setdefault(key, []).append(r)
+    seen: dict[tuple, int] = {}
+    for r in sorted(rows, key=lambda r: (r.trial_id or "", r.run_id)):
+        if r.seed is None:
+            groups[(r.run_id,)] = [r]
+            continue
+        point = (r.strategy, json.dumps(r.point, sort_keys=True, default=str))
+        nth = seen.get((*point, r.seed), 0)  # the nth trial of this point with this seed
+        seen[(*point, r.seed)] = nth + 1
+        groups.setdefault((*point, nth), []).append(r)
     out = []
     for members in groups.values():
-        if len(members) == 1:
-            out.append(members[0])
+        finished = [m for m in members if m.status == "FINISHED"]
+        if len(members) == 1 or len(finished) == 1:
+            out.append(finished[0] if finished else members[0])
             continue
+        members = finished or members
         first = members[0]
         keys = set().union(*(m.metrics for m in members))
         metrics = {}
@@ -201,6 +219,26 @@ def latest_sweep(tracker) -> str | None:
     runs = tracker.client.search_runs([tracker.experiment_id], filter_string="tags.`sar_ray.kind` = 'sweep'",
                                       order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0].info.run_id if runs else None
+
+
+def sweep_objectives(tracker, parent_run_id: str) -> list[ObjectiveConfig] | None:
+    """The objectives a sweep ranked by (its parent run's `search.objectives` param; for sweeps
+    logged before that param, its `sweep.yaml` artifact), or None when neither is readable."""
+    import tempfile
+
+    import yaml
+
+    try:
+        raw = tracker.client.get_run(parent_run_id).data.params.get("search.objectives")
+        if raw is not None:
+            found = json.loads(raw)
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                local = tracker.client.download_artifacts(parent_run_id, "sweep.yaml", tmp)
+                found = (yaml.safe_load(Path(local).read_text()).get("search") or {}).get("objectives")
+        return [ObjectiveConfig(**o) for o in found] or None
+    except Exception:  # noqa: BLE001 - an older or foreign run: the caller's default
+        return None
 
 
 def _better(a: float, b: float, mode: str) -> bool:
@@ -297,7 +335,9 @@ def build_report(tracker, parent_run_id: str | None, out: str | Path, objective:
     parent_run_id = parent_run_id or latest_sweep(tracker)
     if parent_run_id is None:
         raise ValueError(f"experiment {tracker.experiment!r} has no sweep runs; run `sar-ray sweep` first")
-    objective = objective or ObjectiveConfig()
+    if objective is None and objectives is None:  # `sar-ray report` without --metric: the sweep's own
+        objectives = sweep_objectives(tracker, parent_run_id)
+    objective = objective or (objectives[0] if objectives else ObjectiveConfig())
     every = collect(tracker, parent_run_id)
     anchors = anchors_of(every)
     rows = [r for r in every if r.kind == "trial"]

@@ -123,3 +123,47 @@ def test_a_sample_grid_title_keeps_the_whole_trial_label_inside_the_figure():
     assert all(len(line) <= 60 for line in lines)
     assert " ".join(lines[1:]) == label
     assert grid_title("base (untuned)", None) == "base (untuned)"
+
+
+def test_sdxl_strategies_that_differ_only_in_the_second_text_encoder_keep_their_own_rows(tmp_path):
+    """The runs log text_encoder_2 flat (strategy.text_encoder_2.mode) like every component:
+    the report used to read a dict string that is never logged, so both became one strategy."""
+    from sar_ray import config as C
+    from sar_ray.tracking import _stringify
+
+    runs = []
+    for i, (te2, js) in enumerate((("frozen", 0.2), ("lora", 0.3))):
+        strategy = C.StrategyConfig.model_validate(
+            {"unet": {"mode": "lora"}, "text_encoder": {"mode": "lora"}, "text_encoder_2": {"mode": te2}})
+        r = tagged(f"r{i}", js, {"sar_ray.trial_id": f"t_0000{i}", "sar_ray.params": "{}", "sar_ray.seed": "0"})
+        r.data.params = {k: _stringify(v) for k, v in C.flatten(strategy, "strategy.").items()}
+        runs.append(r)
+    out = build_report(FakeTracker(runs), "parent", tmp_path, objective=ObjectiveConfig(metric="stats/js"))
+    with open(out / "report.csv") as f:
+        strategies = [r["strategy"] for r in csv.DictReader(f)]
+    assert strategies == ["unet-lora_te-lora_te2-frozen_vae-frozen", "unet-lora_te-lora_te2-lora_vae-frozen"]
+
+
+def test_only_seed_replicas_are_grouped_and_only_finished_ones_averaged():
+    """Two trials of one point with the same seed (Optuna suggested it twice; grid passes)
+    are two rows, not "2 seeds"; an ASHA-stopped replica neither hides its point (whatever
+    order MLflow lists the runs in) nor enters the mean."""
+    from sar_ray.report import TrialRow, group_points
+
+    point, slug = {"train.lr": 1e-4}, "unet-lora_te-frozen_vae-frozen"
+
+    def row(tid, seed, js, status="FINISHED"):
+        metrics = {"val/loss": 0.5} if status != "FINISHED" else {"val/loss": 0.2, "stats/js": js}
+        return TrialRow(f"run-{tid}", tid, slug, status, {}, metrics, trial_id=tid, point=point, seed=seed)
+
+    twice = group_points([row("t_00000", 0, 0.1), row("t_00001", 0, 0.3)])
+    assert sorted(r.metrics["stats/js"] for r in twice) == [0.1, 0.3]
+    assert all(not r.repeats and "seeds" not in r.label for r in twice)
+
+    stopped, done = row("t_00001", 1, None, status="KILLED"), row("t_00000", 0, 0.1)
+    for order in ([stopped, done], [done, stopped]):
+        (g,) = group_points(order)
+        assert g.status == "FINISHED" and g.metrics["stats/js"] == 0.1 and g.metrics["val/loss"] == 0.2
+
+    three = group_points([row("t_00000", 0, 0.1), row("t_00001", 1, 0.3), row("t_00002", 2, None, status="KILLED")])
+    assert len(three) == 1 and len(three[0].repeats) == 2 and three[0].metrics["stats/js"] == pytest.approx(0.2)
