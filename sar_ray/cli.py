@@ -171,8 +171,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
         probe_storage(study.scaling.storage_path)
     result = sweep.run_sweep(study, resume=args.resume, fresh=args.fresh, console=console, progress=not args.quiet)
-    objective = study.search.objectives[0].metric
-    console.print(sweep.summary(result, objective), soft_wrap=True)
+    objective = study.search.objectives[0]
+    console.print(sweep.summary(result, objective.metric, objective.mode), soft_wrap=True)
     if result.report and (result.report / "report.md").is_file():
         console.print((result.report / "report.md").read_text(), markup=False, soft_wrap=True)
     uri = study.tracking.resolved_uri()
@@ -214,10 +214,12 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from .report import build_report
     from .tracking import Tracker, default_uri
 
+    if args.mode and not args.metric:
+        raise UserError("sar-ray report: --mode needs --metric (without both, the sweep's own objectives rank)")
     tracker = Tracker(default_uri(args.tracking_uri), args.experiment)
     try:
         out = build_report(tracker, args.run_id, args.out,
-                           objective=ObjectiveConfig(metric=args.metric, mode=args.mode))
+                           objective=ObjectiveConfig(metric=args.metric, mode=args.mode or "min") if args.metric else None)
     except ValueError as e:
         raise UserError(str(e)) from None
     console.print((out / "report.md").read_text(), markup=False, soft_wrap=True)
@@ -235,8 +237,9 @@ def _add_report(sub) -> None:
     p.add_argument("--experiment", required=True, help="MLflow experiment of the sweep (tracking.experiment)")
     p.add_argument("--run-id", help="the sweep's parent run (default: the experiment's latest sweep)")
     p.add_argument("--out", default="report", help="output folder (default: report/)")
-    p.add_argument("--metric", default="val_loss", help="objective that picks each strategy's best trial")
-    p.add_argument("--mode", choices=["min", "max"], default="min")
+    p.add_argument("--metric", help="objective that picks each strategy's best trial (default: the sweep's "
+                   "search.objectives, as its own report; e.g. val_loss)")
+    p.add_argument("--mode", choices=["min", "max"], help="with --metric (default: min)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     p.set_defaults(func=_cmd_report)
 

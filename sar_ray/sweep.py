@@ -578,6 +578,8 @@ def run_sweep(study: StudyConfig, *, resume: bool = False, fresh: bool = False, 
         tracker.log_artifact(parent_run_id, folder / "sweep.yaml")
         tracker.log_params(parent_run_id, {"search.algorithm": study.search.algorithm,
                                            "search.num_samples": study.search.num_samples,
+                                           # what `sar-ray report` ranks by when rebuilding this report
+                                           "search.objectives": json.dumps([o.model_dump() for o in study.search.objectives]),
                                            "search.space": json.dumps({k: v.model_dump(exclude_none=True)
                                                                        for k, v in study.search.space.items()})})
         tracking = {"uri": uri, "experiment": base.tracking.experiment, "parent_run_id": parent_run_id}
@@ -662,7 +664,7 @@ def run_sweep(study: StudyConfig, *, resume: bool = False, fresh: bool = False, 
         report_dir = build_report(tracker, parent_run_id, folder / "report", objective=objective,
                                   objectives=study.search.objectives)
         if best is not None:
-            tracker.set_tags(parent_run_id, {"sar_ray.best_trial": best["trial_id"],
+            tracker.set_tags(parent_run_id, {"sar_ray.best_trial": " ".join(best.get("trials", [best["trial_id"]])),
                                              "sar_ray.best_strategy": best["strategy"]})
             tracker.log_metrics(parent_run_id, [(f"best/{objective.metric}", best["metrics"].get(objective.metric), 0)])
         tracker.end_run(parent_run_id, "FINISHED")
@@ -908,12 +910,25 @@ def _rows(grid, study: StudyConfig) -> list[dict[str, Any]]:
 
 
 def _best(rows: list[dict[str, Any]], search: SearchConfig) -> dict[str, Any] | None:
+    """The finished trial best on the first objective; with search.repeats > 1 the point whose
+    mean over its finished seed replicas is best (as the report ranks points, so that the sweep's
+    best is not the luckiest seed): its first replica's row, with the mean as the objective's
+    value and `trials` naming every replica."""
     o = search.objectives[0]
     done = [r for r in rows if r["status"] == "DONE" and isinstance(r["metrics"].get(o.metric), (int, float))
             and math.isfinite(r["metrics"][o.metric])]
     if not done:
         return None
-    return (min if o.mode == "min" else max)(done, key=lambda r: r["metrics"][o.metric])
+    pick = min if o.mode == "min" else max
+    if search.repeats <= 1:
+        return pick(done, key=lambda r: r["metrics"][o.metric])
+    points: dict[str, list[dict[str, Any]]] = {}
+    for r in sorted(done, key=lambda r: (r["repeat"], str(r["trial_id"]))):
+        points.setdefault(json.dumps(r["params"], sort_keys=True, default=str), []).append(r)
+    members = pick(points.values(), key=lambda m: sum(r["metrics"][o.metric] for r in m) / len(m))
+    mean = sum(r["metrics"][o.metric] for r in members) / len(members)
+    return {**members[0], "metrics": {**members[0]["metrics"], o.metric: mean},
+            "trials": [r["trial_id"] for r in members]}
 
 
 # --------------------------------------------------------------------------------------------
@@ -1029,7 +1044,7 @@ def _f(x) -> str:
     return "" if x is None else (f"{x:.4g}" if isinstance(x, float) else str(x))
 
 
-def summary(r: SweepResult, objective: str) -> str:
+def summary(r: SweepResult, objective: str, mode: str = "min") -> str:
     from rich.markup import escape
 
     done = sum(1 for t in r.trials if t["status"] == "DONE")
@@ -1038,9 +1053,12 @@ def summary(r: SweepResult, objective: str) -> str:
     lines = [f"[bold]sweep {r.name}[/bold]: {len(r.trials)} trials ({done} done, {stopped} stopped early, "
              f"{failed} failed) in {r.wall_s:.0f} s"]
     if r.best:
-        lines.append(f"  best      {escape(str(r.best['strategy']))} (trial {r.best['trial_id']}): "
+        trials = r.best.get("trials")
+        which = (f"trials {', '.join(trials)}, mean over {len(trials)} seeds" if trials and len(trials) > 1
+                 else f"trial {r.best['trial_id']}")
+        lines.append(f"  best      {escape(str(r.best['strategy']))} ({which}): "
                      f"{objective} = {r.best['metrics'].get(objective):.4g}")
-    lines += [escape(line) for line in comparison_lines(r, objective)]
+    lines += [escape(line) for line in comparison_lines(r, objective, mode)]
     lines.append(f"  trials    {r.folder / 'trials'}")
     if r.report:
         lines.append(f"  report    {r.report / 'report.md'}")
@@ -1049,7 +1067,7 @@ def summary(r: SweepResult, objective: str) -> str:
     return "\n".join(lines)
 
 
-def comparison_lines(r: SweepResult, objective: str) -> list[str]:
+def comparison_lines(r: SweepResult, objective: str, mode: str = "min") -> list[str]:
     """The anchors and every finished trial, best first: strategy, trial (id and sampled
     values), objective, realism (0: the untuned model, 1: real held-out SAR)."""
     from .report import point_label
@@ -1060,7 +1078,7 @@ def comparison_lines(r: SweepResult, objective: str) -> list[str]:
     rows = [(a["strategy"], "-", a["metrics"].get(objective), realism_of(a["metrics"].get(metric), r.anchors, metric))
             for a in r.anchors.values()]
     done = [t for t in r.trials if t["status"] == "DONE" and isinstance(t["metrics"].get(objective), (int, float))]
-    done.sort(key=lambda t: t["metrics"][objective])
+    done.sort(key=lambda t: t["metrics"][objective], reverse=mode == "max")  # best first
     rows += [(str(t["strategy"]), point_label(t["trial_id"], t["params"], t.get("seed") if t.get("repeat") else None),
               t["metrics"][objective], t.get("realism")) for t in done]
     width = max(len(x[0]) for x in rows)

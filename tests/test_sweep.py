@@ -226,6 +226,13 @@ def test_grid_sweep_logs_parent_and_children_and_resume_adds_no_duplicates(tmp_p
     reports = {a.path for a in client.list_artifacts(r.parent_run_id, "report")}
     assert {"report/report.md", "report/report.csv"} <= reports
     assert (r.folder / "report" / "report.md").read_text().count("| unet-") == 2
+    # `sar-ray report --experiment sw` (no --metric) rebuilds it ranked as the sweep ranked: by its
+    # objective, not by the validation loss.
+    from sar_ray.report import build_report
+    from sar_ray.tracking import Tracker
+
+    rebuilt = build_report(Tracker(f"sqlite:///{tmp_path}/mlflow.db", "sw"), None, tmp_path / "rebuilt")
+    assert "its best search point by `stats/wasserstein`, min" in (rebuilt / "report.md").read_text()
 
     with pytest.raises(ConfigError, match="--resume"):
         run_sweep(s, progress=False)  # the folder holds this sweep: refuse to overwrite it
@@ -372,3 +379,33 @@ def test_asha_survives_trials_without_validation_images(tmp_path, monkeypatch, r
               "search.scheduler.grace_period=1", "search.evaluate=false", "data.val_fraction=0", name="noval")
     r = run_sweep(s, progress=False)
     assert len(r.trials) == 2 and {t["status"] for t in r.trials} <= {"DONE", "STOPPED"}, r.trials
+
+
+def _row(tid, js, repeat=0, point=None, status="DONE"):
+    return {"trial_id": tid, "params": point or {"train.lr": 1e-4}, "repeat": repeat, "seed": repeat,
+            "strategy": "unet-full_te-frozen_vae-frozen", "status": status, "metrics": {"stats/js": js}}
+
+
+def test_with_repeats_the_sweeps_best_is_the_best_point_on_its_seed_mean_not_the_luckiest_seed():
+    from sar_ray.config import SearchConfig
+    from sar_ray.sweep import _best
+
+    rows = [_row("a0", 0.10, 0, {"train.lr": 1e-4}), _row("a1", 0.50, 1, {"train.lr": 1e-4}),  # mean 0.30
+            _row("b0", 0.20, 0, {"train.lr": 1e-3}), _row("b1", 0.22, 1, {"train.lr": 1e-3})]  # mean 0.21
+    search = SearchConfig(repeats=2, objectives=[{"metric": "stats/js", "mode": "min"}])
+    best = _best(rows, search)
+    assert best["trials"] == ["b0", "b1"] and best["metrics"]["stats/js"] == pytest.approx(0.21)
+    assert _best(rows, search.model_copy(update={"repeats": 1}))["trial_id"] == "a0"
+
+
+def test_the_comparison_lists_trials_best_first_for_an_objective_to_maximise():
+    from sar_ray.sweep import SweepResult, comparison_lines
+
+    anchors = {"base": {"strategy": "base (untuned)", "metrics": {"clip/score": 0.1}},
+               "real": {"strategy": "real (held out)", "metrics": {"clip/score": 0.9}}}
+    r = SweepResult("s", Path("."), [_row("lo", 0.2), _row("hi", 0.8)], None, None, None, None, 0.0,
+                    anchors=anchors, realism_metric="stats/js")
+    for t in r.trials:
+        t["metrics"] = {"clip/score": t["metrics"]["stats/js"]}
+    lines = comparison_lines(r, "clip/score", "max")
+    assert [line.split()[1] for line in lines if " lo " in line or " hi " in line] == ["hi", "lo"]
