@@ -665,6 +665,20 @@ class SchedulerConfig(_Strict):
     grace_period: int = Field(20, gt=0, description="Training steps before a trial may be stopped.")
     reduction_factor: float = Field(2.0, gt=1, description="Keep the best 1/reduction_factor at each rung.")
 
+    @field_validator("metric")
+    @classmethod
+    def _reported_while_training(cls, v: str) -> str:
+        """ASHA compares what a trial reports while it trains; a metric reported only at the
+        end (stats/js, ...) would be missing at every rung, and ASHA would never stop a trial."""
+        from .metrics.quick import QUICK, check_quick, is_quick
+
+        if is_quick(v):
+            check_quick(v)
+        elif v not in ("val_loss", "loss"):
+            raise ValueError(f"{v!r} is not reported while a trial trains (only at its end), so ASHA would never "
+                             f"stop a trial; use val_loss, loss or a quick metric ({', '.join('quick/' + q for q in QUICK)})")
+        return v
+
 
 class SearchConfig(_Strict):
     algorithm: Literal["optuna", "grid", "random"] = Field(

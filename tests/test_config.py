@@ -193,6 +193,10 @@ def test_asha_on_a_quick_realism_metric_needs_samples_at_every_rung():
         config.load(None, base + ["train.sample_every=10"])
     with pytest.raises(ConfigError, match="not a quick metric; valid: quick/stats/js"):
         config.load(None, [b.replace("quick/stats/js", "quick/stats/jss") for b in base] + ["train.sample_every=5"])
+    # A metric only the finished trial reports (its evaluation) is missing at every rung: ASHA
+    # would silently stop nothing.
+    with pytest.raises(ConfigError, match="'stats/js' is not reported while a trial trains"):
+        config.load(None, [b.replace("quick/stats/js", "stats/js") for b in base] + ["train.sample_every=5"])
 
 
 def test_one_variable_moves_every_cache_the_eval_one_included(monkeypatch, tmp_path):
