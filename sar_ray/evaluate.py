@@ -163,6 +163,7 @@ def evaluate(
     out: str | os.PathLike | None = None,
     progress: bool = True,
     reference_columns: tuple | None = None,
+    skip_unreadable_reference: bool = False,
 ) -> EvalResult:
     """Score two image sets with Ray Data; write ``metrics.json`` + per-image Parquet if `out`.
 
@@ -172,7 +173,9 @@ def evaluate(
 
     `out`: a ``.json`` path (Parquet next to it as ``<stem>_per_image.parquet``) or a folder
     (``metrics.json`` and ``metrics_per_image.parquet`` inside). Raises ``DataError`` /
-    ``ImageReadError`` for unusable input, naming the file.
+    ``ImageReadError`` for unusable input, naming the file; with `skip_unreadable_reference`
+    (a sweep whose data.on_corrupt is skip) an unreadable reference image is left out of the
+    reference and counted in a warning instead.
     """
     import ray
 
@@ -185,7 +188,7 @@ def evaluate(
     if clip_path is not None:
         cfg = cfg.model_copy(update={"clip": str(clip_path)})  # absolute: workers run elsewhere
     _assign_classes(gen_items, ref_items)
-    size = _target_size(cfg, ref_items)
+    size = _target_size(cfg, ref_items, skip_unreadable_reference)
     gen_norm, gen_how = generated_normalization(generated, cfg)
     norms = {"generated": gen_norm, "reference": cfg.normalization}
     normalization = {"generated": gen_how, "reference": {"method": cfg.normalization.method, "as": "eval.normalization",
@@ -204,6 +207,7 @@ def evaluate(
     items = [it.row() for it in (gen_items if cached is not None else gen_items + ref_items)]
     counts, w = _resample_plan(len(gen_items), cfg)
     warnings += w
+    skipped: list[tuple[str, str]] = []  # (name, error) of unreadable reference images left out
     with _quiet_ray_data():
         ds = _pipeline(items, cfg, size, norms, families)
         accs = {"generated": _SetAccumulator(families, counts, _bootstrap_classes(gen_items, ref_items)),
@@ -211,11 +215,24 @@ def evaluate(
         described = ("generated",) if cached is not None else SETS
         with _progress(len(items), progress) as advance:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                usable = np.ones(len(batch["set"]), bool)
+                if skip_unreadable_reference:
+                    usable = ~((batch["set"] == "reference") & (batch["error"] != ""))
+                    skipped += [(str(n), str(e)) for n, e in zip(batch["name"][~usable], batch["error"][~usable])]
+                    batch["error"] = np.where(usable, batch["error"], "")
                 _raise_unreadable(batch)  # the first unreadable image stops the run
                 for s in described:
-                    accs[s].add(batch, batch["set"] == s)
+                    accs[s].add(batch, (batch["set"] == s) & usable)
                 advance(len(batch["set"]))
-    if cache is not None and cached is None:
+    if skipped:
+        warnings.append(f"reference: left out {len(skipped)} unreadable of {len(ref_items)} images "
+                        f"(data.on_corrupt=skip; first: {skipped[0][0]}: {skipped[0][1]})")
+    if accs["reference"].n == 0:
+        from sar_ray.data.captions import DataError
+
+        raise DataError(f"{reference}: no readable reference images (all {len(ref_items)} unreadable)")
+    if cache is not None and cached is None and not skipped:
+        # (a reference with images left out is not cached: an entry must hold every image)
         cache.save(accs["reference"], warnings)
 
     warnings += _input_warnings(accs, size)
@@ -471,11 +488,20 @@ def _assign_classes(gen_items: list[_Item], ref_items: list[_Item]) -> None:
                 it.label = votes.most_common(1)[0][0]
 
 
-def _target_size(cfg: EvalConfig, ref_items: list[_Item]) -> tuple[int, int]:
+def _target_size(cfg: EvalConfig, ref_items: list[_Item], skip_unreadable: bool = False) -> tuple[int, int]:
+    """eval.size, else the first reference image's size (the first readable one when
+    unreadable reference images are skipped)."""
+    from sar_ray.data.io import ImageReadError
+
     if cfg.size is not None:
         return (cfg.size, cfg.size)
-    first = ref_items[0]
-    return tuple(int(v) for v in _decode(first.path, first.image_bytes, first.name).shape)
+    for i, it in enumerate(ref_items):
+        try:
+            return tuple(int(v) for v in _decode(it.path, it.image_bytes, it.name).shape)
+        except ImageReadError:
+            if not skip_unreadable or i == len(ref_items) - 1:
+                raise
+    raise AssertionError("unreachable: list_images refuses an empty reference")
 
 
 # ------------------------------------------------------------------------------- workers

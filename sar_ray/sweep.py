@@ -418,7 +418,8 @@ def _trial_driver(config: dict[str, Any], *, study_raw: dict, folder: str, track
         # Real images are compared in the space the model learned: the training normalisation.
         # metrics.json keeps what the scores alone would lose: intervals, normalisation, warnings.
         scored = evaluate(result.samples, reference, cfg.eval.model_copy(update={"normalization": cfg.data.normalization}),
-                          out=cfg.out_dir / "metrics.json", progress=False)
+                          out=cfg.out_dir / "metrics.json", progress=False,
+                          skip_unreadable_reference=cfg.data.on_corrupt == "skip")
         scores = scored.flat()
         final.update(scores)
         if tracker is not None:
@@ -816,7 +817,8 @@ def anchor_rows(base: TrialConfig, splits, folder: Path, tracker=None, parent_ru
                 sample_base_model(base, generated)
         else:
             generated = Path(splits.holdout)
-        scored = evaluate(generated, splits.reference, eval_cfg, out=out / "metrics.json", progress=False)
+        scored = evaluate(generated, splits.reference, eval_cfg, out=out / "metrics.json", progress=False,
+                          skip_unreadable_reference=base.data.on_corrupt == "skip")
         metrics = {k: v for k, v in scored.flat().items() if v is not None and math.isfinite(v)}
         row = {"kind": kind, "strategy": label, "metrics": metrics, "images": scored.n_generated,
                "warnings": scored.warnings}

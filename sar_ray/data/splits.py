@@ -75,6 +75,27 @@ def anchor_sample(holdout: list[Record], n: int) -> list[Record]:
     return sorted(holdout, key=lambda r: unit_hash(r.name))[:n]
 
 
+def readable_sample(records: list[Record], n: int, on_corrupt: str = "skip") -> tuple[list[Record], list[str]]:
+    """`anchor_sample` of the images that decode: (the sample, the errors of the unreadable
+    ones passed over). Only the sample's candidates are read, so a large set costs n reads.
+    `on_corrupt` "error" (data.on_corrupt) raises ImageReadError at the first unreadable one."""
+    from sar_ray.data.io import ImageReadError, read_image, read_image_bytes
+
+    picked, bad = [], []
+    for r in anchor_sample(records, len(records)):
+        if len(picked) == n:
+            break
+        try:
+            read_image_bytes(r.image_bytes, r.name) if r.image_bytes is not None else read_image(r.path)
+        except ImageReadError as e:
+            if on_corrupt == "error":
+                raise ImageReadError(f"{e} (a held-out anchor image; set data.on_corrupt=skip to leave it out)") from None
+            bad.append(str(e))
+            continue
+        picked.append(r)
+    return picked, bad
+
+
 def write_set(records: list[Record], folder: Path) -> Path:
     """A folder `sar-ray evaluate` reads as a set: ``metadata.jsonl`` naming each image by its
     absolute path (images held only as bytes are written out). Returns the folder."""
@@ -209,21 +230,36 @@ def study_splits(data, folder: Path, n_anchor: int, reference: str | None = None
     if holdout is not None:
         given = records_of(holdout)
         what = f"search.holdout {Path(holdout).expanduser().resolve()}"
+        checked = []  # what the anchor was shown to be disjoint from
         if train is not None:
             refuse_overlap(what, given, train + (val or []), "the training data (data.path)")
-        if ref_records is not None and ref_records is not train:
-            refuse_overlap(what, given, ref_records, f"the reference {ref_path}")
-        anchor, source = anchor_sample(given, n_anchor), "search.holdout"
+            checked.append("training")
+        if ref_records is not None:
+            if ref_records is not train:
+                refuse_overlap(what, given, ref_records, f"the reference {ref_path}")
+            checked.append("reference")
+        candidates, source = given, "search.holdout"
     elif held:
-        if ref_records is not None and ref_records is not train:
-            refuse_overlap(f"the held-out split of {data.path} (data.holdout_fraction {data.holdout_fraction})",
-                           held, ref_records, f"search.reference {ref_path}")
-        anchor, source = anchor_sample(held, n_anchor), f"data.holdout_fraction {data.holdout_fraction} of data.path"
+        checked = ["training"]  # a split of the same name hash
+        if ref_records is not None:
+            if ref_records is not train:
+                refuse_overlap(f"the held-out split of {data.path} (data.holdout_fraction {data.holdout_fraction})",
+                               held, ref_records, f"search.reference {ref_path}")
+            checked.append("reference")
+        candidates, source = held, f"data.holdout_fraction {data.holdout_fraction} of data.path"
     else:
         why = ("data.path is streamed (shards / Parquet with image bytes)" if records is None
                else "data.holdout_fraction is 0")
         notes.append(f"no real (held out) anchor: {why}; set search.holdout to a folder of real images")
         return StudySplits(ref_path, None, 0, "; ".join(notes))
+    anchor, bad = readable_sample(candidates, n_anchor, data.on_corrupt)
+    if not anchor:
+        raise DataError(f"{source}: none of its {len(candidates)} images is readable (first: {bad[0] if bad else '-'})")
     path = str(write_set(anchor, folder / HOLDOUT_DIR))
-    notes.append(f"real (held out): {len(anchor)} images from {source}, disjoint from training and reference")
+    unchecked = [w for w in ("training", "reference") if w not in checked]
+    disjoint = (f"disjoint from {' and '.join(checked)}" if checked else "") + (
+        f"{'; ' if checked else ''}not checked against {' or '.join(unchecked)} (streamed: not listed on the driver)"
+        if unchecked else "")
+    left_out = f"; {len(bad)} unreadable left out (first: {bad[0]})" if bad else ""
+    notes.append(f"real (held out): {len(anchor)} images from {source}, {disjoint}{left_out}")
     return StudySplits(ref_path, path, len(anchor), "; ".join(notes))

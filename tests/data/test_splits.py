@@ -74,3 +74,50 @@ def test_a_held_out_set_overlapping_training_or_reference_is_refused(tmp_path, m
     (ref / "metadata.jsonl").unlink()
     with pytest.raises(SplitError, match="held-out split .* search.reference"):
         study_splits(synthetic(), tmp_path / "s3", n_anchor=2, reference=str(ref))
+
+
+def test_an_unreadable_image_of_data_path_is_left_out_of_the_anchor_and_the_reference_under_on_corrupt_skip(
+        tmp_path, monkeypatch, ray_local):
+    """data.on_corrupt: skip (the default) leaves a corrupt image out of training; the sweep's
+    real sets are made of the same images, so they leave it out too (and say so) instead of
+    failing the whole sweep at its first anchor. on_corrupt: error names the file."""
+    import numpy as np
+    from PIL import Image
+
+    from sar_ray.config import EvalConfig
+    from sar_ray.data.captions import read_table
+    from sar_ray.data.io import ImageReadError
+    from sar_ray.data.splits import anchor_sample
+    from sar_ray.evaluate import evaluate
+
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "chips"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(24):
+        Image.fromarray((rng.random((16, 16)) * 255).astype(np.uint8)).save(root / f"c{i:02d}.png")
+        rows.append(json.dumps({"file_name": f"c{i:02d}.png", "text": "<SAR> chip"}))
+    (root / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    data = DataConfig.model_validate({"path": str(root), "resolution": 16, "val_fraction": 0.1,
+                                      "holdout_fraction": 0.3})
+    train, _, held = split_three(read_table(root), 0.1, 0.3)
+    first_held, a_train = anchor_sample(held, 1)[0], train[0]
+    for r in (first_held, a_train):
+        (root / r.name).write_bytes(b"\x89PNG\r\n\x1a\n not a png")
+
+    s = study_splits(data, tmp_path / "splits", n_anchor=3)
+    held_names = [n.rsplit("/", 1)[-1] for n in _names(tmp_path / "splits" / "holdout")]
+    assert first_held.name not in held_names and len(held_names) == min(3, len(held) - 1)
+    assert "1 unreadable left out" in s.note and first_held.name in s.note
+
+    cfg = EvalConfig(bootstrap=0)
+    with pytest.raises(ImageReadError, match=a_train.name):
+        evaluate(s.holdout, s.reference, cfg, progress=False)  # as before: a plain evaluate names the file
+    scored = evaluate(s.holdout, s.reference, cfg, progress=False, skip_unreadable_reference=True)
+    assert scored.n_reference == len(train) - 1
+    assert any(f"left out 1 unreadable of {len(train)}" in w and a_train.name in w for w in scored.warnings)
+
+    strict = data.model_copy(update={"on_corrupt": "error"})
+    with pytest.raises(ImageReadError, match=f"{first_held.name}.*data.on_corrupt=skip"):
+        study_splits(strict, tmp_path / "strict", n_anchor=3)
