@@ -585,94 +585,108 @@ def run_sweep(study: StudyConfig, *, resume: bool = False, fresh: bool = False, 
                                                                        for k, v in study.search.space.items()})})
         tracking = {"uri": uri, "experiment": base.tracking.experiment, "parent_run_id": parent_run_id}
 
-    reference = splits.reference if splits is not None else None
-    anchors: dict[str, dict[str, Any]] = {}
-    if splits is not None and study.search.anchors:
-        # Before the trials: the scale (untuned model, real held-out SAR) is known from the start,
-        # and a resumed sweep finds it logged instead of computing it again.
-        anchors = anchor_rows(base, splits, folder / ANCHOR_DIR, tracker, parent_run_id)
-    study_raw = study.model_dump(mode="json")
-    shared = None
-    # Shared datasets are built with the base train.seed (their order): not for seed replicas.
-    if study.search.repeats == 1 and not any(k.startswith(("data.", "train.seed")) for k in study.search.space):
-        from .data import build_datasets
-        from .data.cache import prebuild
-
-        # Every trial reads the same images: check and prepare them once, here, while the
-        # cluster's CPUs are free, instead of once per trial (and, with data.cache: auto, encode
-        # them once: the latent cache that trials with a frozen VAE read, and the text cache that
-        # trials with frozen text encoders and no learned token read).
-        shared = prebuild(base, build_datasets(base.data, base.train.seed), search_configs(study))
-    trainable = tune.with_resources(
-        tune.with_parameters(_trial_driver, study_raw=study_raw, folder=str(folder), tracking=tracking,
-                             reference=reference, data=shared),
-        trial_resources(base, ray.cluster_resources()),
-    )
-    _DRIVER.update(console=console if progress else None, tracker=tracker)
-    table = _TrialTable(study, _DRIVER["console"], tracker)
-    run_config = tune.RunConfig(
-        name=study.name,
-        storage_path=str(tune_root),
-        failure_config=tune.FailureConfig(max_failures=study.search.max_failures),
-        callbacks=[table],
-        verbose=0,
-    )
-    objective = study.search.objectives[0]
-    if resume:
-        tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=True)
-    else:
-        param_space, alg, scheduler, num_samples = _tune_pieces(study, base)
-        tuner = tune.Tuner(
-            trainable,
-            param_space=param_space,
-            tune_config=tune.TuneConfig(
-                search_alg=alg,
-                scheduler=scheduler,
-                num_samples=num_samples,
-                max_concurrent_trials=concurrent_trials(base, study.search, ray.cluster_resources(),
-                                                        autoscaler_limits()),
-                # Local mode: one process runs trial after trial, no re-import of torch/diffusers
-                # per trial (measured: 9 s -> 0.1 s between trials on 2 CPUs). With Train worker
-                # groups never: a trial that ASHA stops is still inside `trainer.fit()` in its
-                # actor; only ending that actor ends its Train controller and workers and frees
-                # their placement group (a reused actor hung the next trial).
-                reuse_actors=base.scaling.num_workers == 0,
-            ),
-            run_config=run_config,
-        )
-    table.start()
+    # From here on the parent run exists: whatever fails (an anchor, the data prebuild, Tune,
+    # the report) must not leave it RUNNING for ever.
     try:
-        grid = tuner.fit()
+        reference = splits.reference if splits is not None else None
+        anchors: dict[str, dict[str, Any]] = {}
+        if splits is not None and study.search.anchors:
+            # Before the trials: the scale (untuned model, real held-out SAR) is known from the start,
+            # and a resumed sweep finds it logged instead of computing it again.
+            anchors = anchor_rows(base, splits, folder / ANCHOR_DIR, tracker, parent_run_id)
+        study_raw = study.model_dump(mode="json")
+        shared = None
+        # Shared datasets are built with the base train.seed (their order): not for seed replicas.
+        if study.search.repeats == 1 and not any(k.startswith(("data.", "train.seed")) for k in study.search.space):
+            from .data import build_datasets
+            from .data.cache import prebuild
+
+            # Every trial reads the same images: check and prepare them once, here, while the
+            # cluster's CPUs are free, instead of once per trial (and, with data.cache: auto, encode
+            # them once: the latent cache that trials with a frozen VAE read, and the text cache that
+            # trials with frozen text encoders and no learned token read).
+            shared = prebuild(base, build_datasets(base.data, base.train.seed), search_configs(study))
+        trainable = tune.with_resources(
+            tune.with_parameters(_trial_driver, study_raw=study_raw, folder=str(folder), tracking=tracking,
+                                 reference=reference, data=shared),
+            trial_resources(base, ray.cluster_resources()),
+        )
+        _DRIVER.update(console=console if progress else None, tracker=tracker)
+        table = _TrialTable(study, _DRIVER["console"], tracker)
+        run_config = tune.RunConfig(
+            name=study.name,
+            storage_path=str(tune_root),
+            failure_config=tune.FailureConfig(max_failures=study.search.max_failures),
+            callbacks=[table],
+            verbose=0,
+        )
+        objective = study.search.objectives[0]
+        if resume:
+            tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=True)
+        else:
+            param_space, alg, scheduler, num_samples = _tune_pieces(study, base)
+            tuner = tune.Tuner(
+                trainable,
+                param_space=param_space,
+                tune_config=tune.TuneConfig(
+                    search_alg=alg,
+                    scheduler=scheduler,
+                    num_samples=num_samples,
+                    max_concurrent_trials=concurrent_trials(base, study.search, ray.cluster_resources(),
+                                                            autoscaler_limits()),
+                    # Local mode: one process runs trial after trial, no re-import of torch/diffusers
+                    # per trial (measured: 9 s -> 0.1 s between trials on 2 CPUs). With Train worker
+                    # groups never: a trial that ASHA stops is still inside `trainer.fit()` in its
+                    # actor; only ending that actor ends its Train controller and workers and frees
+                    # their placement group (a reused actor hung the next trial).
+                    reuse_actors=base.scaling.num_workers == 0,
+                ),
+                run_config=run_config,
+            )
+        table.start()
+        try:
+            grid = tuner.fit()
+        finally:
+            table.stop()
+
+        rows = _rows(grid, study)
+        best = _best(rows, study.search)
+        from .report import realism_metric
+
+        realism = realism_metric(objective)
+        for row in rows:
+            row["realism"] = realism_of(row["metrics"].get(realism), anchors, realism)
+        report_dir = None
+        if tracker is not None:
+            from .report import build_report
+
+            report_dir = build_report(tracker, parent_run_id, folder / "report", objective=objective,
+                                      objectives=study.search.objectives)
+            if best is not None:
+                tracker.set_tags(parent_run_id, {"sar_ray.best_trial": " ".join(best.get("trials", [best["trial_id"]])),
+                                                 "sar_ray.best_strategy": best["strategy"]})
+                tracker.log_metrics(parent_run_id, [(f"best/{objective.metric}", best["metrics"].get(objective.metric), 0)])
+            tracker.end_run(parent_run_id, "FINISHED")
+        (folder / "trials.json").write_text(json.dumps(rows, indent=2, default=str))
+        return SweepResult(study.name, folder, rows, best, parent_run_id,
+                           tracker.run_url(parent_run_id) if tracker else None, report_dir, time.time() - started,
+                           anchors=anchors, realism_metric=realism, splits_note=splits.note if splits else None)
     except BaseException as e:
-        if tracker is not None:  # the parent run must not stay RUNNING for ever
+        _end_failed_parent(tracker, parent_run_id, e)
+        raise
+
+
+def _end_failed_parent(tracker, parent_run_id: str | None, e: BaseException) -> None:
+    """Mark the sweep's parent run FAILED (KILLED on Ctrl-C) with the error as a tag, if it is
+    still RUNNING; best effort: the error that got here is the one the user must see."""
+    if tracker is None or parent_run_id is None:
+        return
+    try:
+        if tracker.client.get_run(parent_run_id).info.status == "RUNNING":
             tracker.set_tags(parent_run_id, {"sar_ray.error": f"{type(e).__name__}: {e}"[:5000]})
             tracker.end_run(parent_run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
-        raise
-    finally:
-        table.stop()
-
-    rows = _rows(grid, study)
-    best = _best(rows, study.search)
-    from .report import realism_metric
-
-    realism = realism_metric(objective)
-    for row in rows:
-        row["realism"] = realism_of(row["metrics"].get(realism), anchors, realism)
-    report_dir = None
-    if tracker is not None:
-        from .report import build_report
-
-        report_dir = build_report(tracker, parent_run_id, folder / "report", objective=objective,
-                                  objectives=study.search.objectives)
-        if best is not None:
-            tracker.set_tags(parent_run_id, {"sar_ray.best_trial": " ".join(best.get("trials", [best["trial_id"]])),
-                                             "sar_ray.best_strategy": best["strategy"]})
-            tracker.log_metrics(parent_run_id, [(f"best/{objective.metric}", best["metrics"].get(objective.metric), 0)])
-        tracker.end_run(parent_run_id, "FINISHED")
-    (folder / "trials.json").write_text(json.dumps(rows, indent=2, default=str))
-    return SweepResult(study.name, folder, rows, best, parent_run_id,
-                       tracker.run_url(parent_run_id) if tracker else None, report_dir, time.time() - started,
-                       anchors=anchors, realism_metric=realism, splits_note=splits.note if splits else None)
+    except Exception:  # noqa: BLE001 - e.g. the tracking server went away too
+        pass
 
 
 def check_cluster_paths(study: StudyConfig, nodes: int | None = None, autoscales: bool | None = None) -> None:

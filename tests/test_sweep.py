@@ -411,3 +411,23 @@ def test_the_comparison_lists_trials_best_first_for_an_objective_to_maximise():
         t["metrics"] = {"clip/score": t["metrics"]["stats/js"]}
     lines = comparison_lines(r, "clip/score", "max")
     assert [line.split()[1] for line in lines if " lo " in line or " hi " in line] == ["hi", "lo"]
+
+
+def test_a_sweep_that_fails_before_its_trials_does_not_leave_its_parent_run_running(tmp_path, monkeypatch, ray_local):
+    """The parent MLflow run starts before the anchors and the shared data prebuild; a failure
+    there (here: the base model's sampling) ends it FAILED with the error, as a Tune failure does."""
+    import sar_ray.sweep as sweep_mod
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the base model could not be sampled")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sweep_mod, "anchor_rows", broken)
+    s = study(tmp_path, {"strategy.unet.mode": {"grid": ["full"]}}, "search.algorithm=grid", "search.anchors=true",
+              name="pf")
+    with pytest.raises(RuntimeError, match="could not be sampled"):
+        run_sweep(s, progress=False)
+    client, exp = _client(tmp_path)
+    (parent,) = client.search_runs([exp], "tags.`sar_ray.kind` = 'sweep'")
+    assert parent.info.status == "FAILED"
+    assert "the base model could not be sampled" in parent.data.tags["sar_ray.error"]
