@@ -131,8 +131,13 @@ def collect(tracker, parent_run_id: str) -> list[TrialRow]:
 
 
 def anchors_of(rows: list[TrialRow]) -> dict[str, TrialRow]:
-    """{"base": row, "real": row} of the anchor runs that finished (the newest of each kind)."""
-    return {r.trial_id: r for r in rows if r.kind == "anchor" and r.status == "FINISHED" and r.trial_id}
+    """{"base": row, "real": row} of the anchor runs that finished (the newest of each kind:
+    `rows` come newest first, as MLflow's search_runs lists them, so the first one wins)."""
+    out: dict[str, TrialRow] = {}
+    for r in rows:
+        if r.kind == "anchor" and r.status == "FINISHED" and r.trial_id:
+            out.setdefault(r.trial_id, r)
+    return out
 
 
 def group_points(rows: list[TrialRow]) -> list[TrialRow]:

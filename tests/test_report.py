@@ -167,3 +167,12 @@ def test_only_seed_replicas_are_grouped_and_only_finished_ones_averaged():
 
     three = group_points([row("t_00000", 0, 0.1), row("t_00001", 1, 0.3), row("t_00002", 2, None, status="KILLED")])
     assert len(three) == 1 and len(three[0].repeats) == 2 and three[0].metrics["stats/js"] == pytest.approx(0.2)
+
+
+def test_the_newest_finished_anchor_of_a_kind_is_the_one_read():
+    """A resumed sweep that scored an anchor again (its scores file was lost) has two runs of
+    that kind; MLflow lists the newest first, and that is the one the table reads."""
+    from sar_ray.report import anchors_of, collect
+
+    rows = collect(FakeTracker([anchor("base", 0.4), anchor("base", 0.5), anchor("real", 0.1)]), "parent")
+    assert anchors_of(rows)["base"].metrics["stats/js"] == 0.4

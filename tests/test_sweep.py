@@ -431,3 +431,21 @@ def test_a_sweep_that_fails_before_its_trials_does_not_leave_its_parent_run_runn
     (parent,) = client.search_runs([exp], "tags.`sar_ray.kind` = 'sweep'")
     assert parent.info.status == "FAILED"
     assert "the base model could not be sampled" in parent.data.tags["sar_ray.error"]
+
+
+def test_a_real_anchor_without_captions_is_scored_without_clip_and_says_so(tmp_path):
+    """A search.holdout folder of plain images has no captions; clip's text alignment needs
+    them: the real anchor drops clip with a warning instead of failing the sweep."""
+    from sar_ray.config import EvalConfig
+    from sar_ray.sweep import _anchor_eval_config
+
+    cfg = EvalConfig(metrics=["stats", "clip"], clip="runs/sarclip")
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "/x/a.png", "text": ""}\n')
+    got, warnings = _anchor_eval_config(cfg, tmp_path, "real")
+    assert got.metrics == ["stats"] and "clip not scored" in warnings[0]
+    assert _anchor_eval_config(cfg, tmp_path, "base") == (cfg, [])  # the base anchor's samples have prompts
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "/x/a.png", "text": "<SAR> a tank"}\n')
+    assert _anchor_eval_config(cfg, tmp_path, "real") == (cfg, [])
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "/x/a.png", "text": ""}\n')
+    with pytest.raises(ConfigError, match="no captions, which eval.metrics \\[clip\\] needs"):
+        _anchor_eval_config(cfg.model_copy(update={"metrics": ["clip"]}), tmp_path, "real")
