@@ -762,6 +762,18 @@ class SearchConfig(_Strict):
                 raise ValueError(f"points[{i}]: {key} = {value!r} is outside [{rng[0]:g}, {rng[1]:g}]")
 
 
+# Trial settings that are one for the whole sweep: the sweep's real sets (reference, held-out
+# anchor) are split from data.path once, by name hash, with the base trial's fractions; a trial
+# that split differently would train on the anchor's or the reference's images.
+SWEEP_WIDE_KEYS = {
+    "data.path": "every trial is scored against one reference made of its images",
+    "data.val_fraction": "the held-out anchor is the hash slice after the validation one, so another "
+                         "fraction would train on held-out images",
+    "data.holdout_fraction": "the held-out anchor is split once per sweep, so another fraction would train "
+                             "on held-out images or leave training images out",
+}
+
+
 class StudyConfig(TrialConfig):
     """A study file: the base trial plus (for sweeps) a `search` section."""
 
@@ -780,6 +792,9 @@ class StudyConfig(TrialConfig):
                 close = difflib.get_close_matches(parts[-1], valid, n=1)
                 hint = f" (did you mean {'.'.join(parts[:-1] + [close[0]])!r}?)" if close else ""
                 raise ValueError(f"search.space: {key!r} is not a trial setting{hint}")
+            if key in SWEEP_WIDE_KEYS:
+                raise ValueError(f"search.space: {key!r} cannot vary between trials: {SWEEP_WIDE_KEYS[key]}; "
+                                 f"set it once, outside search.space")
         return self
 
     @model_validator(mode="after")

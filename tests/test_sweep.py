@@ -113,6 +113,11 @@ def test_search_section_errors_name_the_key(tmp_path):
         study(tmp_path, {"train.lr": {"loguniform": [1e-5, 1e-3]}}, "search.algorithm=grid")
     with pytest.raises(ConfigError, match="multi-objective"):
         study(tmp_path, {}, 'search.objectives=[{"metric": "val_loss"}, {"metric": "stats/js"}]')
+    # The sweep's real sets are split once: a trial splitting otherwise would train on held-out images.
+    for key in ("data.val_fraction", "data.holdout_fraction"):
+        with pytest.raises(ConfigError, match=f"'{key}' cannot vary between trials: .*held-out"):
+            study(tmp_path, {key: {"grid": [0.05, 0.2]}}, "search.algorithm=grid")
+    study(tmp_path, {"data.resolution": {"grid": [16, 32]}}, "search.algorithm=grid")  # other data keys may vary
 
 
 def test_concurrency_follows_cluster_resources_and_leaves_a_cpu_for_data(tmp_path):
