@@ -584,6 +584,8 @@ def run_sweep(study: StudyConfig, *, resume: bool = False, fresh: bool = False, 
                                            "search.space": json.dumps({k: v.model_dump(exclude_none=True)
                                                                        for k, v in study.search.space.items()})})
         tracking = {"uri": uri, "experiment": base.tracking.experiment, "parent_run_id": parent_run_id}
+        if splits is not None:
+            tracker.set_tags(parent_run_id, {"sar_ray.splits": splits.note[:5000]})
 
     # From here on the parent run exists: whatever fails (an anchor, the data prebuild, Tune,
     # the report) must not leave it RUNNING for ever.
@@ -1094,6 +1096,8 @@ def summary(r: SweepResult, objective: str, mode: str = "min") -> str:
         lines.append(f"  best      {escape(str(r.best['strategy']))} ({which}): "
                      f"{objective} = {r.best['metrics'].get(objective):.4g}")
     lines += [escape(line) for line in comparison_lines(r, objective, mode)]
+    if r.splits_note:  # where the reference and the held-out anchor came from (or why there is none)
+        lines.append(f"  splits    {escape(r.splits_note)}")
     lines.append(f"  trials    {r.folder / 'trials'}")
     if r.report:
         lines.append(f"  report    {r.report / 'report.md'}")

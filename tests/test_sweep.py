@@ -221,6 +221,8 @@ def test_grid_sweep_logs_parent_and_children_and_resume_adds_no_duplicates(tmp_p
     assert "| base (untuned) |" in md and "| real (held out) |" in md and "realism" in md
     text = summary(r, "stats/wasserstein")
     assert "base (untuned)" in text and "real (held out)" in text and r.trials[0]["trial_id"] in text
+    assert "  splits    reference: the " in text  # where the real sets came from, also on the parent run
+    assert parent.data.tags["sar_ray.splits"].startswith("reference: the ")
     # The held-out images: none is a training image (by name), and the reference is the training split.
     held = [json.loads(x)["file_name"] for x in (r.folder / "splits" / "holdout" / "metadata.jsonl").read_text().splitlines()]
     ref = [json.loads(x)["file_name"] for x in (r.folder / "splits" / "reference" / "metadata.jsonl").read_text().splitlines()]

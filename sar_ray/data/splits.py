@@ -261,5 +261,8 @@ def study_splits(data, folder: Path, n_anchor: int, reference: str | None = None
         f"{'; ' if checked else ''}not checked against {' or '.join(unchecked)} (streamed: not listed on the driver)"
         if unchecked else "")
     left_out = f"; {len(bad)} unreadable left out (first: {bad[0]})" if bad else ""
+    if len(anchor) < n_anchor:  # a set distance shrinks with the set: the rows meet different biases
+        left_out += (f"; only {len(anchor)} of the {n_anchor} images a trial generates, so its distance is "
+                     f"biased upward against the trials' (more held-out images: raise data.holdout_fraction)")
     notes.append(f"real (held out): {len(anchor)} images from {source}, {disjoint}{left_out}")
     return StudySplits(ref_path, path, len(anchor), "; ".join(notes))

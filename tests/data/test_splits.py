@@ -48,6 +48,7 @@ def test_synthetic_data_gets_a_held_out_anchor_disjoint_from_training_and_refere
     s = study_splits(synthetic(), tmp_path / "splits", n_anchor=3)
     held, ref = _names(tmp_path / "splits" / "holdout"), _names(tmp_path / "splits" / "reference")
     assert s.n_holdout == len(held) >= 1 and len(held) <= 3 and not set(held) & set(ref)
+    assert ("only %d of the 3 images a trial generates" % len(held) in s.note) == (len(held) < 3)
     from sar_ray.data.dataset import build_datasets  # training reads neither the held-out nor val images
 
     assert build_datasets(synthetic(), 0).n_train == len(ref)
