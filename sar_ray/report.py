@@ -20,6 +20,7 @@ import math
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 from .config import ObjectiveConfig
@@ -197,18 +198,31 @@ def spread(r: TrialRow, key: str) -> tuple[float, float, float] | None:
     return std, min(vals), max(vals)
 
 
-def realism_metric(objective: ObjectiveConfig) -> str:
+def realism_metric(objective: ObjectiveConfig, families: Iterable[str] | None = None) -> str:
     """The metric `realism` is measured on: the objective where it is a set distance (a
-    registered metric, lower is better: stats/*, glcm/*, clip/fd, clip/kid), else the report's
-    first distance column."""
-    from .metrics.families import metric_direction
+    registered metric, lower is better: stats/*, glcm/*, clip/fd, clip/kid), else the first
+    distance column of the measured metric `families` (the study's `eval.metrics`; None: every
+    registered family). A study that measures glcm alone gets glcm's, not an unmeasured stats/js."""
+    from .metrics.families import FAMILIES, metric_direction
 
     try:
         if metric_direction(objective.metric) == "min":
             return objective.metric
     except KeyError:  # val_loss, a cost: not a distance between image sets
         pass
-    return next(k for _, k in report_columns() if metric_direction(k) == "min")
+    measured = list(FAMILIES) if families is None else [f for f in FAMILIES if f in set(families)]
+    distances = [k for f in measured for _, k in FAMILIES[f].columns if metric_direction(k) == "min"]
+    if not distances:  # nothing measured that is a distance: the registry's first, which no row has
+        distances = [k for _, k in report_columns() if metric_direction(k) == "min"]
+    return distances[0]
+
+
+def measured_families(rows: Iterable[TrialRow]) -> list[str]:
+    """The metric families the rows carry values of (`stats/js` -> stats), in registry order."""
+    from .metrics.families import FAMILIES
+
+    seen = {k.split("/", 1)[0] for r in rows for k in r.metrics if "/" in k}
+    return [f for f in FAMILIES if f in seen]
 
 
 def realism(value: float | None, base: float | None, real: float | None) -> float | None:
@@ -348,7 +362,7 @@ def build_report(tracker, parent_run_id: str | None, out: str | Path, objective:
     rows = [r for r in every if r.kind == "trial"]
     best = best_per_strategy(group_points(rows), objective)
     key = _metric_key(objective.metric)
-    on = realism_metric(objective)
+    on = realism_metric(objective, measured_families([*anchors.values(), *rows]) or None)
 
     def realism_cell(r: TrialRow) -> float | None:
         return realism(r.metrics.get(on), *((anchors[k].metrics.get(on) if k in anchors else None)

@@ -655,7 +655,7 @@ def run_sweep(study: StudyConfig, *, resume: bool = False, fresh: bool = False, 
         best = _best(rows, study.search)
         from .report import realism_metric
 
-        realism = realism_metric(objective)
+        realism = realism_metric(objective, study.eval.metrics)
         for row in rows:
             row["realism"] = realism_of(row["metrics"].get(realism), anchors, realism)
         report_dir = None

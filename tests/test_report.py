@@ -111,6 +111,27 @@ def test_realism_falls_back_to_the_first_distance_when_the_objective_is_not_one(
     assert realism(0.8, 0.6, 0.9) == pytest.approx(2 / 3)  # a metric to maximise: the same formula
 
 
+def test_realism_of_a_val_loss_sweep_is_measured_on_a_family_the_study_computed(tmp_path):
+    # A study with eval.metrics [glcm] ranked by val_loss: realism fell back to stats/js, which no
+    # row has, so every realism cell was blank.
+    from sar_ray.report import realism_metric
+
+    assert realism_metric(ObjectiveConfig(metric="val_loss"), ["glcm"]) == "glcm/frechet"
+    assert realism_metric(ObjectiveConfig(metric="val_loss"), ["stats", "glcm"]).startswith("stats/")
+
+    def glcm_only(r, frechet):
+        r.data.metrics = {"glcm/frechet": frechet, "val/loss": 0.1}
+        return r
+
+    runs = [glcm_only(anchor("base", 0), 4.0), glcm_only(anchor("real", 0), 1.0),
+            glcm_only(trial("t_00000", 0, {"strategy.unet.mode": "lora"}, 0), 2.5)]
+    out = build_report(FakeTracker(runs), "parent", tmp_path, objective=ObjectiveConfig(metric="val_loss"))
+    with open(out / "report.csv") as f:
+        table = list(csv.DictReader(f))
+    assert float(table[2]["realism"]) == pytest.approx(0.5)
+    assert "on `glcm/frechet`" in (out / "report.md").read_text()
+
+
 def test_a_sample_grid_title_keeps_the_whole_trial_label_inside_the_figure():
     # The quickstart's titles were one 120-character line, cut off at both edges of the figure.
     from sar_ray.report import grid_title
