@@ -607,7 +607,11 @@ def run_sweep(study: StudyConfig, *, resume: bool = False, fresh: bool = False, 
             # cluster's CPUs are free, instead of once per trial (and, with data.cache: auto, encode
             # them once: the latent cache that trials with a frozen VAE read, and the text cache that
             # trials with frozen text encoders and no learned token read).
-            shared = prebuild(base, build_datasets(base.data, base.train.seed), search_configs(study))
+            built = build_datasets(base.data, base.train.seed)
+            from .trial import check_validation_shares
+
+            check_validation_shares(base, built.n_train, built.n_val)  # once, not in every trial
+            shared = prebuild(base, built, search_configs(study))
         trainable = tune.with_resources(
             tune.with_parameters(_trial_driver, study_raw=study_raw, folder=str(folder), tracking=tracking,
                                  reference=reference, data=shared),

@@ -330,6 +330,22 @@ def _check_ingest_cpus(cfg: TrialConfig, materialized: bool) -> None:
         )
 
 
+def check_validation_shares(cfg: TrialConfig, n_train: int, n_val: int) -> None:
+    """Ray Train gives every worker an equal share of the validation split (dropping the
+    rest): with fewer validation images than workers each share is empty, and the trial would
+    report no val_loss and no quick/* metric, so an ASHA or an objective on them ranks nothing.
+    Say so before training instead."""
+    s, d = cfg.scaling, cfg.data
+    if s.num_workers <= 1 or d.val_fraction <= 0 or n_val >= s.num_workers:
+        return
+    enough = min(0.5, 2 * s.num_workers / max(n_train + n_val, 1))  # the split is by hash: aim above
+    raise config_mod.ConfigError(
+        f"data.val_fraction {d.val_fraction:g}: {n_val} validation image(s) of {d.path} for scaling.num_workers "
+        f"{s.num_workers}, and Ray Train gives each worker an equal share, so every share is empty and no val_loss "
+        f"is reported; raise data.val_fraction (about {enough:.2g} here), add images, or lower scaling.num_workers"
+    )
+
+
 def failure_message(e: BaseException) -> str:
     """One line from a (possibly Ray-wrapped) training failure."""
     text = str(e)
@@ -392,6 +408,7 @@ def run_trial(
     # Cached posteriors where the VAE is frozen; cached text embeddings where the text side is.
     data, tags = latent_cache.for_trial(cfg, data, tags)
     _check_ingest_cpus(cfg, data.materialized)
+    check_validation_shares(cfg, data.n_train, data.n_val)
     (out / "config.yaml").write_text(config_mod.dump_yaml(cfg))
 
     run_id = None

@@ -160,6 +160,16 @@ def test_zero_and_two_ddp_workers_train_and_save_the_same_things(in_tmp):
     assert list((local.out / "checkpoints").rglob("state.safetensors"))
 
 
+def test_fewer_validation_images_than_workers_is_refused_before_training(in_tmp):
+    # Ray Train splits the validation set equally over the workers: 1 image for 2 workers gave
+    # both an empty share, and the trial silently reported no val_loss (nothing for ASHA to rank).
+    cfg = small_cfg(in_tmp, "data.val_fraction=0.01", "scaling.num_workers=2", "tracking.enabled=false")
+    with pytest.raises(config.ConfigError, match=r"data.val_fraction 0.01: 1 validation image\(s\) .* "
+                                                r"scaling.num_workers 2.*raise data.val_fraction"):
+        run_trial(cfg, progress=False)
+    assert not (cfg.out_dir / "config.yaml").exists() and not list(cfg.out_dir.rglob("*.safetensors"))
+
+
 def test_mlflow_experiment_opens_on_training_runs_and_a_broken_upload_does_not_fail_the_trial(in_tmp, monkeypatch):
     """MLflow 3 opens an untagged experiment on its GenAI pages; and an artifact upload that
     keeps failing is tagged on the run instead of sinking a finished trial."""
