@@ -774,6 +774,15 @@ SWEEP_WIDE_KEYS = {
 }
 
 
+def _sets(value: Any, dotted: str) -> bool:
+    """Whether a section-valued search value (a dict) sets the setting at `dotted` inside it."""
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return False
+        value = value[part]
+    return True
+
+
 class StudyConfig(TrialConfig):
     """A study file: the base trial plus (for sweeps) a `search` section."""
 
@@ -792,8 +801,12 @@ class StudyConfig(TrialConfig):
                 close = difflib.get_close_matches(parts[-1], valid, n=1)
                 hint = f" (did you mean {'.'.join(parts[:-1] + [close[0]])!r}?)" if close else ""
                 raise ValueError(f"search.space: {key!r} is not a trial setting{hint}")
-            if key in SWEEP_WIDE_KEYS:
-                raise ValueError(f"search.space: {key!r} cannot vary between trials: {SWEEP_WIDE_KEYS[key]}; "
+            wide = [key] if key in SWEEP_WIDE_KEYS else [
+                w for w in SWEEP_WIDE_KEYS  # a whole-section axis (`data: {grid: [{path: ...}]}`)
+                if w.startswith(key + ".") and any(_sets(v, w[len(key) + 1:]) for v in self.search.space[key].values or [])]
+            if wide:
+                what = "" if wide[0] == key else f" {wide[0]}"
+                raise ValueError(f"search.space: {key!r} cannot vary{what} between trials: {SWEEP_WIDE_KEYS[wide[0]]}; "
                                  f"set it once, outside search.space")
         return self
 

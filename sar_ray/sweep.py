@@ -599,7 +599,8 @@ def run_sweep(study: StudyConfig, *, resume: bool = False, fresh: bool = False, 
         study_raw = study.model_dump(mode="json")
         shared = None
         # Shared datasets are built with the base train.seed (their order): not for seed replicas.
-        if study.search.repeats == 1 and not any(k.startswith(("data.", "train.seed")) for k in study.search.space):
+        if study.search.repeats == 1 and not any(k.startswith(("data.", "train.seed")) or k in ("data", "train")
+                                                 for k in study.search.space):
             from .data import build_datasets
             from .data.cache import prebuild
 
@@ -610,8 +611,10 @@ def run_sweep(study: StudyConfig, *, resume: bool = False, fresh: bool = False, 
             built = build_datasets(base.data, base.train.seed)
             from .trial import check_validation_shares
 
-            check_validation_shares(base, built.n_train, built.n_val)  # once, not in every trial
-            shared = prebuild(base, built, search_configs(study))
+            points = search_configs(study)
+            for point in points:  # once, here, not in every trial (scaling.num_workers may be an axis)
+                check_validation_shares(point, built.n_train, built.n_val)
+            shared = prebuild(base, built, points)
         trainable = tune.with_resources(
             tune.with_parameters(_trial_driver, study_raw=study_raw, folder=str(folder), tracking=tracking,
                                  reference=reference, data=shared),

@@ -117,6 +117,10 @@ def test_search_section_errors_name_the_key(tmp_path):
     for key in ("data.val_fraction", "data.holdout_fraction"):
         with pytest.raises(ConfigError, match=f"'{key}' cannot vary between trials: .*held-out"):
             study(tmp_path, {key: {"grid": [0.05, 0.2]}}, "search.algorithm=grid")
+    # ... also from a whole-section axis, which slipped past the key check.
+    with pytest.raises(ConfigError, match="'data' cannot vary data.val_fraction between trials"):
+        study(tmp_path, {"data": {"grid": [{"resolution": 16}, {"resolution": 32, "val_fraction": 0.3}]}},
+              "search.algorithm=grid")
     study(tmp_path, {"data.resolution": {"grid": [16, 32]}}, "search.algorithm=grid")  # other data keys may vary
 
 
@@ -438,6 +442,29 @@ def test_a_sweep_that_fails_before_its_trials_does_not_leave_its_parent_run_runn
     (parent,) = client.search_runs([exp], "tags.`sar_ray.kind` = 'sweep'")
     assert parent.info.status == "FAILED"
     assert "the base model could not be sampled" in parent.data.tags["sar_ray.error"]
+
+
+def test_the_sweep_checks_validation_shares_with_the_workers_its_points_use(tmp_path, monkeypatch, ray_local):
+    """16 scenes at val_fraction 0.25 give 6 validation images: too few for the base trial's 8
+    workers, enough for the 2 that every point of the search uses. The check once ran on the
+    base and refused a sweep none of whose trials would fail."""
+    import sar_ray.data.cache as cache_mod
+
+    class Checked(Exception):
+        pass
+
+    def stop(*args, **kwargs):  # the check comes just before the prebuild: stop there
+        raise Checked
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cache_mod, "prebuild", stop)
+    s = study(tmp_path, {"scaling.num_workers": {"grid": [2]}}, "search.algorithm=grid", "scaling.num_workers=8",
+              name="vw")
+    with pytest.raises(Checked):
+        run_sweep(s, progress=False)
+    s = study(tmp_path, {"scaling.num_workers": {"grid": [2, 32]}}, "search.algorithm=grid", name="vw2")
+    with pytest.raises(ConfigError, match="validation image.*scaling.num_workers 32"):
+        run_sweep(s, progress=False)
 
 
 def test_a_real_anchor_without_captions_is_scored_without_clip_and_says_so(tmp_path):
