@@ -15,12 +15,13 @@ strategies whose objective interval overlaps the best one's as not separable fro
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import textwrap
 from dataclasses import dataclass, field
-from pathlib import Path
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from .config import ObjectiveConfig
@@ -50,6 +51,16 @@ class TrialRow:
     point: dict[str, Any] = field(default_factory=dict)  # the sampled values (sar_ray.params)
     seed: int | None = None  # train.seed of this replica (search.repeats)
     repeats: list[TrialRow] = field(default_factory=list)  # a point's seed replicas (group_points)
+    unfinished: int = 0  # replicas of this point that did not finish (stopped early, failed)
+
+    @property
+    def seeds(self) -> str | None:
+        """``3 seeds``, or ``2 of 3 seeds`` where some of the point's replicas did not finish;
+        None for a trial run once."""
+        done = len(self.repeats) or 1
+        if done + self.unfinished <= 1:
+            return None
+        return f"{done} of {done + self.unfinished} seeds" if self.unfinished else f"{done} seeds"
 
     @property
     def label(self) -> str:
@@ -57,8 +68,9 @@ class TrialRow:
         if self.kind == "anchor":
             return "-"
         if len(self.repeats) > 1:
-            return point_label(f"{len(self.repeats)} seeds", self.point)
-        return point_label(self.trial_id or self.name, self.point)
+            return point_label(self.seeds, self.point)
+        name = self.trial_id or self.name
+        return point_label(f"{name}, {self.seeds}" if self.seeds else name, self.point)
 
 
 def _short(key: str) -> str:
@@ -152,7 +164,8 @@ def group_points(rows: list[TrialRow]) -> list[TrialRow]:
     Optuna sampler that suggested a point twice, grid passes with num_samples > 1) are two
     rows, never "2 seeds". Only the finished replicas are averaged (an ASHA-stopped one has
     no final evaluation, and its early validation loss is not comparable): a point counts as
-    finished when any replica did, and its row says how many."""
+    finished when any replica did, and its row says how many of its seeds that is
+    (`unfinished`; `best_per_strategy` ranks such a point after the complete ones)."""
     groups: dict[tuple, list[TrialRow]] = {}
     seen: dict[tuple, int] = {}
     for r in sorted(rows, key=lambda r: (r.trial_id or "", r.run_id)):
@@ -166,8 +179,10 @@ def group_points(rows: list[TrialRow]) -> list[TrialRow]:
     out = []
     for members in groups.values():
         finished = [m for m in members if m.status == "FINISHED"]
+        unfinished = len(members) - len(finished) if finished else 0
         if len(members) == 1 or len(finished) == 1:
-            out.append(finished[0] if finished else members[0])
+            one = finished[0] if finished else members[0]
+            out.append(dataclasses.replace(one, unfinished=unfinished) if unfinished else one)
             continue
         members = finished or members
         first = members[0]
@@ -184,7 +199,8 @@ def group_points(rows: list[TrialRow]) -> list[TrialRow]:
             else:
                 metrics[k] = sum(vals) / len(vals)
         out.append(TrialRow(first.run_id, first.name, first.strategy, first.status, first.params, metrics,
-                            trial_id=first.trial_id, point=first.point, repeats=sorted(members, key=lambda m: m.seed)))
+                            trial_id=first.trial_id, point=first.point, repeats=sorted(members, key=lambda m: m.seed),
+                            unfinished=unfinished))
     return out
 
 
@@ -265,16 +281,28 @@ def _better(a: float, b: float, mode: str) -> bool:
 
 
 def best_per_strategy(rows: list[TrialRow], objective: ObjectiveConfig) -> list[TrialRow]:
-    best: dict[str, TrialRow] = {}
-    for r in rows:
-        v = r.metrics.get(_metric_key(objective.metric))
-        if r.status != "FINISHED" or v is None or not math.isfinite(v):
-            continue
-        cur = best.get(r.strategy)
-        if cur is None or _better(v, cur.metrics[_metric_key(objective.metric)], objective.mode):
-            best[r.strategy] = r
+    """Each strategy's best finished row on `objective`, best first.
+
+    A point some of whose seeds did not finish (`unfinished`: ASHA stopped them) ranks after
+    the points whose every seed finished, where there are any: its mean is over the seeds the
+    scheduler kept for doing well, so it would win on luck what the complete points had to
+    earn on every seed."""
     key = _metric_key(objective.metric)
-    return sorted(best.values(), key=lambda r: r.metrics[key] * (1 if objective.mode == "min" else -1))
+    sign = 1 if objective.mode == "min" else -1
+    done = [r for r in rows if r.status == "FINISHED" and isinstance(r.metrics.get(key), (int, float))
+            and math.isfinite(r.metrics[key])]
+    rank = partial_last(done)
+    best: dict[str, TrialRow] = {}
+    for r in sorted(done, key=lambda r: (rank(r), r.metrics[key] * sign)):
+        best.setdefault(r.strategy, r)
+    return sorted(best.values(), key=lambda r: (rank(r), r.metrics[key] * sign))
+
+
+def partial_last(rows: list[TrialRow]):
+    """A sort key: 1 for a row with unfinished seeds when some row has all its seeds finished,
+    else 0 (where every point lost a seed, they compete on their means)."""
+    any_complete = any(not r.unfinished for r in rows)
+    return lambda r: int(bool(r.unfinished) and any_complete)
 
 
 def _metric_key(metric: str) -> str:
@@ -303,6 +331,7 @@ def interval_of(r: TrialRow, key: str) -> tuple[float, float] | None:
 
 
 BEST, NOT_SEPARABLE, WORSE, NO_INTERVAL = "best", "not separable from the best", "worse", "no interval"
+PARTIAL = "ranked last: not every seed finished"
 # The strategy column's words for the anchor rows (sweep.anchor_rows logs them).
 ANCHOR_WORDS = {"base": "base (untuned)", "real": "real (held out)"}
 
@@ -310,14 +339,18 @@ ANCHOR_WORDS = {"base": "base (untuned)", "real": "real (held out)"}
 def separability(rows: list[TrialRow], key: str) -> dict[str, str]:
     """``{run_id: verdict}`` for rows sorted best first: the first is ``best``; another is ``not
     separable from the best`` when its interval of `key` overlaps the best one's, else ``worse``
-    (``no interval`` where either has none, e.g. a validation loss)."""
+    (``no interval`` where either has none, e.g. a validation loss); a point ranked after the
+    complete ones because some of its seeds did not finish (`partial_last`) says so instead."""
     if not rows:
         return {}
     best = interval_of(rows[0], key)
     out = {rows[0].run_id: BEST}
+    rank = partial_last(rows)
     for r in rows[1:]:
         ci = interval_of(r, key)
-        if best is None or ci is None:
+        if rank(r):
+            out[r.run_id] = PARTIAL
+        elif best is None or ci is None:
             out[r.run_id] = NO_INTERVAL
         else:
             out[r.run_id] = NOT_SEPARABLE if ci[0] <= best[1] and best[0] <= ci[1] else WORSE
@@ -408,6 +441,10 @@ def build_report(tracker, parent_run_id: str | None, out: str | Path, objective:
     if any(r.repeats for r in best):
         md += ["A point run with several seeds (`search.repeats`) shows the mean over its seeds; `seed spread`: "
                "their standard deviation and min–max; its interval spans its seeds' intervals.", ""]
+    if any(r.unfinished for r in best):
+        md += ["`k of n seeds`: the scheduler stopped (or a failure ended) the point's other seeds, so its mean "
+               "is over the seeds that did well early; such a point ranks after the points whose every seed "
+               f"finished (*{PARTIAL}*).", ""]
     if ci_keys:
         md += ["`value [lo, hi]`: 95% bootstrap interval over the trial's generated images. `vs best`: "
                f"*{NOT_SEPARABLE}* where the `{objective.metric}` interval overlaps the best strategy's "

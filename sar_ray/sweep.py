@@ -957,22 +957,32 @@ def _best(rows: list[dict[str, Any]], search: SearchConfig) -> dict[str, Any] | 
     """The finished trial best on the first objective; with search.repeats > 1 the point whose
     mean over its finished seed replicas is best (as the report ranks points, so that the sweep's
     best is not the luckiest seed): its first replica's row, with the mean as the objective's
-    value and `trials` naming every replica."""
+    value, `trials` naming every finished replica and `seeds` the point's replica count.
+
+    As in the report (`report.best_per_strategy`), a point some of whose seeds did not finish
+    (ASHA stopped them, or they failed) competes only where no point finished all its seeds:
+    its mean is over the seeds that survived the scheduler for doing well early."""
     o = search.objectives[0]
-    done = [r for r in rows if r["status"] == "DONE" and isinstance(r["metrics"].get(o.metric), (int, float))
-            and math.isfinite(r["metrics"][o.metric])]
-    if not done:
+
+    def done(r: dict[str, Any]) -> bool:
+        return (r["status"] == "DONE" and isinstance(r["metrics"].get(o.metric), (int, float))
+                and math.isfinite(r["metrics"][o.metric]))
+
+    if not any(done(r) for r in rows):
         return None
     pick = min if o.mode == "min" else max
     if search.repeats <= 1:
-        return pick(done, key=lambda r: r["metrics"][o.metric])
+        return pick((r for r in rows if done(r)), key=lambda r: r["metrics"][o.metric])
     points: dict[str, list[dict[str, Any]]] = {}
-    for r in sorted(done, key=lambda r: (r["repeat"], str(r["trial_id"]))):
+    for r in sorted(rows, key=lambda r: (r["repeat"], str(r["trial_id"]))):
         points.setdefault(json.dumps(r["params"], sort_keys=True, default=str), []).append(r)
-    members = pick(points.values(), key=lambda m: sum(r["metrics"][o.metric] for r in m) / len(m))
+    finished = [([r for r in m if done(r)], len(m)) for m in points.values()]
+    finished = [(m, n) for m, n in finished if m]
+    complete = [(m, n) for m, n in finished if len(m) == n]
+    members, n = pick(complete or finished, key=lambda mn: sum(r["metrics"][o.metric] for r in mn[0]) / len(mn[0]))
     mean = sum(r["metrics"][o.metric] for r in members) / len(members)
     return {**members[0], "metrics": {**members[0]["metrics"], o.metric: mean},
-            "trials": [r["trial_id"] for r in members]}
+            "trials": [r["trial_id"] for r in members], "seeds": n}
 
 
 # --------------------------------------------------------------------------------------------
@@ -1097,9 +1107,10 @@ def summary(r: SweepResult, objective: str, mode: str = "min") -> str:
     lines = [f"[bold]sweep {r.name}[/bold]: {len(r.trials)} trials ({done} done, {stopped} stopped early, "
              f"{failed} failed) in {r.wall_s:.0f} s"]
     if r.best:
-        trials = r.best.get("trials")
-        which = (f"trials {', '.join(trials)}, mean over {len(trials)} seeds" if trials and len(trials) > 1
-                 else f"trial {r.best['trial_id']}")
+        trials, seeds = r.best.get("trials") or [], r.best.get("seeds", 1)
+        of = f"{len(trials)} of {seeds} seeds" if seeds > len(trials) else f"{len(trials)} seeds"
+        which = (f"trials {', '.join(trials)}, mean over {of}" if len(trials) > 1
+                 else f"trial {r.best['trial_id']}" + (f", {of}" if seeds > 1 else ""))
         lines.append(f"  best      {escape(str(r.best['strategy']))} ({which}): "
                      f"{objective} = {r.best['metrics'].get(objective):.4g}")
     lines += [escape(line) for line in comparison_lines(r, objective, mode)]

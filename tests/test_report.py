@@ -197,3 +197,28 @@ def test_the_newest_finished_anchor_of_a_kind_is_the_one_read():
 
     rows = collect(FakeTracker([anchor("base", 0.4), anchor("base", 0.5), anchor("real", 0.1)]), "parent")
     assert anchors_of(rows)["base"].metrics["stats/js"] == 0.4
+
+
+def test_a_point_whose_other_seeds_asha_stopped_ranks_after_the_points_that_finished_every_seed(tmp_path):
+    """search.repeats: 3 under ASHA: a point left with one lucky seed (the scheduler stopped
+    the other two) showed that seed's value as if it were a mean and beat points whose every
+    seed finished. It now ranks after them, and its row says `1 of 3 seeds`."""
+    from sar_ray.report import PARTIAL
+
+    lucky, steady = {"strategy.unet.mode": "lora", "train.lr": 1e-3}, {"strategy.unet.mode": "lora", "train.lr": 1e-4}
+    runs = [trial("t_00000", 0.05, lucky, 0)]
+    runs += [tagged(f"t_0000{s}", 0.5, {"sar_ray.trial_id": f"t_0000{s}", "sar_ray.params": json.dumps(lucky),
+                                        "sar_ray.seed": str(s)}, status="KILLED") for s in (1, 2)]
+    runs += [trial(f"t_0001{s}", js, steady, s) for s, js in enumerate((0.20, 0.22, 0.24))]
+    # Another combination whose only point also lost a seed: it ranks after the complete one.
+    other = {"strategy.unet.mode": "full"}
+    runs += [trial("t_00020", 0.01, other, 0, unet="full"),
+             tagged("t_00021", 0.5, {"sar_ray.trial_id": "t_00021", "sar_ray.params": json.dumps(other),
+                                     "sar_ray.seed": "1"}, unet="full", status="KILLED")]
+    out = build_report(FakeTracker(runs), "parent", tmp_path, objective=ObjectiveConfig(metric="stats/js"))
+    with open(out / "report.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [r["strategy"] for r in table] == ["unet-lora_te-frozen_vae-frozen", "unet-full_te-frozen_vae-frozen"]
+    assert table[0]["trial"].startswith("3 seeds") and float(table[0]["stats/js"]) == pytest.approx(0.22)
+    assert table[1]["trial"].startswith("t_00020, 1 of 2 seeds") and table[1]["vs best"] == PARTIAL
+    assert "`k of n seeds`" in (out / "report.md").read_text()

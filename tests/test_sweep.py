@@ -411,6 +411,24 @@ def test_with_repeats_the_sweeps_best_is_the_best_point_on_its_seed_mean_not_the
     assert _best(rows, search.model_copy(update={"repeats": 1}))["trial_id"] == "a0"
 
 
+def test_with_repeats_a_point_that_lost_seeds_to_asha_is_not_the_best_over_one_that_finished_them():
+    """ASHA stopped a1: a's mean was its one lucky seed (0.05), and it beat b, whose both seeds
+    finished (0.21). The best is the complete point; without one, the partial point says so."""
+    from sar_ray.config import SearchConfig
+    from sar_ray.sweep import SweepResult, _best, summary
+
+    rows = [_row("a0", 0.05, 0, {"train.lr": 1e-3}), _row("a1", None, 1, {"train.lr": 1e-3}, status="STOPPED"),
+            _row("b0", 0.20, 0, {"train.lr": 1e-4}), _row("b1", 0.22, 1, {"train.lr": 1e-4})]
+    rows[1]["metrics"] = {}
+    search = SearchConfig(repeats=2, objectives=[{"metric": "stats/js", "mode": "min"}])
+    best = _best(rows, search)
+    assert best["trials"] == ["b0", "b1"] and best["seeds"] == 2
+    partial = _best(rows[:2], search)
+    assert partial["trials"] == ["a0"] and partial["seeds"] == 2
+    text = summary(SweepResult("s", Path("."), rows[:2], partial, None, None, None, 0.0), "stats/js")
+    assert "trial a0, 1 of 2 seeds" in text
+
+
 def test_the_comparison_lists_trials_best_first_for_an_objective_to_maximise():
     from sar_ray.sweep import SweepResult, comparison_lines
 
