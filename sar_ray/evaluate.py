@@ -164,6 +164,7 @@ def evaluate(
     progress: bool = True,
     reference_columns: tuple | None = None,
     skip_unreadable_reference: bool = False,
+    require_prompts: bool = True,
 ) -> EvalResult:
     """Score two image sets with Ray Data; write ``metrics.json`` + per-image Parquet if `out`.
 
@@ -175,7 +176,9 @@ def evaluate(
     (``metrics.json`` and ``metrics_per_image.parquet`` inside). Raises ``DataError`` /
     ``ImageReadError`` for unusable input, naming the file; with `skip_unreadable_reference`
     (a sweep whose data.on_corrupt is skip) an unreadable reference image is left out of the
-    reference and counted in a warning instead.
+    reference and counted in a warning instead. With `require_prompts` False (a sweep's real
+    anchor: held-out images need not be captioned) a generated set without prompts gets clip's
+    image distances (clip/fd, clip/kid) and a warning instead of a refusal.
     """
     import ray
 
@@ -184,7 +187,7 @@ def evaluate(
     warnings += w
     ref_items, w = list_images(reference, "reference", cfg.max_images, reference_columns, seed=cfg.seed)
     warnings += w
-    clip_path = _check_clip_inputs(cfg, gen_items, generated)
+    clip_path = _check_clip_inputs(cfg, gen_items, generated, require_prompts)
     if clip_path is not None:
         cfg = cfg.model_copy(update={"clip": str(clip_path)})  # absolute: workers run elsewhere
     _assign_classes(gen_items, ref_items)
@@ -452,7 +455,7 @@ def _quotas(sizes: list[int], n: int) -> list[int]:
     return q
 
 
-def _check_clip_inputs(cfg: EvalConfig, gen_items: list[_Item], generated) -> Path | None:
+def _check_clip_inputs(cfg: EvalConfig, gen_items: list[_Item], generated, require_prompts: bool = True) -> Path | None:
     from sar_ray.data.captions import DataError
 
     if "clip" not in cfg.metrics:
@@ -465,7 +468,7 @@ def _check_clip_inputs(cfg: EvalConfig, gen_items: list[_Item], generated) -> Pa
         raise DataError(f"{path}: not a SAR-CLIP folder (no {CLIP_CONFIG_NAME}); train one with "
                         "`sar-ray clip train`")
     missing = [it.name for it in gen_items if not str(it.text or "").strip()]
-    if missing:
+    if missing and require_prompts:
         raise DataError(
             f"{generated}: {len(missing)} of {len(gen_items)} generated images have no prompt "
             f"(first: {missing[0]}); CLIP metrics need metadata.jsonl with file_name and text "

@@ -840,35 +840,18 @@ def anchor_rows(base: TrialConfig, splits, folder: Path, tracker=None, parent_ru
                 sample_base_model(base, generated)
         else:
             generated = Path(splits.holdout)
-        cfg, skipped = _anchor_eval_config(eval_cfg, generated, kind)
-        scored = evaluate(generated, splits.reference, cfg, out=out / "metrics.json", progress=False,
-                          skip_unreadable_reference=base.data.on_corrupt == "skip")
+        # Held-out real images need not be captioned: clip then scores its image distances
+        # only (clip/fd, clip/kid: a clip objective's realism keeps its held-out end), and says so.
+        scored = evaluate(generated, splits.reference, eval_cfg, out=out / "metrics.json", progress=False,
+                          skip_unreadable_reference=base.data.on_corrupt == "skip", require_prompts=kind != "real")
         metrics = {k: v for k, v in scored.flat().items() if v is not None and math.isfinite(v)}
         row = {"kind": kind, "strategy": label, "metrics": metrics, "images": scored.n_generated,
-               "warnings": skipped + scored.warnings}
+               "warnings": scored.warnings}
         if tracker is not None:
             row["run_id"] = _log_anchor(tracker, parent_run_id, out, row, generated if kind == "base" else None)
         (out / SCORES_FILE).write_text(json.dumps(row, indent=2))
         rows[kind] = row
     return rows
-
-
-def _anchor_eval_config(eval_cfg, generated: Path, kind: str):
-    """(the eval config of an anchor, warnings): the real anchor's images may have no captions
-    (a search.holdout folder of plain images), which the clip family's text alignment needs:
-    it is then scored without clip, and says so, instead of failing the sweep."""
-    if kind != "real" or "clip" not in eval_cfg.metrics:
-        return eval_cfg, []
-    rows = [json.loads(x) for x in (generated / "metadata.jsonl").read_text().splitlines() if x.strip()]
-    if all(str(r.get("text") or "").strip() for r in rows):
-        return eval_cfg, []
-    rest = [m for m in eval_cfg.metrics if m != "clip"]
-    if not rest:
-        raise ConfigError(f"{generated}: the real (held out) images have no captions, which eval.metrics [clip] "
-                          "needs; give search.holdout a metadata.jsonl with a text per image, or add stats to eval.metrics")
-    return eval_cfg.model_copy(update={"metrics": rest}), [
-        "real (held out): clip not scored, some of its images have no caption (give search.holdout a "
-        "metadata.jsonl with a text per image)"]
 
 
 def _logged_anchor(out: Path, tracker) -> dict[str, Any] | None:

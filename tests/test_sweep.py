@@ -485,19 +485,30 @@ def test_the_sweep_checks_validation_shares_with_the_workers_its_points_use(tmp_
         run_sweep(s, progress=False)
 
 
-def test_a_real_anchor_without_captions_is_scored_without_clip_and_says_so(tmp_path):
-    """A search.holdout folder of plain images has no captions; clip's text alignment needs
-    them: the real anchor drops clip with a warning instead of failing the sweep."""
-    from sar_ray.config import EvalConfig
-    from sar_ray.sweep import _anchor_eval_config
+def test_a_real_anchor_without_captions_keeps_clips_image_distances(tmp_path, ray_local):
+    """A search.holdout folder of plain images has no captions. The real anchor used to drop
+    the whole clip family, so a clip/fd objective's realism had no held-out end (blank cells);
+    it now gets clip/fd and clip/kid (image distances need no prompt) and says what it left out."""
+    from types import SimpleNamespace
 
-    cfg = EvalConfig(metrics=["stats", "clip"], clip="runs/sarclip")
-    (tmp_path / "metadata.jsonl").write_text('{"file_name": "/x/a.png", "text": ""}\n')
-    got, warnings = _anchor_eval_config(cfg, tmp_path, "real")
-    assert got.metrics == ["stats"] and "clip not scored" in warnings[0]
-    assert _anchor_eval_config(cfg, tmp_path, "base") == (cfg, [])  # the base anchor's samples have prompts
-    (tmp_path / "metadata.jsonl").write_text('{"file_name": "/x/a.png", "text": "<SAR> a tank"}\n')
-    assert _anchor_eval_config(cfg, tmp_path, "real") == (cfg, [])
-    (tmp_path / "metadata.jsonl").write_text('{"file_name": "/x/a.png", "text": ""}\n')
-    with pytest.raises(ConfigError, match="no captions, which eval.metrics \\[clip\\] needs"):
-        _anchor_eval_config(cfg.model_copy(update={"metrics": ["clip"]}), tmp_path, "real")
+    import numpy as np
+
+    from sar_ray.data.io import write_amplitude_png
+    from sar_ray.data.synth import synthetic_path
+    from sar_ray.metrics.clip import build_clip, save_clip
+    from sar_ray.sweep import anchor_rows
+
+    clip_dir = save_clip(build_clip("tiny"), tmp_path / "clip", "tiny")
+    s = study(tmp_path, {}, "eval.metrics=[stats,clip]", f"eval.clip={clip_dir}", "sample.seeds=[0,1]",
+              "eval.bootstrap=0", name="ac")
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        write_amplitude_png(plain / f"{i}.png", rng.rayleigh(0.2, (32, 32)).clip(0, 1))
+    splits = SimpleNamespace(holdout=plain, reference=synthetic_path(s.data.synthetic))
+    rows = anchor_rows(s.trial(), splits, tmp_path / "anchors")
+    real, base = rows["real"], rows["base"]
+    assert {"clip/fd", "clip/kid"} <= set(real["metrics"]) and "clip/score" not in real["metrics"]
+    assert any("clip/score and clip/retrieval_top1 not computed" in w for w in real["warnings"])
+    assert {"clip/fd", "clip/score"} <= set(base["metrics"])  # the untuned model's samples have prompts

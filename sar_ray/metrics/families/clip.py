@@ -52,17 +52,39 @@ def aggregate(gen: SetView, ref: SetView, cfg, ctx: Context) -> Aggregate:
     from sar_ray.metrics import clip as clip_metrics
 
     prompts = [str(t or "") for t in gen.text]
+    g_emb, r_emb = gen.columns["embedding"], ref.columns["embedding"]
+    if not all(p.strip() for p in prompts):
+        # Images without prompts (a real held-out set scored as a sweep's anchor; `evaluate`
+        # refuses them otherwise): the image distances only, no prompt alignment.
+        return _distances(Aggregate({}, warnings=[] if ctx.resample else [
+            f"clip/score and clip/retrieval_top1 not computed: {sum(not p.strip() for p in prompts)} of "
+            f"{len(prompts)} generated images have no prompt; clip/fd and clip/kid compare images only"]),
+            r_emb, g_emb, cfg, ctx)
     distinct = sorted(set(prompts))
     key = ("clip/prompts", tuple(distinct))
     if key not in ctx.cache:
         ctx.cache[key] = ctx.model.encode_texts(distinct)  # (T, D)
     p_emb = ctx.cache[key]
-    g_emb, r_emb = gen.columns["embedding"], ref.columns["embedding"]
     index = np.array([distinct.index(p) for p in prompts])
     per = clip_metrics.clip_scores(g_emb, p_emb[index])
     hits = clip_metrics.retrieval_hits(g_emb, p_emb, index)
     agg = Aggregate({"clip/score": float(per.mean())})
     agg.metrics["clip/retrieval_top1"] = float(hits.mean()) if len(distinct) >= 2 else float("nan")
+    if ctx.resample:
+        return _distances(agg, r_emb, g_emb, cfg, ctx)
+    if len(distinct) < 2:
+        agg.warnings.append("clip/retrieval_top1 needs >= 2 distinct prompts: nan")
+    agg = _distances(agg, r_emb, g_emb, cfg, ctx)
+    agg.summary["clip"] = {**agg.summary["clip"], "prompts": len(distinct), "retrieval_chance": 1.0 / len(distinct)}
+    agg.per_image = {"generated": {"clip_score": per.astype(np.float64), "clip_retrieval_hit": hits.astype(bool)}}
+    return agg
+
+
+def _distances(agg: Aggregate, r_emb, g_emb, cfg, ctx: Context) -> Aggregate:
+    """`agg` with clip/fd and clip/kid of the two embedding sets (numpy inside the bootstrap,
+    torchmetrics' definition either way)."""
+    from sar_ray.metrics import clip as clip_metrics
+
     if ctx.resample:
         subsets = min(cfg.kid_subsets, _RESAMPLE_KID_SUBSETS)
         d = _resample_distances(np.asarray(r_emb, np.float64), np.asarray(g_emb, np.float64), cfg.kid_subset_size,
@@ -71,13 +93,7 @@ def aggregate(gen: SetView, ref: SetView, cfg, ctx: Context) -> Aggregate:
         return agg
     d = clip_metrics.embedding_distances(r_emb, g_emb, cfg.kid_subset_size, cfg.kid_subsets, cfg.seed)
     agg.metrics["clip/fd"], agg.metrics["clip/kid"] = d["fd"], d["kid"]
-    if len(distinct) < 2:
-        agg.warnings.append("clip/retrieval_top1 needs >= 2 distinct prompts: nan")
-    agg.summary["clip"] = {
-        "prompts": len(distinct), "retrieval_chance": 1.0 / len(distinct),
-        "kid_raw": d["kid_raw"], "kid_std": d["kid_std"],
-    }
-    agg.per_image = {"generated": {"clip_score": per.astype(np.float64), "clip_retrieval_hit": hits.astype(bool)}}
+    agg.summary["clip"] = {"kid_raw": d["kid_raw"], "kid_std": d["kid_std"]}
     return agg
 
 
