@@ -574,18 +574,21 @@ def run_sweep(study: StudyConfig, *, resume: bool = False, fresh: bool = False, 
             f"sweep/{study.name}", tags={"sar_ray.kind": "sweep", "sar_ray.folder": str(folder)},
             resume_run_id=remembered_run(folder, uri),
         )
-        remember_run(folder, uri, parent_run_id)
-        (folder / "sweep.yaml").write_text(config_mod.dump_yaml(study))
-        tracker.log_artifact(parent_run_id, folder / "sweep.yaml")
-        tracker.log_params(parent_run_id, {"search.algorithm": study.search.algorithm,
-                                           "search.num_samples": study.search.num_samples,
-                                           # what `sar-ray report` ranks by when rebuilding this report
-                                           "search.objectives": json.dumps([o.model_dump() for o in study.search.objectives]),
-                                           "search.space": json.dumps({k: v.model_dump(exclude_none=True)
-                                                                       for k, v in study.search.space.items()})})
+        try:  # the parent run exists from here: a failure must not leave it RUNNING
+            remember_run(folder, uri, parent_run_id)
+            (folder / "sweep.yaml").write_text(config_mod.dump_yaml(study))
+            tracker.log_artifact(parent_run_id, folder / "sweep.yaml")
+            tracker.log_params(parent_run_id, {
+                "search.algorithm": study.search.algorithm, "search.num_samples": study.search.num_samples,
+                # what `sar-ray report` ranks by when rebuilding this report
+                "search.objectives": json.dumps([o.model_dump() for o in study.search.objectives]),
+                "search.space": json.dumps({k: v.model_dump(exclude_none=True) for k, v in study.search.space.items()})})
+            if splits is not None:
+                tracker.set_tags(parent_run_id, {"sar_ray.splits": splits.note[:5000]})
+        except BaseException as e:
+            _end_failed_parent(tracker, parent_run_id, e)
+            raise
         tracking = {"uri": uri, "experiment": base.tracking.experiment, "parent_run_id": parent_run_id}
-        if splits is not None:
-            tracker.set_tags(parent_run_id, {"sar_ray.splits": splits.note[:5000]})
 
     # From here on the parent run exists: whatever fails (an anchor, the data prebuild, Tune,
     # the report) must not leave it RUNNING for ever.

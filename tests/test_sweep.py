@@ -462,6 +462,25 @@ def test_a_sweep_that_fails_before_its_trials_does_not_leave_its_parent_run_runn
     assert "the base model could not be sampled" in parent.data.tags["sar_ray.error"]
 
 
+def test_a_parent_run_whose_first_logging_fails_is_not_left_running(tmp_path, monkeypatch, ray_local):
+    """The sweep file and search params are logged to the parent run just after it starts; a
+    failure there (a tracking server that went away, an artifact store it cannot write) left
+    the parent RUNNING in the MLflow UI for ever."""
+    from sar_ray.tracking import Tracker
+
+    def broken(self, *args, **kwargs):
+        raise OSError("artifact store not writable")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(Tracker, "log_artifact", broken)
+    s = study(tmp_path, {"strategy.unet.mode": {"grid": ["full"]}}, "search.algorithm=grid", name="pl")
+    with pytest.raises(OSError, match="not writable"):
+        run_sweep(s, progress=False)
+    client, exp = _client(tmp_path)
+    (parent,) = client.search_runs([exp], "tags.`sar_ray.kind` = 'sweep'")
+    assert parent.info.status == "FAILED" and "not writable" in parent.data.tags["sar_ray.error"]
+
+
 def test_the_sweep_checks_validation_shares_with_the_workers_its_points_use(tmp_path, monkeypatch, ray_local):
     """16 scenes at val_fraction 0.25 give 6 validation images: too few for the base trial's 8
     workers, enough for the 2 that every point of the search uses. The check once ran on the
