@@ -292,10 +292,10 @@ def best_per_strategy(rows: list[TrialRow], objective: ObjectiveConfig) -> list[
     done = [r for r in rows if r.status == "FINISHED" and isinstance(r.metrics.get(key), (int, float))
             and math.isfinite(r.metrics[key])]
     rank = partial_last(done)
-    best: dict[str, TrialRow] = {}
+    best: dict[str, TrialRow] = {}  # in ranked order: a strategy first appears with its best row
     for r in sorted(done, key=lambda r: (rank(r), r.metrics[key] * sign)):
         best.setdefault(r.strategy, r)
-    return sorted(best.values(), key=lambda r: (rank(r), r.metrics[key] * sign))
+    return list(best.values())
 
 
 def partial_last(rows: list[TrialRow]):

@@ -962,12 +962,14 @@ def _best(rows: list[dict[str, Any]], search: SearchConfig) -> dict[str, Any] | 
     points: dict[str, list[dict[str, Any]]] = {}
     for r in sorted(rows, key=lambda r: (r["repeat"], str(r["trial_id"]))):
         points.setdefault(json.dumps(r["params"], sort_keys=True, default=str), []).append(r)
-    finished = [([r for r in m if done(r)], len(m)) for m in points.values()]
-    finished = [(m, n) for m, n in finished if m]
-    complete = [(m, n) for m, n in finished if len(m) == n]
-    members, n = pick(complete or finished, key=lambda mn: sum(r["metrics"][o.metric] for r in mn[0]) / len(mn[0]))
-    mean = sum(r["metrics"][o.metric] for r in members) / len(members)
-    return {**members[0], "metrics": {**members[0]["metrics"], o.metric: mean},
+    def mean(members: list[dict[str, Any]]) -> float:
+        return sum(r["metrics"][o.metric] for r in members) / len(members)
+
+    # (its finished replicas, how many it ran) of every point with one finished
+    finished = [(f, len(m)) for m in points.values() if (f := [r for r in m if done(r)])]
+    complete = [(f, n) for f, n in finished if len(f) == n]
+    members, n = pick(complete or finished, key=lambda fn: mean(fn[0]))
+    return {**members[0], "metrics": {**members[0]["metrics"], o.metric: mean(members)},
             "trials": [r["trial_id"] for r in members], "seeds": n}
 
 
