@@ -17,6 +17,7 @@ Outputs in the trial folder (`cfg.out_dir`):
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -55,22 +56,60 @@ class ProgressChannel:
     """What a trial's rank 0 tells its driver while it trains (log records: losses, lr,
     throughput, validation, events, sample grids as PNG bytes). An actor, so the driver needs
     no filesystem shared with the workers, and a Ray Train restart of the worker group keeps
-    reporting to the same driver."""
+    reporting to the same driver.
+
+    Asynchronous (its methods only yield in their waits), so calls from one caller still run
+    in the order sent, while `settle` can wait for the driver: rank 0 settles before each
+    report, so what it logged up to a report is in `train_log.jsonl` and MLflow before the
+    scheduler sees the report and may stop the trial (ASHA's stop ends the trial driver, and
+    records still in flight were lost with it)."""
 
     def __init__(self):
         self._records: list[dict] = []
+        self._unwritten = 0  # drained, not yet confirmed written by the driver
+        self._unflushed = False  # drained, not yet confirmed in MLflow (the driver batches its writes)
+        self._settling = 0  # callers waiting in settle
 
-    def put(self, records: list[dict]) -> None:
+    async def put(self, records: list[dict]) -> None:
         self._records.extend(records)
 
-    def drain(self) -> list[dict]:
+    async def drain(self, wait: float = 0.0) -> tuple[list[dict], bool]:
+        """(the records sent since the last drain, whether a caller waits in `settle`); waits
+        up to `wait` s for a record or a settle when there is none."""
+        deadline = time.monotonic() + wait
+        while not self._records and not self._settling and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
         out, self._records = self._records, []
-        return out
+        self._unwritten += len(out)
+        self._unflushed = self._unflushed or bool(out)
+        return out, self._settling > 0
+
+    async def written(self, flushed: bool) -> None:
+        """The driver wrote everything it drained to the trial folder, and to MLflow if `flushed`."""
+        self._unwritten = 0
+        self._unflushed = self._unflushed and not flushed
+
+    async def settle(self, timeout: float) -> bool:
+        """Wait until the driver has drained and written every record sent before this call."""
+        self._settling += 1
+        try:
+            deadline = time.monotonic() + timeout
+            while self._pending() and time.monotonic() < deadline:
+                await asyncio.sleep(0.005)
+            return not self._pending()
+        finally:
+            self._settling -= 1
+
+    def _pending(self) -> bool:
+        return bool(self._records or self._unwritten or self._unflushed)
 
 
 class _Progress:
     """Rank 0's side of the channel: `log` sends without waiting (actor calls from one caller
-    arrive in order); `flush` waits until everything sent has arrived."""
+    arrive in order); `flush` waits until everything sent has arrived; `settle` until the
+    driver has also written it."""
+
+    SETTLE_TIMEOUT = 10.0  # a driver this slow (an MLflow server that hangs) does not hold training
 
     def __init__(self, channel, rank: int):
         self.channel = channel if rank == 0 else None
@@ -86,6 +125,25 @@ class _Progress:
             ray.get(self.channel.put.remote([]), timeout=60)
         except Exception:  # noqa: BLE001 - a driver that is gone reads nothing; training results stand
             pass
+
+    def settle(self) -> None:
+        if self.channel is None:
+            return
+        try:
+            ray.get(self.channel.settle.remote(self.SETTLE_TIMEOUT), timeout=self.SETTLE_TIMEOUT + 30)
+        except Exception:  # noqa: BLE001 - as in flush
+            pass
+
+    def settled(self, report: Callable[..., None]) -> Callable[..., None]:
+        """`report`, called once the driver has written what this rank logged before it."""
+        if self.channel is None:
+            return report
+
+        def settled_report(metrics, checkpoint=None):
+            self.settle()
+            return report(metrics, checkpoint=checkpoint)
+
+        return settled_report
 
 
 @dataclass
@@ -114,12 +172,13 @@ def session_for(config: dict[str, Any]) -> Session:
         from ray import tune
 
         progress = _Progress(config.get("progress"), 0)
-        return Session(0, 1, True, lambda metrics, checkpoint=None: tune.report(dict(metrics)),
+        return Session(0, 1, True, progress.settled(lambda metrics, checkpoint=None: tune.report(dict(metrics))),
                        lambda: None, ray.train.get_dataset_shard, progress.log, progress.flush)
     ctx = ray.train.get_context()
     progress = _Progress(config.get("progress"), ctx.get_world_rank())
     return Session(ctx.get_world_rank(), ctx.get_world_size(), bool(config.get("local_mode")),
-                   ray.train.report, ray.train.get_checkpoint, ray.train.get_dataset_shard, progress.log,
+                   progress.settled(ray.train.report), ray.train.get_checkpoint, ray.train.get_dataset_shard,
+                   progress.log,
                    progress.flush)
 
 

@@ -122,25 +122,37 @@ class TrialMonitor:
         ray.kill(self.channel)
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval):
+        while not self._stop.is_set():
             try:
-                self.poll()
+                self.poll(wait=self.interval)  # returns at once when a record or a settle comes
                 if time.monotonic() - self._last_flush > 2.0:
                     self.flush()
             except Exception:  # noqa: BLE001 - a hiccup of the channel or the store must not stop training
-                pass
+                self._stop.wait(self.interval)
 
     # -- records ------------------------------------------------------------------------------
-    def poll(self) -> None:
+    def poll(self, wait: float = 0.0) -> None:
+        """Write out what the channel holds. When rank 0 waits to report (`ProgressChannel.settle`),
+        MLflow gets it now too, and the channel hears it is written: the scheduler may stop the
+        trial on that report, which ends this driver."""
         import ray
 
         with self._lock:  # the thread and stop() may both poll
-            records = ray.get(self.channel.drain.remote(), timeout=30)
+            records, settling = ray.get(self.channel.drain.remote(wait), timeout=30 + wait)
             for rec in records:
                 try:
                     self.on_record(rec)
                 except Exception:  # noqa: BLE001 - progress must never kill training
                     pass
+            flushed = False
+            if settling:
+                try:
+                    self.flush()
+                    flushed = True
+                except Exception:  # noqa: BLE001 - as above; rank 0 stops waiting at its timeout
+                    pass
+            if records or settling:
+                self.channel.written.remote(flushed)
 
     def on_record(self, rec: dict) -> None:
         event, step = rec.get("event"), int(rec.get("step") or 0)

@@ -93,6 +93,55 @@ def test_monitor_keeps_the_log_from_the_workers_channel_and_drops_history_after_
     assert m.state == {"step": 3, "loss": 0.7, "val_loss": 0.5, "trainable_params": 5, "peak_memory_mb": 12.0}
 
 
+class _Tracker:
+    def __init__(self):
+        self.metrics: list[tuple[str, float, int]] = []
+
+    def log_metrics(self, run_id, batch):
+        self.metrics.extend(batch)
+
+    def log_image(self, run_id, png, key, step):
+        pass
+
+
+def test_a_report_waits_until_the_driver_has_written_what_rank_0_logged_before_it(ray_local, tmp_path, monkeypatch):
+    """ASHA may stop a trial on any report, and its stop ends the trial driver: what rank 0
+    logged before the report must be in train_log.jsonl and MLflow by then. A trial stopped
+    right after its step-3 report lost that step's lines (a CI run of .ci/e2e)."""
+    import ray
+
+    from sar_ray.train import ProgressChannel, _Progress
+    from sar_ray.trial import TrialMonitor
+
+    tracker = _Tracker()
+    m = TrialMonitor(tmp_path / "trial", tracker, "run", interval=5.0)  # polls rarely: the report must not wait for it
+    m.start()
+    try:
+        progress = _Progress(m.channel, 0)
+        seen = []
+        report = progress.settled(lambda metrics, checkpoint=None: seen.append(
+            (read_log(m.log_path), list(tracker.metrics), metrics)))
+        progress.log({"step": 3, "loss": 0.5, "lr": 1e-4})
+        progress.log({"step": 3, "quick/stats/js": 0.25, "time": 0.0})
+        report({"step": 3, "quick/stats/js": 0.25})
+        log, metrics, reported = seen[0]
+        assert [r["step"] for r in log] == [3, 3] and log[1]["quick/stats/js"] == 0.25
+        assert {("train/loss", 0.5, 3), ("quick/stats/js", 0.25, 3)} <= set(metrics)
+        assert reported == {"step": 3, "quick/stats/js": 0.25}
+    finally:
+        m.stop()
+
+    # A driver that no longer drains holds a report for SETTLE_TIMEOUT at most, and the report goes through.
+    monkeypatch.setattr(_Progress, "SETTLE_TIMEOUT", 0.3)
+    orphan = ProgressChannel.remote()
+    progress = _Progress(orphan, 0)
+    progress.log({"step": 1, "loss": 1.0})
+    got = []
+    progress.settled(lambda metrics, checkpoint=None: got.append(metrics))({"step": 1})
+    assert got == [{"step": 1}]
+    ray.kill(orphan)
+
+
 def test_resume_after_a_crash_reproduces_the_uninterrupted_losses(in_tmp, monkeypatch):
     # 12 scenes: ~5 batches an epoch, so the crash (step 7) and the resume (step 6) fall in the
     # second epoch, whose seeded permutation the resumed run must replay.
