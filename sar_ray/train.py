@@ -23,6 +23,7 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,71 +59,93 @@ class ProgressChannel:
     no filesystem shared with the workers, and a Ray Train restart of the worker group keeps
     reporting to the same driver.
 
-    Asynchronous (its methods only yield in their waits), so calls from one caller still run
-    in the order sent, while `settle` can wait for the driver: rank 0 settles before each
-    report, so what it logged up to a report is in `train_log.jsonl` and MLflow before the
-    scheduler sees the report and may stop the trial (ASHA's stop ends the trial driver, and
-    records still in flight were lost with it)."""
+    Asynchronous, so `settle` can wait for the driver: rank 0 settles before each report, so
+    what it logged up to a report is in `train_log.jsonl` and MLflow before the scheduler sees
+    the report and may stop the trial (ASHA's stop ends the trial driver, and records still in
+    flight were lost with it). Ray runs an async actor's calls out of order, even from one
+    caller, so every call says where it stands: a sender numbers its `put`s (records are
+    released in that order), `arrived`/`settle` name how many it sent, and the driver's
+    `written` names how many drained records it has written."""
 
     def __init__(self):
         self._records: list[dict] = []
-        self._unwritten = 0  # drained, not yet confirmed written by the driver
-        self._unflushed = False  # drained, not yet confirmed in MLflow (the driver batches its writes)
+        self._next: dict[str, int] = {}  # sender -> the next put it numbered that is not in yet
+        self._early: dict[str, dict[int, list[dict]]] = {}  # puts that came in ahead of their turn
+        self._drained = self._written = self._flushed = 0  # records: handed out, written, in MLflow
         self._settling = 0  # callers waiting in settle
 
-    async def put(self, records: list[dict]) -> None:
-        self._records.extend(records)
+    async def put(self, sender: str, seq: int, records: list[dict]) -> None:
+        early = self._early.setdefault(sender, {})
+        early[seq] = records
+        nxt = self._next.get(sender, 0)
+        while nxt in early:
+            self._records.extend(early.pop(nxt))
+            nxt += 1
+        self._next[sender] = nxt
 
-    async def drain(self, wait: float = 0.0) -> tuple[list[dict], bool]:
-        """(the records sent since the last drain, whether a caller waits in `settle`); waits
-        up to `wait` s for a record or a settle when there is none."""
+    async def drain(self, wait: float = 0.0) -> tuple[list[dict], bool, int]:
+        """(the records in since the last drain, whether a caller waits in `settle`, how many
+        records were drained in all); waits up to `wait` s for a record or a settle when there
+        is none."""
         deadline = time.monotonic() + wait
         while not self._records and not self._settling and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         out, self._records = self._records, []
-        self._unwritten += len(out)
-        self._unflushed = self._unflushed or bool(out)
-        return out, self._settling > 0
+        self._drained += len(out)
+        return out, self._settling > 0, self._drained
 
-    async def written(self, flushed: bool) -> None:
-        """The driver wrote everything it drained to the trial folder, and to MLflow if `flushed`."""
-        self._unwritten = 0
-        self._unflushed = self._unflushed and not flushed
+    async def written(self, upto: int, flushed: bool) -> None:
+        """The driver wrote the first `upto` drained records to the trial folder, and to MLflow
+        if `flushed` (any order of these calls gives the same state)."""
+        self._written = max(self._written, upto)
+        if flushed:
+            self._flushed = max(self._flushed, upto)
 
-    async def settle(self, timeout: float) -> bool:
-        """Wait until the driver has drained and written every record sent before this call."""
+    async def arrived(self, sender: str, sent: int, timeout: float) -> bool:
+        """Wait until the first `sent` puts of `sender` are in."""
+        deadline = time.monotonic() + timeout
+        while self._next.get(sender, 0) < sent and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        return self._next.get(sender, 0) >= sent
+
+    async def settle(self, sender: str, sent: int, timeout: float) -> bool:
+        """Wait until the first `sent` puts of `sender` are in and the driver has drained and
+        written every record."""
         self._settling += 1
         try:
             deadline = time.monotonic() + timeout
-            while self._pending() and time.monotonic() < deadline:
+            while self._pending(sender, sent) and time.monotonic() < deadline:
                 await asyncio.sleep(0.005)
-            return not self._pending()
+            return not self._pending(sender, sent)
         finally:
             self._settling -= 1
 
-    def _pending(self) -> bool:
-        return bool(self._records or self._unwritten or self._unflushed)
+    def _pending(self, sender: str, sent: int) -> bool:
+        return (self._next.get(sender, 0) < sent or bool(self._records)
+                or self._written < self._drained or self._flushed < self._drained)
 
 
 class _Progress:
-    """Rank 0's side of the channel: `log` sends without waiting (actor calls from one caller
-    arrive in order); `flush` waits until everything sent has arrived; `settle` until the
-    driver has also written it."""
+    """Rank 0's side of the channel: `log` sends without waiting (each put numbered, as the
+    actor may run them out of order); `flush` waits until everything sent has arrived;
+    `settle` until the driver has also written it."""
 
     SETTLE_TIMEOUT = 10.0  # a driver this slow (an MLflow server that hangs) does not hold training
 
     def __init__(self, channel, rank: int):
         self.channel = channel if rank == 0 else None
+        self._sender, self._sent = uuid.uuid4().hex, 0  # a restarted rank 0 is a new sender
 
     def log(self, record: dict) -> None:
         if self.channel is not None:
-            self.channel.put.remote([record])
+            self.channel.put.remote(self._sender, self._sent, [record])
+            self._sent += 1
 
     def flush(self) -> None:
         if self.channel is None:
             return
         try:
-            ray.get(self.channel.put.remote([]), timeout=60)
+            ray.get(self.channel.arrived.remote(self._sender, self._sent, 60.0), timeout=90)
         except Exception:  # noqa: BLE001 - a driver that is gone reads nothing; training results stand
             pass
 
@@ -130,7 +153,8 @@ class _Progress:
         if self.channel is None:
             return
         try:
-            ray.get(self.channel.settle.remote(self.SETTLE_TIMEOUT), timeout=self.SETTLE_TIMEOUT + 30)
+            ray.get(self.channel.settle.remote(self._sender, self._sent, self.SETTLE_TIMEOUT),
+                    timeout=self.SETTLE_TIMEOUT + 30)
         except Exception:  # noqa: BLE001 - as in flush
             pass
 

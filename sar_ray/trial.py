@@ -138,7 +138,7 @@ class TrialMonitor:
         import ray
 
         with self._lock:  # the thread and stop() may both poll
-            records, settling = ray.get(self.channel.drain.remote(wait), timeout=30 + wait)
+            records, settling, drained = ray.get(self.channel.drain.remote(wait), timeout=30 + wait)
             for rec in records:
                 try:
                     self.on_record(rec)
@@ -152,7 +152,7 @@ class TrialMonitor:
                 except Exception:  # noqa: BLE001 - as above; rank 0 stops waiting at its timeout
                     pass
             if records or settling:
-                self.channel.written.remote(flushed)
+                self.channel.written.remote(drained, flushed)
 
     def on_record(self, rec: dict) -> None:
         event, step = rec.get("event"), int(rec.get("step") or 0)

@@ -77,9 +77,11 @@ def test_monitor_keeps_the_log_from_the_workers_channel_and_drops_history_after_
     from sar_ray.trial import TrialMonitor
 
     m = TrialMonitor(tmp_path / "trial")
+    sent = []
 
     def put(*records):
-        ray.get(m.channel.put.remote(list(records)))
+        ray.get(m.channel.put.remote("rank0", len(sent), list(records)))
+        sent.append(records)
 
     put({"event": "start", "step": 0, "trainable_params": 5}, {"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.9},
         {"step": 3, "loss": 0.8})
@@ -140,6 +142,34 @@ def test_a_report_waits_until_the_driver_has_written_what_rank_0_logged_before_i
     progress.settled(lambda metrics, checkpoint=None: got.append(metrics))({"step": 1})
     assert got == [{"step": 1}]
     ray.kill(orphan)
+
+
+def test_the_channel_keeps_a_senders_order_when_ray_runs_its_calls_out_of_order(ray_local):
+    """Ray runs an async actor's calls out of order, even from one caller: a settle or flush
+    that ran before the puts sent ahead of it returned at once (a CI run lost a local trial's
+    last step, and a report came before its lines were written)."""
+    import ray
+
+    from sar_ray.train import ProgressChannel
+
+    ch = ProgressChannel.remote()
+    try:
+        ray.get(ch.put.remote("a", 1, [{"step": 2}]))  # the second put came in first
+        assert ray.get(ch.drain.remote()) == ([], False, 0)  # held until the first is in
+        assert not ray.get(ch.arrived.remote("a", 2, 0.05))
+        assert not ray.get(ch.settle.remote("a", 2, 0.05))
+        ray.get(ch.put.remote("a", 0, [{"step": 1}]))
+        assert ray.get(ch.arrived.remote("a", 2, 0.05))
+        records, _, drained = ray.get(ch.drain.remote())
+        assert [r["step"] for r in records] == [1, 2] and drained == 2
+        assert not ray.get(ch.settle.remote("a", 2, 0.05))  # drained, not yet written
+        ray.get(ch.written.remote(2, True))
+        ray.get(ch.written.remote(1, False))  # a stale confirmation that ran late changes nothing
+        assert ray.get(ch.settle.remote("a", 2, 0.05))
+        ray.get(ch.put.remote("b", 0, [{"step": 3}]))  # a restarted rank 0 numbers from 0 again
+        assert ray.get(ch.drain.remote())[0] == [{"step": 3}]
+    finally:
+        ray.kill(ch)
 
 
 def test_resume_after_a_crash_reproduces_the_uninterrupted_losses(in_tmp, monkeypatch):
