@@ -206,11 +206,12 @@ def evaluate(
     # The reference is described once per (reference, describing settings): a hit scores only
     # the generated images.
     cache = _ReferenceCache.for_reference(cfg, ref_items, size)
-    cached = cache.load(families, len(ref_items), warnings) if cache is not None else None
+    skipped: list[tuple[int, str, str]] = []  # (index, name, error) of unreadable reference images left out
+    cached = (cache.load(families, len(ref_items), warnings, skipped if skip_unreadable_reference else None)
+              if cache is not None else None)
     items = [it.row() for it in (gen_items if cached is not None else gen_items + ref_items)]
     counts, w = _resample_plan(len(gen_items), cfg)
     warnings += w
-    skipped: list[tuple[str, str]] = []  # (name, error) of unreadable reference images left out
     with _quiet_ray_data():
         ds = _pipeline(items, cfg, size, norms, families)
         accs = {"generated": _SetAccumulator(families, counts, _bootstrap_classes(gen_items, ref_items)),
@@ -221,7 +222,8 @@ def evaluate(
                 usable = np.ones(len(batch["set"]), bool)
                 if skip_unreadable_reference:
                     usable = ~((batch["set"] == "reference") & (batch["error"] != ""))
-                    skipped += [(str(n), str(e)) for n, e in zip(batch["name"][~usable], batch["error"][~usable])]
+                    skipped += [(int(i), str(n), str(e)) for i, n, e in
+                                zip(batch["index"][~usable], batch["name"][~usable], batch["error"][~usable])]
                     batch["error"] = np.where(usable, batch["error"], "")
                 _raise_unreadable(batch)  # the first unreadable image stops the run
                 for s in described:
@@ -229,14 +231,13 @@ def evaluate(
                 advance(len(batch["set"]))
     if skipped:
         warnings.append(f"reference: left out {len(skipped)} unreadable of {len(ref_items)} images "
-                        f"(data.on_corrupt=skip; first: {skipped[0][0]}: {skipped[0][1]})")
+                        f"(data.on_corrupt=skip; first: {skipped[0][1]}: {skipped[0][2]})")
     if accs["reference"].n == 0:
         from sar_ray.data.captions import DataError
 
         raise DataError(f"{reference}: no readable reference images (all {len(ref_items)} unreadable)")
-    if cache is not None and cached is None and not skipped:
-        # (a reference with images left out is not cached: an entry must hold every image)
-        cache.save(accs["reference"], warnings)
+    if cache is not None and cached is None:
+        cache.save(accs["reference"], warnings, skipped)
 
     warnings += _input_warnings(accs, size)
     models = {}
@@ -787,7 +788,9 @@ class _ReferenceCache:
     parameters, the SAR-CLIP folder's files), the descriptor code and `DESCRIPTOR_VERSION`.
     A hit skips decoding and describing the reference. An entry is trusted only if its stored
     key equals this one and its arrays hash to the digest written with them; anything else is
-    described again, with a warning."""
+    described again, with a warning. An entry that left unreadable images out (with
+    `skip_unreadable_reference`) says which, so a hit warns about them as describing did, and
+    serves only callers that skip them too (the others describe again, and stop at the first)."""
 
     def __init__(self, folder: Path, key_doc: dict):
         self.key_doc = key_doc
@@ -806,7 +809,10 @@ class _ReferenceCache:
             key_doc["clip_files"] = _folder_digest(Path(cfg.clip))
         return cls(Path(cfg.cache_dir).expanduser(), key_doc)
 
-    def load(self, families: Sequence[Family], n: int, warnings: list[str]) -> _SetAccumulator | None:
+    def load(self, families: Sequence[Family], n: int, warnings: list[str],
+             skipped: list | None = None) -> _SetAccumulator | None:
+        """The cached reference, or None. `skipped`: the list to extend with the entry's
+        left-out images (None: an entry that left any out is not used)."""
         if not self.path.is_file():
             return None
         try:
@@ -818,17 +824,23 @@ class _ReferenceCache:
             if manifest.get("digest") != _arrays_digest(arrays):
                 raise ValueError("its arrays do not match the digest written with them")
             acc = _SetAccumulator.from_state(families, manifest, arrays)
-            if sorted(r["index"] for r in acc.rows) != list(range(n)):
-                raise ValueError(f"it holds {acc.n} images, the reference {n}")
+            left_out = [tuple(x) for x in manifest.get("skipped", [])]
+            if sorted([r["index"] for r in acc.rows] + [x[0] for x in left_out]) != list(range(n)):
+                raise ValueError(f"it holds {acc.n} images and {len(left_out)} left out, the reference {n}")
+            if left_out and skipped is None:
+                return None  # this caller reads every image: describing stops at the first unreadable
         except Exception as e:  # noqa: BLE001 - whatever is wrong with it, describing again is right
             warnings.append(f"reference cache {self.path}: not used ({type(e).__name__}: {e}); "
                             "the reference was described again")
             return None
         os.utime(self.path)  # recently used: pruned last
+        if skipped is not None:
+            skipped += left_out
         return acc
 
-    def save(self, acc: _SetAccumulator, warnings: list[str]) -> None:
+    def save(self, acc: _SetAccumulator, warnings: list[str], skipped: list | None = None) -> None:
         manifest, arrays = acc.state()
+        manifest["skipped"] = [list(x) for x in skipped or []]
         if any(a.dtype == object for a in arrays):
             warnings.append("reference cache: not written (a descriptor column holds Python objects)")
             return

@@ -373,6 +373,26 @@ def test_a_corrupt_or_foreign_cache_entry_is_described_again_with_a_warning(ray_
     assert r.metrics == want[256] and any("reference cache" in w for w in r.warnings)
 
 
+def test_a_reference_with_an_unreadable_image_left_out_is_cached_for_callers_that_skip_it(ray_local, sets, tmp_path):
+    """A sweep scores every trial against a reference with data.on_corrupt=skip: one corrupt
+    image there had each trial describe the whole reference again (it was never cached)."""
+    from sar_ray.data.io import ImageReadError
+
+    _, a, b = sets
+    ref = _reference_copy(b, tmp_path / "ref")
+    victim = sorted(ref.rglob("*.png"))[-1]
+    victim.write_bytes(b"\x89PNG\r\n\x1a\n not a png")
+    cfg = EvalConfig(generated_normalized=False, size=SIZE, bootstrap=10, cache_dir=str(tmp_path / "cache"))
+    first = evaluate(a, ref, cfg, progress=False, skip_unreadable_reference=True)
+    second = evaluate(a, ref, cfg, progress=False, skip_unreadable_reference=True)
+    assert not first.summary["reference_cache"]["hit"] and second.summary["reference_cache"]["hit"]
+    assert second.metrics == first.metrics and second.n_reference == first.n_reference
+    assert second.warnings == first.warnings and any("left out 1 unreadable" in w and victim.name in w
+                                                     for w in second.warnings)
+    with pytest.raises(ImageReadError, match=victim.name):  # a caller that reads every image is not served it
+        evaluate(a, ref, cfg, progress=False)
+
+
 # ------------------------------------------------------------------------------- max_images
 
 
