@@ -71,7 +71,7 @@ class ProgressChannel:
         self._records: list[dict] = []
         self._next: dict[str, int] = {}  # sender -> the next put it numbered that is not in yet
         self._early: dict[str, dict[int, list[dict]]] = {}  # puts that came in ahead of their turn
-        self._drained = self._written = self._flushed = 0  # records: handed out, written, in MLflow
+        self._drained = self._written = 0  # records: handed out; written to the folder and MLflow
         self._settling = 0  # callers waiting in settle
 
     async def put(self, sender: str, seq: int, records: list[dict]) -> None:
@@ -85,44 +85,42 @@ class ProgressChannel:
 
     async def drain(self, wait: float = 0.0) -> tuple[list[dict], bool, int]:
         """(the records in since the last drain, whether a caller waits in `settle`, how many
-        records were drained in all); waits up to `wait` s for a record or a settle when there
-        is none."""
+        records were drained in all); waits up to `wait` s when there is none and no settle
+        waits on the driver (a settle still waiting for its own puts does not)."""
         deadline = time.monotonic() + wait
-        while not self._records and not self._settling and time.monotonic() < deadline:
+        while (not self._records and not (self._settling and self._written < self._drained)
+               and time.monotonic() < deadline):
             await asyncio.sleep(0.01)
         out, self._records = self._records, []
         self._drained += len(out)
         return out, self._settling > 0, self._drained
 
-    async def written(self, upto: int, flushed: bool) -> None:
-        """The driver wrote the first `upto` drained records to the trial folder, and to MLflow
-        if `flushed` (any order of these calls gives the same state)."""
+    async def written(self, upto: int) -> None:
+        """The driver wrote the first `upto` drained records to the trial folder and to MLflow
+        (calls may come in any order: the highest counts)."""
         self._written = max(self._written, upto)
-        if flushed:
-            self._flushed = max(self._flushed, upto)
 
     async def arrived(self, sender: str, sent: int, timeout: float) -> bool:
         """Wait until the first `sent` puts of `sender` are in."""
-        deadline = time.monotonic() + timeout
-        while self._next.get(sender, 0) < sent and time.monotonic() < deadline:
-            await asyncio.sleep(0.005)
-        return self._next.get(sender, 0) >= sent
+        return await self._until(lambda: self._next.get(sender, 0) >= sent, timeout)
 
     async def settle(self, sender: str, sent: int, timeout: float) -> bool:
         """Wait until the first `sent` puts of `sender` are in and the driver has drained and
         written every record."""
         self._settling += 1
         try:
-            deadline = time.monotonic() + timeout
-            while self._pending(sender, sent) and time.monotonic() < deadline:
-                await asyncio.sleep(0.005)
-            return not self._pending(sender, sent)
+            return await self._until(
+                lambda: (self._next.get(sender, 0) >= sent and not self._records
+                         and self._written >= self._drained), timeout)
         finally:
             self._settling -= 1
 
-    def _pending(self, sender: str, sent: int) -> bool:
-        return (self._next.get(sender, 0) < sent or bool(self._records)
-                or self._written < self._drained or self._flushed < self._drained)
+    @staticmethod
+    async def _until(done: Callable[[], bool], timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not done() and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        return done()
 
 
 class _Progress:

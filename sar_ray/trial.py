@@ -82,6 +82,7 @@ class TrialMonitor:
 
     METRICS = {"loss": "train/loss", "lr": "train/lr", "images_per_s": "train/images_per_s",
                "vae_loss": "train/vae_loss", "val_loss": "val/loss"}
+    MAX_PENDING = 100_000  # metric points held while MLflow does not take them
 
     def __init__(self, out: Path, tracker=None, run_id: str | None = None, bar=None, interval: float = 0.5):
         import ray
@@ -144,15 +145,12 @@ class TrialMonitor:
                     self.on_record(rec)
                 except Exception:  # noqa: BLE001 - progress must never kill training
                     pass
-            flushed = False
             if settling:
                 try:
                     self.flush()
-                    flushed = True
                 except Exception:  # noqa: BLE001 - as above; rank 0 stops waiting at its timeout
-                    pass
-            if records or settling:
-                self.channel.written.remote(drained, flushed)
+                    return
+                self.channel.written.remote(drained)
 
     def on_record(self, rec: dict) -> None:
         event, step = rec.get("event"), int(rec.get("step") or 0)
@@ -197,7 +195,14 @@ class TrialMonitor:
         batch, self._pending = self._pending, []
         grids, self._grids = self._grids, []
         if batch:
-            self.tracker.log_metrics(self.run_id, batch)
+            try:
+                self.tracker.log_metrics(self.run_id, batch)
+            except Exception:
+                # Kept for the next flush (a report settling waits for it); a store down for
+                # long keeps the newest.
+                self._pending = (batch + self._pending)[-self.MAX_PENDING:]
+                self._grids = grids + self._grids
+                raise
         for png, step in grids:
             self.tracker.log_image(self.run_id, png, "samples", step)
 

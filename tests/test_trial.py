@@ -1,6 +1,7 @@
 """A whole trial through Ray Train local mode: outputs, MLflow run, resume, failures."""
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -99,7 +100,12 @@ class _Tracker:
     def __init__(self):
         self.metrics: list[tuple[str, float, int]] = []
 
+        self.fail = 0  # the next calls of log_metrics that raise (an MLflow hiccup)
+
     def log_metrics(self, run_id, batch):
+        if self.fail:
+            self.fail -= 1
+            raise ConnectionError("mlflow: 503")
         self.metrics.extend(batch)
 
     def log_image(self, run_id, png, key, step):
@@ -130,6 +136,12 @@ def test_a_report_waits_until_the_driver_has_written_what_rank_0_logged_before_i
         assert [r["step"] for r in log] == [3, 3] and log[1]["quick/stats/js"] == 0.25
         assert {("train/loss", 0.5, 3), ("quick/stats/js", 0.25, 3)} <= set(metrics)
         assert reported == {"step": 3, "quick/stats/js": 0.25}
+        # MLflow failed the flush the report waited for: the points are kept and sent again
+        # before the report goes through, not dropped.
+        tracker.fail = 1
+        progress.log({"step": 4, "loss": 0.4})
+        report({"step": 4})
+        assert ("train/loss", 0.4, 4) in seen[1][1] and tracker.fail == 0
     finally:
         m.stop()
 
@@ -158,14 +170,26 @@ def test_the_channel_keeps_a_senders_order_when_ray_runs_its_calls_out_of_order(
         assert ray.get(ch.drain.remote()) == ([], False, 0)  # held until the first is in
         assert not ray.get(ch.arrived.remote("a", 2, 0.05))
         assert not ray.get(ch.settle.remote("a", 2, 0.05))
+        # A settle that waits for its own puts owes the driver nothing: drain still waits (the
+        # driver does not spin on it).
+        waiting = ch.settle.remote("a", 2, 5.0)
+        time.sleep(0.2)  # it is waiting
+        t = time.monotonic()
+        records, _, drained = ray.get(ch.drain.remote(0.5))
+        assert records == [] and drained == 0 and time.monotonic() - t >= 0.45
         ray.get(ch.put.remote("a", 0, [{"step": 1}]))
         assert ray.get(ch.arrived.remote("a", 2, 0.05))
+        records, settling, drained = ray.get(ch.drain.remote())
+        assert [r["step"] for r in records] == [1, 2] and settling and drained == 2
+        ray.get(ch.written.remote(2))
+        assert ray.get(waiting)
+        ray.get(ch.put.remote("a", 2, [{"step": 2}]))
         records, _, drained = ray.get(ch.drain.remote())
-        assert [r["step"] for r in records] == [1, 2] and drained == 2
-        assert not ray.get(ch.settle.remote("a", 2, 0.05))  # drained, not yet written
-        ray.get(ch.written.remote(2, True))
-        ray.get(ch.written.remote(1, False))  # a stale confirmation that ran late changes nothing
-        assert ray.get(ch.settle.remote("a", 2, 0.05))
+        assert records == [{"step": 2}] and drained == 3
+        assert not ray.get(ch.settle.remote("a", 3, 0.05))  # drained, not yet written
+        ray.get(ch.written.remote(3))
+        ray.get(ch.written.remote(1))  # a stale confirmation that ran late changes nothing
+        assert ray.get(ch.settle.remote("a", 3, 0.05))
         ray.get(ch.put.remote("b", 0, [{"step": 3}]))  # a restarted rank 0 numbers from 0 again
         assert ray.get(ch.drain.remote())[0] == [{"step": 3}]
     finally:
