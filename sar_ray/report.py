@@ -280,8 +280,9 @@ def _better(a: float, b: float, mode: str) -> bool:
     return a < b if mode == "min" else a > b
 
 
-def best_per_strategy(rows: list[TrialRow], objective: ObjectiveConfig) -> list[TrialRow]:
-    """Each strategy's best finished row on `objective`, best first.
+def ranked(rows: list[TrialRow], objective: ObjectiveConfig) -> list[TrialRow]:
+    """The finished rows (points, after `group_points`) with a value of `objective`, best
+    first: the one ranking rule of the report and the sweep's `best`.
 
     A point some of whose seeds did not finish (`unfinished`: ASHA stopped them) ranks after
     the points whose every seed finished, where there are any: its mean is over the seeds the
@@ -292,8 +293,13 @@ def best_per_strategy(rows: list[TrialRow], objective: ObjectiveConfig) -> list[
     done = [r for r in rows if r.status == "FINISHED" and isinstance(r.metrics.get(key), (int, float))
             and math.isfinite(r.metrics[key])]
     rank = partial_last(done)
+    return sorted(done, key=lambda r: (rank(r), r.metrics[key] * sign))
+
+
+def best_per_strategy(rows: list[TrialRow], objective: ObjectiveConfig) -> list[TrialRow]:
+    """Each strategy's best finished row on `objective` (`ranked`), best first."""
     best: dict[str, TrialRow] = {}  # in ranked order: a strategy first appears with its best row
-    for r in sorted(done, key=lambda r: (rank(r), r.metrics[key] * sign)):
+    for r in ranked(rows, objective):
         best.setdefault(r.strategy, r)
     return list(best.values())
 

@@ -940,37 +940,35 @@ def _rows(grid, study: StudyConfig) -> list[dict[str, Any]]:
 
 
 def _best(rows: list[dict[str, Any]], search: SearchConfig) -> dict[str, Any] | None:
-    """The finished trial best on the first objective; with search.repeats > 1 the point whose
-    mean over its finished seed replicas is best (as the report ranks points, so that the sweep's
-    best is not the luckiest seed): its first replica's row, with the mean as the objective's
-    value, `trials` naming every finished replica and `seeds` the point's replica count.
+    """The best point on the first objective, ranked as the report ranks its rows
+    (`report.group_points`, then `report.ranked`): with search.repeats > 1 the point whose mean
+    over its finished seed replicas is best, so that the sweep's best is not the luckiest seed,
+    and a point some of whose seeds did not finish (ASHA stopped them, or they failed) only
+    where no point finished all its seeds. Its first finished replica's row, with the point's
+    value of the objective, `trials` naming the replicas it averages and `seeds` how many the
+    point ran."""
+    from .report import TrialRow, _metric_key, group_points, ranked
 
-    As in the report (`report.best_per_strategy`), a point some of whose seeds did not finish
-    (ASHA stopped them, or they failed) competes only where no point finished all its seeds:
-    its mean is over the seeds that survived the scheduler for doing well early."""
     o = search.objectives[0]
-
-    def done(r: dict[str, Any]) -> bool:
-        return (r["status"] == "DONE" and isinstance(r["metrics"].get(o.metric), (int, float))
-                and math.isfinite(r["metrics"][o.metric]))
-
-    if not any(done(r) for r in rows):
+    key = _metric_key(o.metric)
+    by_id: dict[str, dict[str, Any]] = {}
+    trial_rows = []
+    for i, r in enumerate(rows):
+        rid = f"{i}:{r['trial_id']}"
+        by_id[rid] = r
+        value = r["metrics"].get(o.metric)
+        trial_rows.append(TrialRow(
+            rid, str(r["trial_id"]), str(r["strategy"]), "FINISHED" if r["status"] == "DONE" else r["status"],
+            {}, {key: value} if isinstance(value, (int, float)) else {}, trial_id=str(r["trial_id"]),
+            point=r["params"], seed=r.get("seed") if search.repeats > 1 else None))
+    order = ranked(group_points(trial_rows), o)
+    if not order:
         return None
-    pick = min if o.mode == "min" else max
-    if search.repeats <= 1:
-        return pick((r for r in rows if done(r)), key=lambda r: r["metrics"][o.metric])
-    points: dict[str, list[dict[str, Any]]] = {}
-    for r in sorted(rows, key=lambda r: (r["repeat"], str(r["trial_id"]))):
-        points.setdefault(json.dumps(r["params"], sort_keys=True, default=str), []).append(r)
-    def mean(members: list[dict[str, Any]]) -> float:
-        return sum(r["metrics"][o.metric] for r in members) / len(members)
-
-    # (its finished replicas, how many it ran) of every point with one finished
-    finished = [(f, len(m)) for m in points.values() if (f := [r for r in m if done(r)])]
-    complete = [(f, n) for f, n in finished if len(f) == n]
-    members, n = pick(complete or finished, key=lambda fn: mean(fn[0]))
-    return {**members[0], "metrics": {**members[0]["metrics"], o.metric: mean(members)},
-            "trials": [r["trial_id"] for r in members], "seeds": n}
+    top = order[0]
+    members = [m for m in top.repeats if m.status == "FINISHED"] or [top]
+    first = by_id[members[0].run_id]
+    return {**first, "metrics": {**first["metrics"], o.metric: top.metrics[key]},
+            "trials": [by_id[m.run_id]["trial_id"] for m in members], "seeds": len(members) + top.unfinished}
 
 
 # --------------------------------------------------------------------------------------------

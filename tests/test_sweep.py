@@ -429,6 +429,27 @@ def test_with_repeats_a_point_that_lost_seeds_to_asha_is_not_the_best_over_one_t
     assert "trial a0, 1 of 2 seeds" in text
 
 
+def test_the_sweeps_best_is_the_reports_best_when_a_sampler_suggested_a_point_twice():
+    """Optuna may suggest one point twice: with repeats 2 that is two rows of 2 seeds in the
+    report (replicas are told apart by seed). The sweep's best pooled all four trials into one
+    point of "4 seeds" (mean 0.21, behind b's 0.20) and named another best than the report."""
+    from sar_ray.config import ObjectiveConfig, SearchConfig
+    from sar_ray.report import TrialRow, best_per_strategy, group_points
+    from sar_ray.sweep import _best
+
+    p = {"train.lr": 1e-3}
+    rows = [_row("p0", 0.10, 0, p), _row("p1", 0.12, 1, p), _row("q0", 0.30, 0, p), _row("q1", 0.32, 1, p),
+            _row("b0", 0.19, 0, {"train.lr": 1e-4}), _row("b1", 0.21, 1, {"train.lr": 1e-4})]
+    search = SearchConfig(repeats=2, objectives=[{"metric": "stats/js", "mode": "min"}])
+    best = _best(rows, search)
+    assert best["trials"] == ["p0", "p1"] and best["seeds"] == 2
+    assert best["metrics"]["stats/js"] == pytest.approx(0.11)
+    report_rows = [TrialRow(r["trial_id"], r["trial_id"], r["strategy"], "FINISHED", {}, r["metrics"],
+                            trial_id=r["trial_id"], point=r["params"], seed=r["seed"]) for r in rows]
+    top = best_per_strategy(group_points(report_rows), ObjectiveConfig(metric="stats/js", mode="min"))[0]
+    assert [m.trial_id for m in top.repeats] == best["trials"]
+
+
 def test_the_comparison_lists_trials_best_first_for_an_objective_to_maximise():
     from sar_ray.sweep import SweepResult, comparison_lines
 
