@@ -292,7 +292,7 @@ def ranked(rows: list[TrialRow], objective: ObjectiveConfig) -> list[TrialRow]:
     sign = 1 if objective.mode == "min" else -1
     done = [r for r in rows if r.status == "FINISHED" and isinstance(r.metrics.get(key), (int, float))
             and math.isfinite(r.metrics[key])]
-    rank = partial_last(done)
+    rank = partial_last(done, key)
     return sorted(done, key=lambda r: (rank(r), r.metrics[key] * sign))
 
 
@@ -304,11 +304,19 @@ def best_per_strategy(rows: list[TrialRow], objective: ObjectiveConfig) -> list[
     return list(best.values())
 
 
-def partial_last(rows: list[TrialRow]):
-    """A sort key: 1 for a row with unfinished seeds when some row has all its seeds finished,
-    else 0 (where every point lost a seed, they compete on their means)."""
-    any_complete = any(not r.unfinished for r in rows)
-    return lambda r: int(bool(r.unfinished) and any_complete)
+def partial_last(rows: list[TrialRow], key: str):
+    """A sort key: 1 for a row some of whose seeds did not finish, or finished without a value of
+    `key` (its mean is over the others), when some row has all its seeds' values; else 0 (where
+    every point lost a seed, they compete on their means)."""
+    def partial(r: TrialRow) -> bool:
+        return bool(r.unfinished) or any(not _finite(m.metrics.get(key)) for m in r.repeats)
+
+    any_complete = any(not partial(r) for r in rows)
+    return lambda r: int(partial(r) and any_complete)
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
 
 
 def _metric_key(metric: str) -> str:
@@ -351,7 +359,7 @@ def separability(rows: list[TrialRow], key: str) -> dict[str, str]:
         return {}
     best = interval_of(rows[0], key)
     out = {rows[0].run_id: BEST}
-    rank = partial_last(rows)
+    rank = partial_last(rows, key)
     for r in rows[1:]:
         ci = interval_of(r, key)
         if rank(r):

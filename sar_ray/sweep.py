@@ -965,10 +965,13 @@ def _best(rows: list[dict[str, Any]], search: SearchConfig) -> dict[str, Any] | 
     if not order:
         return None
     top = order[0]
-    members = [m for m in top.repeats if m.status == "FINISHED"] or [top]
+    # the replicas its mean is over: finished, with a value (group_points averages those)
+    members = [m for m in top.repeats if isinstance(m.metrics.get(key), (int, float))
+               and math.isfinite(m.metrics[key])] or [top]
     first = by_id[members[0].run_id]
     return {**first, "metrics": {**first["metrics"], o.metric: top.metrics[key]},
-            "trials": [by_id[m.run_id]["trial_id"] for m in members], "seeds": len(members) + top.unfinished}
+            "trials": [by_id[m.run_id]["trial_id"] for m in members],
+            "seeds": max(len(top.repeats), 1) + top.unfinished}
 
 
 # --------------------------------------------------------------------------------------------

@@ -429,6 +429,20 @@ def test_with_repeats_a_point_that_lost_seeds_to_asha_is_not_the_best_over_one_t
     assert "trial a0, 1 of 2 seeds" in text
 
 
+def test_with_repeats_a_seed_that_finished_without_a_value_does_not_let_its_point_win_on_the_other():
+    """a1 finished but has no objective value (NaN): a's mean was a0's alone (0.10), and it
+    beat b, whose both seeds have values (0.15), under "2 seeds"."""
+    from sar_ray.config import SearchConfig
+    from sar_ray.sweep import _best
+
+    rows = [_row("a0", 0.10, 0, {"train.lr": 1e-3}), _row("a1", float("nan"), 1, {"train.lr": 1e-3}),
+            _row("b0", 0.15, 0, {"train.lr": 1e-4}), _row("b1", 0.15, 1, {"train.lr": 1e-4})]
+    search = SearchConfig(repeats=2, objectives=[{"metric": "stats/js", "mode": "min"}])
+    assert _best(rows, search)["trials"] == ["b0", "b1"]
+    alone = _best(rows[:2], search)
+    assert alone["trials"] == ["a0"] and alone["seeds"] == 2 and alone["metrics"]["stats/js"] == pytest.approx(0.10)
+
+
 def test_the_sweeps_best_is_the_reports_best_when_a_sampler_suggested_a_point_twice():
     """Optuna may suggest one point twice: with repeats 2 that is two rows of 2 seeds in the
     report (replicas are told apart by seed). The sweep's best pooled all four trials into one
