@@ -83,6 +83,8 @@ class TrialMonitor:
     METRICS = {"loss": "train/loss", "lr": "train/lr", "images_per_s": "train/images_per_s",
                "vae_loss": "train/vae_loss", "val_loss": "val/loss"}
     MAX_PENDING = 100_000  # metric points held while MLflow does not take them
+    CHUNK = 1000  # metric points a flush sends at a time (MLflow's log_batch cap)
+    RETRY_S = 0.5  # between flushes that MLflow fails while a report waits
 
     def __init__(self, out: Path, tracker=None, run_id: str | None = None, bar=None, interval: float = 0.5):
         import ray
@@ -149,6 +151,7 @@ class TrialMonitor:
                 try:
                     self.flush()
                 except Exception:  # noqa: BLE001 - as above; rank 0 stops waiting at its timeout
+                    self._stop.wait(self.RETRY_S)  # the store is down: retry, not in a hot loop
                     return
                 self.channel.written.remote(drained)
 
@@ -194,13 +197,13 @@ class TrialMonitor:
             return
         batch, self._pending = self._pending, []
         grids, self._grids = self._grids, []
-        if batch:
+        for i in range(0, len(batch), self.CHUNK):
             try:
-                self.tracker.log_metrics(self.run_id, batch)
+                self.tracker.log_metrics(self.run_id, batch[i : i + self.CHUNK])
             except Exception:
-                # Kept for the next flush (a report settling waits for it); a store down for
-                # long keeps the newest.
-                self._pending = (batch + self._pending)[-self.MAX_PENDING:]
+                # What was not sent is kept for the next flush (a report settling waits for
+                # it); a store down for long keeps the newest.
+                self._pending = (batch[i:] + self._pending)[-self.MAX_PENDING:]
                 self._grids = grids + self._grids
                 raise
         for png, step in grids:

@@ -156,6 +156,33 @@ def test_a_report_waits_until_the_driver_has_written_what_rank_0_logged_before_i
     ray.kill(orphan)
 
 
+def test_a_flush_that_mlflow_fails_midway_sends_the_rest_later_and_nothing_twice(ray_local, tmp_path):
+    """A batch goes to MLflow in chunks; when a later chunk failed, the whole batch was kept and
+    sent again, so the chunks that had gone through appeared twice in the run."""
+    from sar_ray.trial import TrialMonitor
+
+    class Flaky(_Tracker):
+        def log_metrics(self, run_id, batch):
+            if len(self.metrics) >= TrialMonitor.CHUNK and self.fail:  # the second chunk fails once
+                self.fail -= 1
+                raise ConnectionError("mlflow: 503")
+            self.metrics.extend(batch)
+
+    tracker = Flaky()
+    tracker.fail = 1
+    m = TrialMonitor(tmp_path / "trial", tracker, "run")
+    try:
+        points = [("train/loss", float(i), i) for i in range(int(2.5 * TrialMonitor.CHUNK))]
+        m._pending = list(points)
+        with pytest.raises(ConnectionError):
+            m.flush()
+        assert len(tracker.metrics) == TrialMonitor.CHUNK and len(m._pending) == len(points) - TrialMonitor.CHUNK
+        m.flush()
+        assert tracker.metrics == points and m._pending == []
+    finally:
+        m.stop()
+
+
 def test_the_channel_keeps_a_senders_order_when_ray_runs_its_calls_out_of_order(ray_local):
     """Ray runs an async actor's calls out of order, even from one caller: a settle or flush
     that ran before the puts sent ahead of it returned at once (a CI run lost a local trial's
