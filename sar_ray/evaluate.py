@@ -52,7 +52,7 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
@@ -207,7 +207,8 @@ def evaluate(
     # the generated images.
     cache = _ReferenceCache.for_reference(cfg, ref_items, size)
     skipped: list[tuple[int, str, str]] = []  # (index, name, error) of unreadable reference images left out
-    cached = (cache.load(families, len(ref_items), warnings, skipped if skip_unreadable_reference else None)
+    cached = (cache.load(families, len(ref_items), warnings, skipped if skip_unreadable_reference else None,
+                         unreadable=lambda i: _unreadable(ref_items[i], cfg.normalization, size))
               if cache is not None else None)
     items = [it.row() for it in (gen_items if cached is not None else gen_items + ref_items)]
     counts, w = _resample_plan(len(gen_items), cfg)
@@ -511,6 +512,18 @@ def _target_size(cfg: EvalConfig, ref_items: list[_Item], skip_unreadable: bool 
 # ------------------------------------------------------------------------------- workers
 
 
+def _unreadable(it: _Item, norm: NormalizationConfig, size: tuple[int, int]) -> bool:
+    """Whether describing would leave `it` out (`_describe_batch`'s test, on the driver)."""
+    from sar_ray.data.captions import DataError
+    from sar_ray.data.io import ImageReadError
+
+    try:
+        load_image(it.path, it.image_bytes, it.name, norm, size)
+    except (ImageReadError, DataError):
+        return True
+    return False
+
+
 def _decode(path: str | None, data: bytes | None, name: str) -> np.ndarray:
     from sar_ray.data.io import read_image, read_image_bytes
 
@@ -810,9 +823,12 @@ class _ReferenceCache:
         return cls(Path(cfg.cache_dir).expanduser(), key_doc)
 
     def load(self, families: Sequence[Family], n: int, warnings: list[str],
-             skipped: list | None = None) -> _SetAccumulator | None:
+             skipped: list | None = None, unreadable: Callable[[int], bool] | None = None
+             ) -> _SetAccumulator | None:
         """The cached reference, or None. `skipped`: the list to extend with the entry's
-        left-out images (None: an entry that left any out is not used)."""
+        left-out images (None: an entry that left any out is not used). `unreadable(index)`
+        reads a left-out image again: one that reads now (the error was passing: a storage
+        hiccup, a permission fixed) makes the entry stale."""
         if not self.path.is_file():
             return None
         try:
@@ -829,6 +845,9 @@ class _ReferenceCache:
                 raise ValueError(f"it holds {acc.n} images and {len(left_out)} left out, the reference {n}")
             if left_out and skipped is None:
                 return None  # this caller reads every image: describing stops at the first unreadable
+            readable = [x[1] for x in left_out if unreadable is not None and not unreadable(x[0])]
+            if readable:
+                raise ValueError(f"{readable[0]}, left out as unreadable, reads now")
         except Exception as e:  # noqa: BLE001 - whatever is wrong with it, describing again is right
             warnings.append(f"reference cache {self.path}: not used ({type(e).__name__}: {e}); "
                             "the reference was described again")

@@ -393,6 +393,29 @@ def test_a_reference_with_an_unreadable_image_left_out_is_cached_for_callers_tha
         evaluate(a, ref, cfg, progress=False)
 
 
+def test_a_cached_reference_whose_left_out_image_reads_again_is_described_again(ray_local, sets, tmp_path):
+    """An image left out for a passing error (a storage hiccup; an object store lists no mtime)
+    stayed out of every later evaluation: the entry's key had not changed. Here the file's
+    size and mtime are the same before and after, so the key is too."""
+    import os
+
+    _, a, b = sets
+    ref = _reference_copy(b, tmp_path / "ref")
+    victim = sorted(ref.rglob("*.png"))[-1]
+    good, st = victim.read_bytes(), victim.stat()
+    victim.write_bytes(b"\x89PNG\r\n\x1a\n".ljust(len(good), b"x"))
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+    cfg = EvalConfig(generated_normalized=False, size=SIZE, bootstrap=10, cache_dir=str(tmp_path / "cache"))
+    first = evaluate(a, ref, cfg, progress=False, skip_unreadable_reference=True)
+    assert any("left out 1 unreadable" in w for w in first.warnings)
+    victim.write_bytes(good)
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+    again = evaluate(a, ref, cfg, progress=False, skip_unreadable_reference=True)
+    assert not again.summary["reference_cache"]["hit"] and again.n_reference == first.n_reference + 1
+    assert any("reads now" in w for w in again.warnings)
+    assert not any("left out 1 unreadable" in w for w in again.warnings)
+
+
 # ------------------------------------------------------------------------------- max_images
 
 
