@@ -189,7 +189,7 @@ def group_points(rows: list[TrialRow]) -> list[TrialRow]:
         keys = set().union(*(m.metrics for m in members))
         metrics = {}
         for k in keys:
-            vals = [m.metrics[k] for m in members if k in m.metrics and math.isfinite(m.metrics[k])]
+            vals = [m.metrics[k] for m in members if _finite(m.metrics.get(k))]
             if not vals:
                 continue
             if k.endswith(CI_SUFFIXES[0]):
@@ -206,7 +206,7 @@ def group_points(rows: list[TrialRow]) -> list[TrialRow]:
 
 def spread(r: TrialRow, key: str) -> tuple[float, float, float] | None:
     """(std, min, max) of `key` over a point's seed replicas; None for a single trial."""
-    vals = [m.metrics[key] for m in r.repeats if isinstance(m.metrics.get(key), float) and math.isfinite(m.metrics[key])]
+    vals = [m.metrics[key] for m in r.repeats if _finite(m.metrics.get(key))]
     if len(vals) < 2:
         return None
     mean = sum(vals) / len(vals)
@@ -290,8 +290,7 @@ def ranked(rows: list[TrialRow], objective: ObjectiveConfig) -> list[TrialRow]:
     earn on every seed."""
     key = _metric_key(objective.metric)
     sign = 1 if objective.mode == "min" else -1
-    done = [r for r in rows if r.status == "FINISHED" and isinstance(r.metrics.get(key), (int, float))
-            and math.isfinite(r.metrics[key])]
+    done = [r for r in rows if r.status == "FINISHED" and _finite(r.metrics.get(key))]
     rank = partial_last(done, key)
     return sorted(done, key=lambda r: (rank(r), r.metrics[key] * sign))
 
@@ -326,7 +325,7 @@ def _metric_key(metric: str) -> str:
 
 def pareto_front(rows: list[TrialRow], objectives: list[ObjectiveConfig]) -> list[TrialRow]:
     keys = [(_metric_key(o.metric), o.mode) for o in objectives]
-    ok = [r for r in rows if all(isinstance(r.metrics.get(k), float) and math.isfinite(r.metrics[k]) for k, _ in keys)]
+    ok = [r for r in rows if all(_finite(r.metrics.get(k)) for k, _ in keys)]
 
     def dominates(a: TrialRow, b: TrialRow) -> bool:
         no_worse = all(not _better(b.metrics[k], a.metrics[k], m) for k, m in keys)

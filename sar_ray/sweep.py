@@ -947,30 +947,27 @@ def _best(rows: list[dict[str, Any]], search: SearchConfig) -> dict[str, Any] | 
     where no point finished all its seeds. Its first finished replica's row, with the point's
     value of the objective, `trials` naming the replicas it averages and `seeds` how many the
     point ran."""
-    from .report import TrialRow, _metric_key, group_points, ranked
+    from .report import TrialRow, _finite, _metric_key, group_points, ranked
 
     o = search.objectives[0]
     key = _metric_key(o.metric)
-    by_id: dict[str, dict[str, Any]] = {}
+    # a TrialRow's run_id is its row's index in `rows`: the sweep has no MLflow run ids here
     trial_rows = []
     for i, r in enumerate(rows):
-        rid = f"{i}:{r['trial_id']}"
-        by_id[rid] = r
         value = r["metrics"].get(o.metric)
         trial_rows.append(TrialRow(
-            rid, str(r["trial_id"]), str(r["strategy"]), "FINISHED" if r["status"] == "DONE" else r["status"],
-            {}, {key: value} if isinstance(value, (int, float)) else {}, trial_id=str(r["trial_id"]),
+            str(i), str(r["trial_id"]), str(r["strategy"]), "FINISHED" if r["status"] == "DONE" else r["status"],
+            {}, {key: value} if _finite(value) else {}, trial_id=str(r["trial_id"]),
             point=r["params"], seed=r.get("seed") if search.repeats > 1 else None))
     order = ranked(group_points(trial_rows), o)
     if not order:
         return None
     top = order[0]
     # the replicas its mean is over: finished, with a value (group_points averages those)
-    members = [m for m in top.repeats if isinstance(m.metrics.get(key), (int, float))
-               and math.isfinite(m.metrics[key])] or [top]
-    first = by_id[members[0].run_id]
+    members = [m for m in top.repeats if _finite(m.metrics.get(key))] or [top]
+    first = rows[int(members[0].run_id)]
     return {**first, "metrics": {**first["metrics"], o.metric: top.metrics[key]},
-            "trials": [by_id[m.run_id]["trial_id"] for m in members],
+            "trials": [rows[int(m.run_id)]["trial_id"] for m in members],
             "seeds": max(len(top.repeats), 1) + top.unfinished}
 
 
