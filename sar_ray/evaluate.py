@@ -48,6 +48,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -791,6 +792,9 @@ _DRIVER_ONLY = frozenset({"cache_dir", "generated_normalized", "hist_smoothing",
 #: Sources whose code decides a reference descriptor: any edit of them misses the cache.
 _DESCRIPTOR_SOURCES = ("evaluate.py", "metrics", "data/io.py", "data/normalize.py", "data/dataset.py")
 _CACHE_KEEP = 32  # entries kept per cache folder (least recently used go first)
+#: An entry's left-out images are read again on a load at most this often (seconds since the
+#: entry was written or last rechecked: its mtime): a sweep loads the entry once per trial.
+_RECHECK_S = 600.0
 
 
 class _ReferenceCache:
@@ -828,9 +832,12 @@ class _ReferenceCache:
         """The cached reference, or None. `skipped`: the list to extend with the entry's
         left-out images (None: an entry that left any out is not used). `unreadable(index)`
         reads a left-out image again: one that reads now (the error was passing: a storage
-        hiccup, a permission fixed) makes the entry stale."""
+        hiccup, a permission fixed) makes the entry stale. The images are read again only when
+        the entry was written or last rechecked over `_RECHECK_S` ago (its mtime records
+        that, and orders the pruning), so a sweep does not read them once per trial."""
         if not self.path.is_file():
             return None
+        recheck = time.time() - self.path.stat().st_mtime > _RECHECK_S
         try:
             with np.load(self.path, allow_pickle=False) as z:
                 manifest = json.loads(str(z["manifest"]))
@@ -845,14 +852,16 @@ class _ReferenceCache:
                 raise ValueError(f"it holds {acc.n} images and {len(left_out)} left out, the reference {n}")
             if left_out and skipped is None:
                 return None  # this caller reads every image: describing stops at the first unreadable
-            readable = [x[1] for x in left_out if unreadable is not None and not unreadable(x[0])]
-            if readable:
-                raise ValueError(f"{readable[0]}, left out as unreadable, reads now")
+            if left_out and recheck and unreadable is not None:
+                readable = next((x[1] for x in left_out if not unreadable(x[0])), None)
+                if readable is not None:
+                    raise ValueError(f"{readable}, left out as unreadable, reads now")
         except Exception as e:  # noqa: BLE001 - whatever is wrong with it, describing again is right
             warnings.append(f"reference cache {self.path}: not used ({type(e).__name__}: {e}); "
                             "the reference was described again")
             return None
-        os.utime(self.path)  # recently used: pruned last
+        if recheck or not left_out:
+            os.utime(self.path)  # recently used: pruned last (and, with left-out images, rechecked now)
         if skipped is not None:
             skipped += left_out
         return acc

@@ -410,10 +410,45 @@ def test_a_cached_reference_whose_left_out_image_reads_again_is_described_again(
     assert any("left out 1 unreadable" in w for w in first.warnings)
     victim.write_bytes(good)
     os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+    _age(first.summary["reference_cache"]["path"])
     again = evaluate(a, ref, cfg, progress=False, skip_unreadable_reference=True)
     assert not again.summary["reference_cache"]["hit"] and again.n_reference == first.n_reference + 1
     assert any("reads now" in w for w in again.warnings)
     assert not any("left out 1 unreadable" in w for w in again.warnings)
+
+
+def _age(entry: str) -> None:
+    """Make a cache entry look written (or last rechecked) longer ago than the recheck interval."""
+    import time
+
+    from sar_ray.evaluate import _RECHECK_S
+
+    old = time.time() - _RECHECK_S - 60
+    os.utime(entry, (old, old))
+
+
+def test_a_cached_reference_reads_its_left_out_images_again_at_most_once_per_interval(
+        ray_local, sets, tmp_path, monkeypatch):
+    """A sweep loads the entry once per trial: each load read every left-out image again (100k
+    scenes with a bad shard: thousands of reads per trial). Now only an entry older than the
+    interval is rechecked, and a recheck that finds them still unreadable restarts it."""
+    import sar_ray.evaluate as ev
+
+    _, a, b = sets
+    ref = _reference_copy(b, tmp_path / "ref")
+    victim = sorted(ref.rglob("*.png"))[-1]
+    victim.write_bytes(b"\x89PNG\r\n\x1a\n not a png")
+    cfg = EvalConfig(generated_normalized=False, size=SIZE, bootstrap=0, metrics=["stats"],
+                     cache_dir=str(tmp_path / "cache"))
+    run = lambda: evaluate(a, ref, cfg, progress=False, skip_unreadable_reference=True)  # noqa: E731
+    entry = run().summary["reference_cache"]["path"]
+    reads = []
+    real = ev._unreadable
+    monkeypatch.setattr(ev, "_unreadable", lambda it, *args: reads.append(it.name) or real(it, *args))
+    assert run().summary["reference_cache"]["hit"] and reads == []  # just written: not read again
+    _age(entry)
+    assert run().summary["reference_cache"]["hit"] and len(reads) == 1 and victim.name in reads[0]  # old: read again, still bad
+    assert run().summary["reference_cache"]["hit"] and len(reads) == 1  # the recheck restarted it
 
 
 # ------------------------------------------------------------------------------- max_images
