@@ -297,10 +297,20 @@ class StrategyConfig(_Strict):
 
     @property
     def slug(self) -> str:
-        """Deterministic short name of the combination, e.g. `unet-full_te-lora_vae-frozen_tok`."""
+        """Deterministic short name of the trial's strategy, e.g. `unet-full_te-lora4_vae-frozen_tok`
+        (a LoRA component with its rank): run names, output folders, the live table."""
+        return self._name(ranks=True)
 
+    @property
+    def combination(self) -> str:
+        """The slug without LoRA ranks, e.g. `unet-full_te-lora_vae-frozen_tok`: the strategy
+        combination, as `report.md` and the sweep's summary name it (a rank is one of its
+        search dimensions, shown with the trial's sampled values)."""
+        return self._name(ranks=False)
+
+    def _name(self, ranks: bool) -> str:
         def part(name: str, c: ComponentStrategy) -> str:
-            return f"{name}-{c.mode}" + (f"{c.rank}" if c.mode == "lora" else "")
+            return f"{name}-{c.mode}" + (f"{c.rank}" if ranks and c.mode == "lora" else "")
 
         parts = [part("unet", self.unet), part("te", self.text_encoder)]
         if self.text_encoder_2 is not None:

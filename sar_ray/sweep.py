@@ -676,7 +676,7 @@ def run_sweep(study: StudyConfig, *, resume: bool = False, fresh: bool = False, 
                                       objectives=study.search.objectives)
             if best is not None:
                 tracker.set_tags(parent_run_id, {"sar_ray.best_trial": " ".join(best.get("trials", [best["trial_id"]])),
-                                                 "sar_ray.best_strategy": best["strategy"]})
+                                                 "sar_ray.best_strategy": _combination(best)})
                 tracker.log_metrics(parent_run_id, [(f"best/{objective.metric}", best["metrics"].get(objective.metric), 0)])
             tracker.end_run(parent_run_id, "FINISHED")
         (folder / "trials.json").write_text(json.dumps(rows, indent=2, default=str))
@@ -921,9 +921,10 @@ def _rows(grid, study: StudyConfig) -> list[dict[str, Any]]:
         cfg_params, repeat = search_point(r.config) if r.config else ({}, 0)
         metrics = {k: v for k, v in (r.metrics or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         trial_id = (r.metrics or {}).get("trial_id") or Path(r.path).name
-        strategy = None
+        strategy = combination = None
         try:
-            strategy = study.trial(**cfg_params).strategy.slug
+            s = study.trial(**cfg_params).strategy
+            strategy, combination = s.slug, s.combination
         except Exception:  # noqa: BLE001 - a point that failed validation still gets a row
             pass
         rows.append({
@@ -932,6 +933,7 @@ def _rows(grid, study: StudyConfig) -> list[dict[str, Any]]:
             "repeat": repeat,
             "seed": study.train.seed + repeat,
             "strategy": strategy,
+            "combination": combination,  # the report's name for it (no ranks)
             "status": "ERROR" if r.error else ("DONE" if (r.metrics or {}).get(FINISHED_KEY) else "STOPPED"),
             "error": failure_message(r.error) if r.error else None,
             "metrics": metrics,
@@ -1097,7 +1099,7 @@ def summary(r: SweepResult, objective: str, mode: str = "min") -> str:
         of = f"{len(trials)} of {seeds} seeds" if seeds > len(trials) else f"{len(trials)} seeds"
         which = (f"trials {', '.join(trials)}, mean over {of}" if len(trials) > 1
                  else f"trial {r.best['trial_id']}" + (f", {of}" if seeds > 1 else ""))
-        lines.append(f"  best      {escape(str(r.best['strategy']))} ({which}): "
+        lines.append(f"  best      {escape(_combination(r.best))} ({which}): "
                      f"{objective} = {r.best['metrics'].get(objective):.4g}")
     lines += [escape(line) for line in comparison_lines(r, objective, mode)]
     if r.splits_note:  # where the reference and the held-out anchor came from (or why there is none)
@@ -1108,6 +1110,12 @@ def summary(r: SweepResult, objective: str, mode: str = "min") -> str:
     if r.run_url:
         lines.append(f"  mlflow    {escape(r.run_url)}")
     return "\n".join(lines)
+
+
+def _combination(row: dict[str, Any]) -> str:
+    """A trial row's strategy as report.md names it (the combination, no LoRA ranks: those are
+    in its trial label when searched)."""
+    return str(row.get("combination") or row["strategy"])
 
 
 def comparison_lines(r: SweepResult, objective: str, mode: str = "min") -> list[str]:
@@ -1122,7 +1130,7 @@ def comparison_lines(r: SweepResult, objective: str, mode: str = "min") -> list[
             for a in r.anchors.values()]
     done = [t for t in r.trials if t["status"] == "DONE" and isinstance(t["metrics"].get(objective), (int, float))]
     done.sort(key=lambda t: t["metrics"][objective], reverse=mode == "max")  # best first
-    rows += [(str(t["strategy"]), point_label(t["trial_id"], t["params"], t.get("seed") if t.get("repeat") else None),
+    rows += [(_combination(t), point_label(t["trial_id"], t["params"], t.get("seed") if t.get("repeat") else None),
               t["metrics"][objective], t.get("realism")) for t in done]
     width = max(len(x[0]) for x in rows)
     twidth = max(len(x[1]) for x in rows)

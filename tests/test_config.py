@@ -39,6 +39,21 @@ def test_set_overrides_parse_types_and_nest():
     assert cfg.strategy.slug.startswith("unet-lora8_")
 
 
+@pytest.mark.parametrize("sets", [
+    ["strategy.unet.mode=lora", "strategy.unet.rank=8", "strategy.token=learn"],
+    ["model.pretrained=tiny-sdxl", "strategy.text_encoder.mode=lora", "strategy.text_encoder_2.mode=lora",
+     "strategy.text_encoder_2.rank=2", "strategy.vae.mode=full"],
+])
+def test_the_sweeps_strategy_name_is_the_reports(sets):
+    """The sweep's summary named a strategy by its slug (`unet-lora8_...`), report.md by its
+    combination (`unet-lora_...`, read back from the logged params): one best, two names."""
+    from sar_ray.report import _combination
+
+    cfg = config.load(None, sets).trial()
+    assert cfg.strategy.combination == _combination({k: str(v) for k, v in config.flatten(cfg).items()})
+    assert cfg.strategy.slug != cfg.strategy.combination  # the slug keeps its ranks (run names, folders)
+
+
 def test_yaml_scientific_notation_without_dot_is_a_float(tmp_path):
     p = tmp_path / "x.yaml"
     p.write_text("train:\n  lr: 1e-4\n")

@@ -477,6 +477,20 @@ def test_the_comparison_lists_trials_best_first_for_an_objective_to_maximise():
     assert [line.split()[1] for line in lines if " lo " in line or " hi " in line] == ["hi", "lo"]
 
 
+def test_the_summary_names_strategies_as_the_report_does():
+    """The summary printed the slug with ranks (`unet-lora8_...`), report.md the combination."""
+    from sar_ray.sweep import SweepResult, summary
+
+    anchors = {"base": {"strategy": "base (untuned)", "metrics": {"stats/js": 0.9}},
+               "real": {"strategy": "real (held out)", "metrics": {"stats/js": 0.1}}}
+    row = {**_row("t1", 0.2), "strategy": "unet-lora8_te-frozen_vae-frozen",
+           "combination": "unet-lora_te-frozen_vae-frozen"}
+    r = SweepResult("s", Path("."), [row], {**row, "trials": ["t1"], "seeds": 1}, None, None, None, 0.0,
+                    anchors=anchors, realism_metric="stats/js")
+    text = summary(r, "stats/js")
+    assert "unet-lora_te-frozen_vae-frozen" in text and "lora8" not in text
+
+
 def test_a_sweep_that_fails_before_its_trials_does_not_leave_its_parent_run_running(tmp_path, monkeypatch, ray_local):
     """The parent MLflow run starts before the anchors and the shared data prebuild; a failure
     there (here: the base model's sampling) ends it FAILED with the error, as a Tune failure does."""
