@@ -38,6 +38,7 @@ class TrialResult:
     n_val: int
     n_skipped: int
     trainable_params: int | None = None
+    counts_exact: bool = True  # False: n_train / n_val are upper bounds (see TrainData.counts_exact)
     peak_memory_mb: float | None = None
     gpu_hours: float = 0.0
     run_id: str | None = None
@@ -445,7 +446,8 @@ def run_trial(
         remember_run(out, tracker.uri, run_id)
         tracker.log_params(run_id, config_mod.flatten(cfg))
         tracker.log_params(run_id, {"data.n_train": data.n_train, "data.n_val": data.n_val,
-                                    "data.n_skipped": data.n_skipped, "data.source": data.source})
+                                    "data.n_skipped": data.n_skipped, "data.source": data.source,
+                                    "data.counts": "exact" if data.counts_exact else "at most"})
 
     bar = _ProgressBar(cfg, console) if progress else None
     monitor = TrialMonitor(out, tracker, run_id, bar)
@@ -505,6 +507,7 @@ def run_trial(
         n_train=data.n_train,
         n_val=data.n_val,
         n_skipped=data.n_skipped,
+        counts_exact=data.counts_exact,
         trainable_params=state["trainable_params"],
         peak_memory_mb=state["peak_memory_mb"],
         gpu_hours=_gpu_hours(cfg, time.time() - started),
@@ -528,7 +531,10 @@ def summary(r: TrialResult) -> str:
     lines = [
         f"[bold]trial {r.name}/{r.strategy}[/bold] finished: {r.step} steps in {r.wall_s:.0f} s, "
         f"loss {_fmt(r.loss)}, val loss {_fmt(r.val_loss)}",
-        f"  data      {r.n_train} train / {r.n_val} val images" + (f", {r.n_skipped} corrupt skipped" if r.n_skipped else ""),
+        f"  data      {'' if r.counts_exact else 'at most '}{r.n_train} train / {r.n_val} val images"
+        + (f", {r.n_skipped} corrupt skipped" if r.n_skipped else "")
+        + ("" if r.counts_exact else " (streamed, data.on_corrupt=skip: an image that does not decode is skipped "
+           "in training; the worker log names it)"),
         f"  weights   {r.weights}",
         f"  samples   {r.samples}/grid.png",
         f"  log       {r.out / LOG_FILE}",

@@ -274,6 +274,7 @@ def _safetensors_layout(folder: Path) -> dict[str, dict[str, tuple]]:
     return layout
 
 
+@pytest.mark.slow  # local and 2-worker DDP trials: ~60 s on 2 cores
 def test_zero_and_two_ddp_workers_train_and_save_the_same_things(in_tmp):
     sets = ("strategy.unet.mode=lora", "strategy.text_encoder.mode=lora", "strategy.token=learn",
             "tracking.enabled=false", "train.max_steps=2", "sample.seeds=[0]")
@@ -480,3 +481,15 @@ def test_outputs_reach_a_driver_that_shares_no_filesystem_with_rank_0(tmp_path):
     (worker / DRIVER_MARK).write_text("token")  # a shared filesystem: the worker sees the driver's mark
     assert not publish_outputs(worker, {"uri": str(tmp_path / "unused"), "token": "token"})
     assert not (tmp_path / "unused").exists()
+
+
+def test_the_summary_says_when_its_image_counts_are_upper_bounds():
+    """A streamed set skipped in training what did not decode after its header scan, and the
+    summary still printed the scan's counts as the images trained on."""
+    from sar_ray.trial import TrialResult, summary
+
+    r = TrialResult("t", "unet-full_te-frozen_vae-frozen", Path("o"), Path("o/w"), Path("o/s"), 3, 0.1, 0.2, 1.0,
+                    6, 0, 0)
+    assert "  data      6 train / 0 val images" in summary(r)
+    r.counts_exact = False
+    assert "at most 6 train / 0 val images" in summary(r) and "data.on_corrupt=skip" in summary(r)

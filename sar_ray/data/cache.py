@@ -277,7 +277,16 @@ def build(cfg, data: TrainData, *, vae=None) -> tuple[str, dict, bool]:
     if data.val is not None:
         # Validation never flips (its loss compares across steps and trials).
         _encode(data.val, cfg, False).write_parquet(f"{tmp}/val", filesystem=fs)
-    marker = {"key": key, "inputs": inputs, "n_train": data.n_train, "n_val": data.n_val if data.val is not None else 0,
+    # The rows written, not the listing's counts: a streamed image that passed the header scan
+    # but does not decode (data.on_corrupt=skip) is not among them. `listed` is what `_valid`
+    # compares with the next listing.
+    n_train = _rows(fs, f"{tmp}/train") or 0
+    n_val = (_rows(fs, f"{tmp}/val") or 0) if data.val is not None else 0
+    if not n_train:
+        _remove(fs, tmp)
+        raise DataError(f"{data.source}: none of its {data.n_train} training images decodes "
+                        "(each was skipped as unreadable); check the files data.path names")
+    marker = {"key": key, "inputs": inputs, "n_train": n_train, "n_val": n_val, "listed": _listed(data),
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     with fs.open_output_stream(f"{tmp}/{MARKER}") as f:
         f.write(json.dumps(marker, indent=2).encode())
@@ -328,14 +337,18 @@ def _marker(fs, folder: str, key: str) -> dict | None:
     return marker if isinstance(marker, dict) and marker.get("key") == key else None
 
 
+def _listed(data: TrainData) -> list[int]:
+    """The (train, val) counts of the listing a cache was built from."""
+    return [data.n_train, data.n_val if data.val is not None else 0]
+
+
 def _valid(fs, folder: str, key: str, data: TrainData | None) -> dict | None:
     """The marker of a complete cache for `key` in `folder` (rows match it, and `data`'s
     counts when given), else None."""
     marker = _marker(fs, folder, key)
     if marker is None:
         return None
-    if data is not None and (marker.get("n_train"), marker.get("n_val")) != (
-            data.n_train, data.n_val if data.val is not None else 0):
+    if data is not None and marker.get("listed", [marker.get("n_train"), marker.get("n_val")]) != _listed(data):
         return None
     if _rows(fs, f"{folder}/train") != marker.get("n_train"):
         return None
@@ -361,7 +374,11 @@ def open_latents(cfg, data: TrainData, key: str, marker: dict) -> TrainData:
         return ds.materialize() if data.materialized else ds
 
     val = read("val") if marker.get("n_val") else None
-    return TrainData(read("train"), val, data.n_train, data.n_val, data.n_skipped, data.skipped, data.source,
+    # The marker's counts are the rows the cache holds: exact, where a streamed listing's are
+    # an upper bound (its images that did not decode are skipped, and counted here).
+    n_train, n_val = marker["n_train"], marker.get("n_val", 0)
+    dropped = sum(_listed(data)) - n_train - n_val
+    return TrainData(read("train"), val, n_train, n_val, data.n_skipped + dropped, data.skipped, data.source,
                      materialized=data.materialized)
 
 

@@ -65,6 +65,9 @@ class TrainData:
     materialized: bool = False  # prepared rows already in the object store (no ingest CPUs needed)
     # The text-embedding cache's table (`data.cache.open_text`) where it feeds the trial, else None.
     text_embeds: dict | None = None
+    # False: n_train / n_val are upper bounds. A streamed scan with data.on_corrupt=skip reads
+    # headers only; an image that does not decode is skipped in preparation (a worker warning).
+    counts_exact: bool = True
 
 
 MATERIALIZE_BUDGET = 2 * 1024**3  # data.materialize=auto keeps prepared sets under this in memory
@@ -191,7 +194,7 @@ def _build_streamed(cfg: DataConfig, seed: int, source) -> TrainData:
     val = side(True, "center") if n_val else None
     skipped = sorted(scan.bad.values())
     return TrainData(train, val, scan.n_good - n_val, n_val, len(skipped), skipped, str(source.path),
-                     materialized=isinstance(train, MaterializedDataset))
+                     materialized=isinstance(train, MaterializedDataset), counts_exact=cfg.on_corrupt != "skip")
 
 
 def stable_hash(name: str) -> int:

@@ -92,6 +92,7 @@ def _val_losses(out: Path) -> list[float]:
     return [r["val_loss"] for r in read_log(out / "train_log.jsonl") if "val_loss" in r]
 
 
+@pytest.mark.slow  # four trials (off, auto, vae, te): ~80 s on 2 cores
 def test_cached_trial_trains_like_the_uncached_one_with_zero_encoder_calls(in_tmp):
     """Same seed, flip on: the cached trial draws the same latents (the flipped image's posterior
     where the pixels would flip), so its losses equal the uncached trial's; it calls the encoder
@@ -248,3 +249,29 @@ def test_data_cache_says_which_half_no_trial_of_the_search_reads(in_tmp, capsys)
     assert "built" in _said(said, "latent") and len(_folders(in_tmp)) == 1
     assert "not built (every trial of the search tunes a text encoder or learns the token)" in _said(said, "text")
     assert not (in_tmp / cache.TEXT_LOCAL_ROOT).exists()
+
+
+def test_a_streamed_image_that_decodes_badly_after_the_scan_leaves_a_cache_that_stays_valid(in_tmp):
+    """With data.on_corrupt=skip, an image whose header reads but whose pixels do not (a PNG cut
+    inside its image data) passes the streamed scan and is dropped in preparation. The cache
+    then held one row fewer than its marker's count, so it was never valid again: every trial
+    encoded the whole set anew. Now the marker counts the rows written, and a trial reading the
+    cache trains on exactly that many, as it says."""
+    from shards import sample, write_shard
+
+    from sar_ray.data import build_datasets
+
+    samples = {f"{i:04d}": sample(f"{i:04d}", (32, 32)) for i in range(6)}
+    png = samples["0003"]["sar.png"]
+    samples["0003"]["sar.png"] = png[:png.index(b"IDAT") + 20]  # header intact, image data cut
+    write_shard(in_tmp / "wds" / "shard-000000.tar", samples)
+    cfg = _cfg(in_tmp, f"data.path={in_tmp / 'wds'}", "data.image_column=sar.png", "data.text_column=caption.MID",
+               "data.on_corrupt=skip", "data.cache=auto", "data.val_fraction=0.0")
+    data = build_datasets(cfg.data, seed=0)
+    assert data.n_train == 6 and not data.counts_exact  # the scan reads headers: the cut image looks fine there
+    key, marker, built = cache.build(cfg, data)
+    assert built and marker["n_train"] == 5
+    again = build_datasets(cfg.data, seed=0)
+    assert cache.build(cfg, again)[2] is False  # valid: reused, not encoded again
+    read = cache.open_latents(cfg, again, key, marker)
+    assert read.n_train == read.train.count() == 5 and read.n_skipped == 1 and read.counts_exact
