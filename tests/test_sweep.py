@@ -192,6 +192,7 @@ def _client(tmp_path):
     return c, c.get_experiment_by_name("sw").experiment_id
 
 
+@pytest.mark.slow  # a sweep, then its resume: ~65 s on 2 cores
 def test_grid_sweep_logs_parent_and_children_and_resume_adds_no_duplicates(tmp_path, monkeypatch, ray_local):
     monkeypatch.chdir(tmp_path)
     s = study(tmp_path, {"strategy.unet.mode": {"grid": ["full", "lora"]}}, "search.algorithm=grid",
