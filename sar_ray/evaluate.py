@@ -45,6 +45,7 @@ Metric names are ``<family>/<metric>[/<detail>]``, interval bounds ``<metric>.ci
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -835,9 +836,10 @@ class _ReferenceCache:
         hiccup, a permission fixed) makes the entry stale. The images are read again only when
         the entry was written or last rechecked over `_RECHECK_S` ago (its mtime records
         that, and orders the pruning), so a sweep does not read them once per trial."""
-        if not self.path.is_file():
+        try:
+            recheck = time.time() - self.path.stat().st_mtime > _RECHECK_S
+        except OSError:  # none (or another process pruned it just now)
             return None
-        recheck = time.time() - self.path.stat().st_mtime > _RECHECK_S
         try:
             with np.load(self.path, allow_pickle=False) as z:
                 manifest = json.loads(str(z["manifest"]))
@@ -860,8 +862,11 @@ class _ReferenceCache:
             warnings.append(f"reference cache {self.path}: not used ({type(e).__name__}: {e}); "
                             "the reference was described again")
             return None
+        # Recently used: pruned last. An entry with left-out images is touched only when they are
+        # rechecked (its mtime says when), so pruning may see it up to _RECHECK_S older than it is.
         if recheck or not left_out:
-            os.utime(self.path)  # recently used: pruned last (and, with left-out images, rechecked now)
+            with contextlib.suppress(OSError):  # pruned meanwhile by another process: we hold its arrays
+                os.utime(self.path)
         if skipped is not None:
             skipped += left_out
         return acc

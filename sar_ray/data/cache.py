@@ -280,8 +280,12 @@ def build(cfg, data: TrainData, *, vae=None) -> tuple[str, dict, bool]:
     # The rows written, not the listing's counts: a streamed image that passed the header scan
     # but does not decode (data.on_corrupt=skip) is not among them. `listed` is what `_valid`
     # compares with the next listing.
-    n_train = _rows(fs, f"{tmp}/train") or 0
-    n_val = (_rows(fs, f"{tmp}/val") or 0) if data.val is not None else 0
+    n_train = _rows(fs, f"{tmp}/train")
+    n_val = _rows(fs, f"{tmp}/val") if data.val is not None else 0
+    if n_train is None or n_val is None:  # a footer that does not read back: never a count of 0
+        _remove(fs, tmp)
+        raise CacheError(f"latent cache {tmp}: the rows just written do not read back (storage error?); "
+                         "run again, or set data.cache=off")
     if not n_train:
         _remove(fs, tmp)
         raise DataError(f"{data.source}: none of its {data.n_train} training images decodes "
@@ -294,7 +298,8 @@ def build(cfg, data: TrainData, *, vae=None) -> tuple[str, dict, bool]:
         fs.move(tmp, final)
     except OSError:  # another process built it meanwhile: keep theirs if it is valid
         _remove(fs, tmp)
-        if _valid(fs, final, key, data) is None:
+        marker = _valid(fs, final, key, data)  # theirs: its counts are the rows it holds
+        if marker is None:
             raise CacheError(f"latent cache {final}: could not be written (another build in the way?)") from None
     return key, marker, True
 

@@ -193,8 +193,14 @@ def _build_streamed(cfg: DataConfig, seed: int, source) -> TrainData:
     # Validation always center-crops: the val loss must compare across trials and steps.
     val = side(True, "center") if n_val else None
     skipped = sorted(scan.bad.values())
-    return TrainData(train, val, scan.n_good - n_val, n_val, len(skipped), skipped, str(source.path),
-                     materialized=isinstance(train, MaterializedDataset), counts_exact=cfg.on_corrupt != "skip")
+    n_train, n_skipped, exact = scan.n_good - n_val, len(skipped), cfg.on_corrupt != "skip"
+    if not exact and isinstance(train, MaterializedDataset):
+        # Prepared already: count the rows there (what did not decode is gone; its name is in the log).
+        n_rows = (train.count(), val.count() if val is not None else 0)
+        n_skipped += n_train + n_val - sum(n_rows)
+        (n_train, n_val), exact = n_rows, True
+    return TrainData(train, val, n_train, n_val, n_skipped, skipped, str(source.path),
+                     materialized=isinstance(train, MaterializedDataset), counts_exact=exact)
 
 
 def stable_hash(name: str) -> int:

@@ -266,12 +266,33 @@ def test_a_streamed_image_that_decodes_badly_after_the_scan_leaves_a_cache_that_
     samples["0003"]["sar.png"] = png[:png.index(b"IDAT") + 20]  # header intact, image data cut
     write_shard(in_tmp / "wds" / "shard-000000.tar", samples)
     cfg = _cfg(in_tmp, f"data.path={in_tmp / 'wds'}", "data.image_column=sar.png", "data.text_column=caption.MID",
-               "data.on_corrupt=skip", "data.cache=auto", "data.val_fraction=0.0")
+               "data.on_corrupt=skip", "data.cache=auto", "data.val_fraction=0.0", "data.materialize=never")
     data = build_datasets(cfg.data, seed=0)
     assert data.n_train == 6 and not data.counts_exact  # the scan reads headers: the cut image looks fine there
+    held = build_datasets(cfg.data.model_copy(update={"materialize": "always"}), seed=0)
+    assert (held.n_train, held.n_skipped, held.counts_exact) == (5, 1, True)  # prepared rows: counted
     key, marker, built = cache.build(cfg, data)
     assert built and marker["n_train"] == 5
     again = build_datasets(cfg.data, seed=0)
     assert cache.build(cfg, again)[2] is False  # valid: reused, not encoded again
     read = cache.open_latents(cfg, again, key, marker)
     assert read.n_train == read.train.count() == 5 and read.n_skipped == 1 and read.counts_exact
+
+
+def test_a_cache_whose_rows_do_not_read_back_is_an_error_not_an_empty_split(in_tmp, monkeypatch):
+    """A Parquet footer that did not read back (a storage error) counted as 0 rows: the val half
+    was recorded as empty, the cache stayed valid so, and every trial trained without validation."""
+    from sar_ray.data import build_datasets
+
+    cfg = _cfg(in_tmp, "data.cache=auto")
+    data = build_datasets(cfg.data, seed=0)
+    assert data.val is not None
+    real = cache._rows
+    monkeypatch.setattr(cache, "_rows", lambda fs, folder, *a: None if ".tmp-" in folder and folder.endswith("/val")
+                        else real(fs, folder, *a))
+    with pytest.raises(cache.CacheError, match="do not read back"):
+        cache.build(cfg, data)
+    assert list((in_tmp / cache.LOCAL_ROOT).iterdir()) == []  # nothing half-written left to read
+    monkeypatch.setattr(cache, "_rows", real)  # (not undo(): that would leave in_tmp's chdir too)
+    key, marker, built = cache.build(cfg, data)
+    assert built and (marker["n_train"], marker["n_val"]) == (data.n_train, data.n_val)
