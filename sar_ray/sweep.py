@@ -418,7 +418,7 @@ def _trial_driver(config: dict[str, Any], *, study_raw: dict, folder: str, track
         # Real images are compared in the space the model learned: the training normalisation.
         # metrics.json keeps what the scores alone would lose: intervals, normalisation, warnings.
         scored = evaluate(result.samples, reference, cfg.eval.model_copy(update={"normalization": cfg.data.normalization}),
-                          out=cfg.out_dir / "metrics.json", progress=False,
+                          out=cfg.out_dir / "metrics.json", progress=False, reference_columns=reference_columns(cfg.data),
                           skip_unreadable_reference=cfg.data.on_corrupt == "skip")
         scores = scored.flat()
         final.update(scores)
@@ -792,6 +792,19 @@ def absolute_paths(study: StudyConfig) -> StudyConfig:
     return study.model_copy(update=updates)
 
 
+def reference_columns(data) -> tuple | None:
+    """The members a WebDataset reference is read with: the study's own (data.image_column,
+    data.text_column) when it trains on shards, as `sar-ray evaluate --config` reads them. Without
+    them a SARLO-80 study trained on `sar.png` was scored against `|s|` of `sar.npy` (the first
+    `.npy` member). None for a folder or table source (a shard reference: its first `.npy`)."""
+    from .data.captions import TABLE_EXTENSIONS
+    from .data.webdataset import is_webdataset
+
+    path = str(data.path)
+    shards = is_webdataset(path) or ("://" in path and not path.split("?", 1)[0].lower().endswith(TABLE_EXTENSIONS))
+    return (data.image_column, data.text_column) if shards else None
+
+
 def _splits(study: StudyConfig, base: TrialConfig, folder: Path):
     """The sweep's reference and held-out sets (sar_ray.data.splits), None without evaluation."""
     if study.search is None or not study.search.evaluate:
@@ -846,6 +859,7 @@ def anchor_rows(base: TrialConfig, splits, folder: Path, tracker=None, parent_ru
         # Held-out real images need not be captioned: clip then scores its image distances
         # only (clip/fd, clip/kid: a clip objective's realism keeps its held-out end), and says so.
         scored = evaluate(generated, splits.reference, eval_cfg, out=out / "metrics.json", progress=False,
+                          reference_columns=reference_columns(base.data),
                           skip_unreadable_reference=base.data.on_corrupt == "skip", require_prompts=kind != "real")
         metrics = {k: v for k, v in scored.flat().items() if v is not None and math.isfinite(v)}
         row = {"kind": kind, "strategy": label, "metrics": metrics, "images": scored.n_generated,

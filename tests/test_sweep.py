@@ -581,3 +581,39 @@ def test_a_real_anchor_without_captions_keeps_clips_image_distances(tmp_path, ra
     assert {"clip/fd", "clip/kid"} <= set(real["metrics"]) and "clip/score" not in real["metrics"]
     assert any("clip/score and clip/retrieval_top1 not computed" in w for w in real["warnings"])
     assert {"clip/fd", "clip/score"} <= set(base["metrics"])  # the untuned model's samples have prompts
+
+
+def test_a_sweep_on_shards_scores_against_the_member_it_trains_on(tmp_path, monkeypatch, ray_local):
+    """A study on WebDataset shards is scored against data.image_column, as it trains. Both
+    sweep calls of evaluate left the members out, so the reference was read from the first
+    `.npy` member: a SARLO-80 study trained on `sar.png` was scored against |s| of `sar.npy`.
+    Here the two members differ in size, which metrics.json records (the reference's)."""
+    import io
+    import sys
+
+    import numpy as np
+
+    sys.path.insert(0, str(Path(__file__).parent / "data"))
+    try:
+        import shards
+    finally:
+        sys.path.remove(str(Path(__file__).parent / "data"))
+    samples = {}
+    for i in range(16):
+        key = f"{i:04d}"
+        member = shards.sample(key, (32, 32))
+        npy = io.BytesIO()
+        np.save(npy, shards.slc(key, (40, 40)))
+        samples[key] = {**member, "sar.npy": npy.getvalue()}
+    tar = shards.write_shard(tmp_path / "wds" / "shard-000000.tar", samples)
+    monkeypatch.chdir(tmp_path)
+    s = study(tmp_path, {"train.lr": {"grid": [1e-4]}}, f"data.path={tar}", "data.image_column=sar.png",
+              "data.text_column=caption.MID", "search.algorithm=grid", "search.scheduler.type=none",
+              "search.anchors=true", "eval.metrics=[stats]", "eval.bootstrap=0", name="wds")
+    r = run_sweep(s, progress=False)
+    (trial,) = r.trials
+    assert trial["status"] == "DONE", trial.get("error")
+    for scored in (r.folder / "trials" / trial["trial_id"] / "metrics.json", r.folder / "anchors" / "base" / "metrics.json"):
+        doc = json.loads(scored.read_text())
+        assert doc["summary"]["size"] == [32, 32], scored  # sar.png's, not sar.npy's 40 x 40
+        assert doc["n_reference"] == 16
