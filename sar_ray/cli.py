@@ -210,16 +210,23 @@ def _add_sweep(sub) -> None:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .config import ObjectiveConfig
+    from pydantic import ValidationError
+
+    from .config import ObjectiveConfig, objective_direction
     from .report import build_report
     from .tracking import Tracker, default_uri
 
     if args.mode and not args.metric:
         raise UserError("sar-ray report: --mode needs --metric (without both, the sweep's own objectives rank)")
+    objective = None
+    if args.metric:
+        try:
+            objective = ObjectiveConfig(metric=args.metric, mode=args.mode or objective_direction(args.metric))
+        except ValidationError as e:
+            raise UserError(f"sar-ray report --metric {args.metric}: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
     tracker = Tracker(default_uri(args.tracking_uri), args.experiment)
     try:
-        out = build_report(tracker, args.run_id, args.out,
-                           objective=ObjectiveConfig(metric=args.metric, mode=args.mode or "min") if args.metric else None)
+        out = build_report(tracker, args.run_id, args.out, objective=objective)
     except ValueError as e:
         raise UserError(str(e)) from None
     console.print((out / "report.md").read_text(), markup=False, soft_wrap=True)
@@ -239,7 +246,7 @@ def _add_report(sub) -> None:
     p.add_argument("--out", default="report", help="output folder (default: report/)")
     p.add_argument("--metric", help="objective that picks each strategy's best trial (default: the sweep's "
                    "search.objectives, as its own report; e.g. val_loss)")
-    p.add_argument("--mode", choices=["min", "max"], help="with --metric (default: min)")
+    p.add_argument("--mode", choices=["min", "max"], help="with --metric (default: the metric's own direction)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     p.set_defaults(func=_cmd_report)
 

@@ -639,10 +639,54 @@ class ParamSpec(_Strict):
         return self.grid if self.grid is not None else self.choice
 
 
+#: What a finished trial reports besides its evaluation metrics, and which way is better.
+TRIAL_METRICS = {"val_loss": "min", "loss": "min", "cost/wall_s": "min", "cost/gpu_hours": "min",
+                 "cost/peak_memory_mb": "min", "cost/trainable_params": "min"}
+
+
+def objective_direction(metric: str) -> str:
+    """"min" or "max": which way `metric` is better ("min" for a name no trial reports, which
+    ObjectiveConfig then refuses by name)."""
+    from .metrics.families import metric_direction
+
+    if metric in TRIAL_METRICS:
+        return TRIAL_METRICS[metric]
+    try:
+        return metric_direction(metric)
+    except KeyError:
+        return "min"
+
+
 class ObjectiveConfig(_Strict):
     metric: str = Field("val_loss", description="A metric the trial reports: val_loss, or an evaluation "
                         "metric such as stats/js, glcm/frechet, clip/score.")
     mode: Literal["min", "max"] = Field("min", description="Minimise or maximise it.")
+
+    @model_validator(mode="after")
+    def _a_final_metric_the_right_way(self) -> ObjectiveConfig:
+        """A typo (stats/wasserstien) used to validate and leave every trial without an objective
+        value; `mode: max` on a distance crowned the least realistic trial."""
+        from .metrics.families import FAMILIES, metric_direction
+        from .metrics.quick import is_quick
+
+        m = self.metric
+        if is_quick(m):
+            raise ValueError(f"metric {m!r} is a rung signal for search.scheduler.metric (validation samples taken "
+                             f"during training), not a final objective: use {m[len('quick/'):]!r}, the full "
+                             f"evaluation of a finished trial")
+        try:
+            direction = TRIAL_METRICS.get(m) or metric_direction(m)
+        except KeyError:
+            known = list(TRIAL_METRICS) + [k for f in FAMILIES.values() for k in f.directions]
+            close = difflib.get_close_matches(m, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"metric {m!r} is not reported by a trial{hint}; valid: val_loss, loss, cost/*, or an "
+                             f"evaluation metric such as {', '.join(k for f in FAMILIES.values() for k in list(f.directions)[:2])}")
+        if direction != self.mode and not m.startswith("cost/"):
+            better = "lower" if direction == "min" else "higher"
+            raise ValueError(f"metric {m!r} is better {better}: set mode: {direction} (mode {self.mode} would rank the "
+                             f"worst trial best)")
+        return self
 
 
 def asha_max_t(max_steps: int) -> int:
@@ -818,6 +862,44 @@ class StudyConfig(TrialConfig):
                 what = "" if wide[0] == key else f" {wide[0]}"
                 raise ValueError(f"search.space: {key!r} cannot vary{what} between trials: {SWEEP_WIDE_KEYS[wide[0]]}; "
                                  f"set it once, outside search.space")
+        return self
+
+    @model_validator(mode="after")
+    def _objectives_are_computed(self) -> StudyConfig:
+        """An evaluation objective exists only where the sweep evaluates that family."""
+        if self.search is None:
+            return self
+        for i, o in enumerate(self.search.objectives):
+            if o.metric in TRIAL_METRICS:
+                continue
+            where = f"search.objectives[{i}].metric={o.metric}"
+            if not self.search.evaluate:
+                raise ValueError(f"{where}: search.evaluate is false, so no trial is scored; set search.evaluate: "
+                                 f"true, or use val_loss")
+            family = o.metric.split("/")[0]
+            if family not in self.eval.metrics:
+                raise ValueError(f"{where}: the {family!r} family is not in eval.metrics {self.eval.metrics}; add it")
+        return self
+
+    @model_validator(mode="after")
+    def _asha_trials_share_their_rungs(self) -> StudyConfig:
+        """ASHA's rungs (and max_t) come from the base trial's train.max_steps, and a quick
+        metric's alignment from its train.sample_every: a point with fewer steps was judged at its
+        own last step (and stopped there, unsaved and unscored), one with another sample cadence
+        at a stale quick value."""
+        sc = self.search.scheduler if self.search is not None else None
+        if sc is None or sc.type != "asha":
+            return self
+        from .metrics.quick import is_quick
+
+        fixed = ["train.max_steps"] + (["train.sample_every"] if is_quick(sc.metric) else [])
+        for key, spec in self.search.space.items():
+            for setting in fixed:
+                if key == setting or (setting.startswith(key + ".") and
+                                      any(_sets(v, setting[len(key) + 1:]) for v in spec.values or [])):
+                    raise ValueError(f"search.space: {key!r} varies {setting} under ASHA, whose rungs "
+                                     f"({sc.metric}) are set once from the base trial's; set it outside "
+                                     f"search.space, or use search.scheduler.type=none")
         return self
 
     @model_validator(mode="after")

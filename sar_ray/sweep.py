@@ -185,7 +185,7 @@ def check_search(study: StudyConfig, source: str = "search.space") -> tuple[int,
     points left out because nothing would train). Grid: every grid point (x num_samples).
     Optuna / random: every combination of the categorical axes with each range at its low and
     high end, so a bad value anywhere is refused before a trial starts; num_samples points.
-    Trials = points x search.repeats (seed replicas)."""
+    Trials = points x search.repeats (seed replicas); a grid with search.points runs those."""
     search, base = study.search, study.trial()
     if search is None:
         return 1, 0
@@ -193,7 +193,9 @@ def check_search(study: StudyConfig, source: str = "search.space") -> tuple[int,
     kept = [p for p in points if _checked(base, p, source)]
     if not kept:
         raise ConfigError(f"{source}: no point of the search space makes a trial that trains something")
-    points_run = len(kept) * search.num_samples if search.algorithm == "grid" else search.num_samples
+    # A grid with search.points runs exactly those points (each checked to be a grid point).
+    grid_size = len(search.points) if search.points else len(kept)
+    points_run = grid_size * search.num_samples if search.algorithm == "grid" else search.num_samples
     return points_run * search.repeats, len(points) - len(kept)
 
 
@@ -1143,7 +1145,8 @@ def comparison_lines(r: SweepResult, objective: str, mode: str = "min") -> list[
     rows = [(a["strategy"], "-", a["metrics"].get(objective), realism_of(a["metrics"].get(metric), r.anchors, metric))
             for a in r.anchors.values()]
     done = [t for t in r.trials if t["status"] == "DONE" and isinstance(t["metrics"].get(objective), (int, float))]
-    done.sort(key=lambda t: t["metrics"][objective], reverse=mode == "max")  # best first
+    sign = -1 if mode == "max" else 1  # best first; a NaN objective (not computed) last, not anywhere
+    done.sort(key=lambda t: (0, sign * t["metrics"][objective]) if math.isfinite(t["metrics"][objective]) else (1, 0))
     rows += [(_combination(t), point_label(t["trial_id"], t["params"], t.get("seed") if t.get("repeat") else None),
               t["metrics"][objective], t.get("realism")) for t in done]
     width = max(len(x[0]) for x in rows)

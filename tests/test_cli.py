@@ -240,3 +240,18 @@ def test_evaluate_reads_a_webdataset_reference_with_the_studys_members(capsys, t
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "sar.tif" in lines[0], err
+
+
+def test_report_metric_is_checked_like_an_objective_and_defaults_to_its_own_direction(capsys, tmp_path):
+    """`report --metric` ranks like a sweep objective: a typo is one line, exit 2, before MLflow is
+    touched; without --mode a higher-is-better metric (clip/score) is ranked by its own direction."""
+    from sar_ray.config import objective_direction
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    code, _, err = run(capsys, "report", "--experiment", "x", "--tracking-uri", uri, "--metric", "stats/jss")
+    assert code == 2 and "'stats/jss' is not reported by a trial (did you mean 'stats/js'?)" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "mlflow.db").exists()
+    code, _, err = run(capsys, "report", "--experiment", "x", "--tracking-uri", uri, "--metric", "stats/js", "--mode", "max")
+    assert code == 2 and "set mode: min" in err
+    assert (objective_direction("clip/score"), objective_direction("stats/js"), objective_direction("val_loss")) == (
+        "max", "min", "min")

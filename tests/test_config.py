@@ -190,6 +190,9 @@ def test_validate_counts_seed_replicas_as_trials(capsys):
     optuna = config.load(None, ['search={"space": {"train.lr": {"loguniform": [1e-5, 1e-3]}}, "num_samples": 5}',
                                 "search.repeats=2"])
     assert check_search(optuna)[0] == 10  # num_samples points, each run with 2 seeds
+    # A grid's search.points are the points it runs: one fixed point x 2 seeds, not the 8 x 2 it counted.
+    one = '[{"strategy.unet": {"mode": "full", "lr": 5.0e-4}, "strategy.text_encoder": {"mode": "frozen"}, "strategy.token": "none"}]'
+    assert check_search(config.load(quick, [f"search.points={one}", "search.repeats=2"]))[0] == 2
     assert main(["validate", str(quick), "--set", "search.repeats=3"]) == 0
     assert "24 trials (8 points x 3 seeds)" in capsys.readouterr().out
 

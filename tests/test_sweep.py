@@ -124,6 +124,46 @@ def test_search_section_errors_name_the_key(tmp_path):
     study(tmp_path, {"data.resolution": {"grid": [16, 32]}}, "search.algorithm=grid")  # other data keys may vary
 
 
+def test_an_objective_is_a_final_metric_the_sweep_computes_and_ranks_the_right_way(tmp_path):
+    """A typo in an objective validated, and every trial ended without an objective value (Optuna
+    learned nothing, the summary had no best); so did a family not in eval.metrics, an
+    objective with search.evaluate false, and a quick/* rung signal (a stopped trial's rung value
+    became its result). mode max on a distance crowned the least realistic trial."""
+    def objective(metric: str, mode: str = "min", *sets: str):
+        return study(tmp_path, {}, f'search.objectives=[{{"metric": "{metric}", "mode": "{mode}"}}]', *sets)
+
+    with pytest.raises(ConfigError, match=r"'stats/wasserstien' is not reported by a trial \(did you mean 'stats/wasserstein'"):
+        objective("stats/wasserstien")
+    with pytest.raises(ConfigError, match="rung signal .* use 'stats/js'"):
+        objective("quick/stats/js")
+    with pytest.raises(ConfigError, match="'stats/js' is better lower: set mode: min"):
+        objective("stats/js", "max")
+    with pytest.raises(ConfigError, match="'clip' family is not in eval.metrics"):
+        objective("clip/score", "max")
+    with pytest.raises(ConfigError, match="search.evaluate is false"):
+        objective("stats/js", "min", "search.evaluate=false")
+    for metric, mode in (("val_loss", "min"), ("stats/kl/forest", "min"), ("glcm/frechet", "min"),
+                         ("cost/gpu_hours", "min"), ("stats/js", "min")):
+        objective(metric, mode)
+    with pytest.raises(ConfigError, match="'glcm' family is not in eval.metrics"):
+        objective("glcm/frechet", "min", "eval.metrics=[stats]")
+    objective("val_loss", "min", "search.evaluate=false")
+
+
+def test_under_asha_every_point_shares_the_base_trials_rungs(tmp_path):
+    """ASHA's rungs and max_t come from the base train.max_steps: a point of 4 steps among 8 was
+    judged (and stopped) at its own last report, unsaved and unscored; a quick metric's rungs are
+    aligned with the base train.sample_every, so another cadence was judged on a stale value."""
+    asha = ("search.scheduler.type=asha", "search.scheduler.grace_period=2", "train.max_steps=8")
+    with pytest.raises(ConfigError, match="'train.max_steps' varies train.max_steps under ASHA"):
+        study(tmp_path, {"train.max_steps": {"grid": [8, 4]}}, "search.algorithm=grid", *asha)
+    quick = (*asha, "search.scheduler.metric=quick/stats/js", "train.sample_every=2")
+    with pytest.raises(ConfigError, match="'train' varies train.sample_every under ASHA"):
+        study(tmp_path, {"train": {"grid": [{"sample_every": 2}, {"sample_every": 4}]}}, "search.algorithm=grid", *quick)
+    study(tmp_path, {"train.sample_every": {"grid": [2, 4]}}, "search.algorithm=grid", *asha)  # val_loss rungs
+    study(tmp_path, {"train.max_steps": {"grid": [8, 4]}}, "search.algorithm=grid", "search.scheduler.type=none")
+
+
 def test_concurrency_follows_cluster_resources_and_leaves_a_cpu_for_data(tmp_path):
     s = study(tmp_path, {})
     assert concurrent_trials(s.trial(), s.search, {"CPU": 2}) == 2  # 0.5 CPU per trial, 1 CPU kept
@@ -476,6 +516,20 @@ def test_the_comparison_lists_trials_best_first_for_an_objective_to_maximise():
         t["metrics"] = {"clip/score": t["metrics"]["stats/js"]}
     lines = comparison_lines(r, "clip/score", "max")
     assert [line.split()[1] for line in lines if " lo " in line or " hi " in line] == ["hi", "lo"]
+
+
+def test_a_trial_whose_objective_is_nan_is_listed_last_not_among_the_best():
+    """A NaN objective made Python's sort leave the rows in any order: [0.3, nan, 0.1, 0.2]
+    printed as given, so the first row under `anchors` was not the best trial."""
+    from sar_ray.sweep import SweepResult, comparison_lines
+
+    anchors = {"base": {"strategy": "base (untuned)", "metrics": {"stats/js": 0.5}},
+               "real": {"strategy": "real (held out)", "metrics": {"stats/js": 0.0}}}
+    trials = [_row(name, v) for name, v in (("a", 0.3), ("n", float("nan")), ("b", 0.1), ("c", 0.2))]
+    r = SweepResult("s", Path("."), trials, None, None, None, None, 0.0, anchors=anchors, realism_metric="stats/js")
+    lines = comparison_lines(r, "stats/js", "min")
+    names = {t["trial_id"] for t in trials}
+    assert [line.split()[1] for line in lines if len(line.split()) > 1 and line.split()[1] in names] == ["b", "c", "a", "n"]
 
 
 def test_the_summary_names_strategies_as_the_report_does():
