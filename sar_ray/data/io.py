@@ -186,10 +186,17 @@ def _decode_tiff(data: bytes) -> np.ndarray:
         series = tf.series[0]
         arr = series.asarray()
         axes = series.axes
+        rgb = tf.pages[0].photometric == tifffile.PHOTOMETRIC.RGB
     if np.iscomplexobj(arr):
         # Single-look complex data: the amplitude |s| is what we model.
         arr = np.abs(arr)
     if arr.ndim == 3 and "S" in axes and arr.shape[axes.index("S")] in (3, 4):
+        bands = arr.shape[axes.index("S")]
+        if not (rgb and arr.dtype in (np.uint8, np.uint16)):
+            # An 8/16-bit colour picture is averaged to grey; float or complex bands are channels
+            # (polarisations, looks): their mean, without the 4th, would be a silent wrong image.
+            raise ImageReadError(f"TIFF of {bands} {arr.dtype} bands (axes {axes}), e.g. polarisations; "
+                                 "expected one band: write one band per file")
         arr = np.moveaxis(arr, axes.index("S"), -1)[..., :3].astype(np.float32).mean(axis=-1)
     # Drop length-1 page/band axes, but never the image's own (a 1-row image stays 2-D).
     while arr.ndim > 2 and arr.shape[0] == 1:

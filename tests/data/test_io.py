@@ -108,3 +108,14 @@ def test_16_bit_colour_png_is_refused_not_truncated(tmp_path):
     (tmp_path / "rgb16.png").write_bytes(png)
     with pytest.raises(ImageReadError, match=r"rgb16\.png: 16-bit colour PNG"):
         read_image(tmp_path / "rgb16.png")
+
+
+def test_a_multiband_float_tiff_is_refused_not_averaged(tmp_path):
+    """A quad-pol float TIFF ((H, W, 4) or (4, H, W)) was read as the mean of its first three
+    bands, silently; an 8-bit colour TIFF is still averaged to grey."""
+    for shape in ((8, 8, 4), (4, 8, 8), (8, 8, 3)):
+        tifffile.imwrite(tmp_path / "pol.tif", np.ones(shape, np.float32))
+        with pytest.raises(ImageReadError, match=r"bands .*write one band per file"):
+            read_image(tmp_path / "pol.tif")
+    tifffile.imwrite(tmp_path / "rgb.tif", np.full((8, 8, 3), [30, 60, 90], np.uint8))
+    assert read_image(tmp_path / "rgb.tif").tolist() == np.full((8, 8), 60.0).tolist()
