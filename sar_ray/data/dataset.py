@@ -110,16 +110,24 @@ def build_datasets(cfg: DataConfig, seed: int) -> TrainData:
             "data.on_corrupt=skip to leave them out)"
         )
     skipped = [records[i].source for i in sorted(bad)]
-    records = [r for i, r in enumerate(records) if i not in bad]
-    if not records:
+    if len(bad) == len(records):
         why = f" (all {len(skipped)} unreadable, first: {bad[min(bad)]})" if skipped else ""
         raise DataError(f"{source}: no usable images{why}")
 
     # Train / validation / held out: sar_ray.data.splits defines them (the held-out images are
-    # the sweep's `real (held out)` anchor: never trained on).
+    # the sweep's `real (held out)` anchor: never trained on). Split every record, as the
+    # sweep's study_splits does, and only then leave the unreadable ones out: on a small set the
+    # split's fallbacks depend on which records take part, so splitting the readable ones alone
+    # could train on the image the sweep scores as held out.
     from sar_ray.data.splits import split_three
 
-    train_recs, val_recs, _ = split_three(records, cfg.val_fraction, cfg.holdout_fraction)
+    unreadable = {id(records[i]) for i in bad}
+    train_recs, val_recs, _ = (
+        [r for r in part if id(r) not in unreadable]
+        for part in split_three(records, cfg.val_fraction, cfg.holdout_fraction))
+    if not train_recs:
+        raise DataError(f"{source}: none of its training images is readable ({len(skipped)} unreadable, first: "
+                        f"{bad[min(bad)]}); fix or remove them")
     # A seeded global order: each worker's shard (and an early-stopped trial's first steps)
     # is a random sample of the whole table, never its first rows (one class, one site).
     train_recs = [train_recs[i] for i in np.random.default_rng(seed).permutation(len(train_recs))]

@@ -122,3 +122,28 @@ def test_an_unreadable_image_of_data_path_is_left_out_of_the_anchor_and_the_refe
     strict = data.model_copy(update={"on_corrupt": "error"})
     with pytest.raises(ImageReadError, match=f"{first_held.name}.*data.on_corrupt=skip"):
         study_splits(strict, tmp_path / "strict", n_anchor=3)
+
+
+def test_training_never_takes_the_held_out_image_when_a_small_sets_split_loses_an_unreadable_one(tmp_path, ray_local):
+    """build_datasets split the readable images only, the sweep's splits every image: on a small
+    set the split's fallbacks then disagree. Of c00..c02 (c00 validation, c01 held out, c02 train),
+    an unreadable c02 left training with c01, the image the sweep scores as `real (held out)`."""
+    import numpy as np
+    from PIL import Image
+
+    from sar_ray.data import DataError, build_datasets
+    from sar_ray.data.captions import read_table
+
+    root = tmp_path / "chips"
+    root.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((16, 16), 40 * i + 20, np.uint8)).save(root / f"c{i:02d}.png")
+    (root / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"c{i:02d}.png", "text": "t"}) + "\n"
+                                                 for i in range(3)))
+    train, val, held = split_three(read_table(root), 0.25, 0.1)
+    assert [[r.name for r in part] for part in (train, val, held)] == [["c02.png"], ["c00.png"], ["c01.png"]]
+    (root / "c02.png").write_bytes(b"\x89PNG\r\n\x1a\n not a png")
+    data = DataConfig.model_validate({"path": str(root), "resolution": 16, "val_fraction": 0.25,
+                                      "holdout_fraction": 0.1, "on_corrupt": "skip"})
+    with pytest.raises(DataError, match="none of its training images is readable"):
+        build_datasets(data, seed=0)
