@@ -637,6 +637,7 @@ def test_a_real_anchor_without_captions_keeps_clips_image_distances(tmp_path, ra
     assert {"clip/fd", "clip/score"} <= set(base["metrics"])  # the untuned model's samples have prompts
 
 
+@pytest.mark.slow
 def test_a_sweep_on_shards_scores_against_the_member_it_trains_on(tmp_path, monkeypatch, ray_local):
     """A study on WebDataset shards is scored against data.image_column, as it trains. Both
     sweep calls of evaluate left the members out, so the reference was read from the first
