@@ -212,7 +212,7 @@ def _add_sweep(sub) -> None:
 def _cmd_report(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from .config import ObjectiveConfig, objective_direction
+    from .config import ObjectiveConfig, format_validation_error, objective_direction
     from .report import build_report
     from .tracking import Tracker, default_uri
 
@@ -223,7 +223,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
         try:
             objective = ObjectiveConfig(metric=args.metric, mode=args.mode or objective_direction(args.metric))
         except ValidationError as e:
-            raise UserError(f"sar-ray report --metric {args.metric}: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+            raise UserError(format_validation_error(e, f"sar-ray report --metric {args.metric}",
+                                                    ObjectiveConfig)) from None
     tracker = Tracker(default_uri(args.tracking_uri), args.experiment)
     try:
         out = build_report(tracker, args.run_id, args.out, objective=objective)

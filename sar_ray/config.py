@@ -644,9 +644,8 @@ TRIAL_METRICS = {"val_loss": "min", "loss": "min", "cost/wall_s": "min", "cost/g
                  "cost/peak_memory_mb": "min", "cost/trainable_params": "min"}
 
 
-def objective_direction(metric: str) -> str:
-    """"min" or "max": which way `metric` is better ("min" for a name no trial reports, which
-    ObjectiveConfig then refuses by name)."""
+def _direction(metric: str) -> str | None:
+    """"min" or "max" for a metric a finished trial reports, None for any other name."""
     from .metrics.families import metric_direction
 
     if metric in TRIAL_METRICS:
@@ -654,7 +653,13 @@ def objective_direction(metric: str) -> str:
     try:
         return metric_direction(metric)
     except KeyError:
-        return "min"
+        return None
+
+
+def objective_direction(metric: str) -> str:
+    """"min" or "max": which way `metric` is better ("min" for a name no trial reports, which
+    ObjectiveConfig then refuses by name)."""
+    return _direction(metric) or "min"
 
 
 class ObjectiveConfig(_Strict):
@@ -666,7 +671,7 @@ class ObjectiveConfig(_Strict):
     def _a_final_metric_the_right_way(self) -> ObjectiveConfig:
         """A typo (stats/wasserstien) used to validate and leave every trial without an objective
         value; `mode: max` on a distance crowned the least realistic trial."""
-        from .metrics.families import FAMILIES, metric_direction
+        from .metrics.families import FAMILIES
         from .metrics.quick import is_quick
 
         m = self.metric
@@ -674,9 +679,8 @@ class ObjectiveConfig(_Strict):
             raise ValueError(f"metric {m!r} is a rung signal for search.scheduler.metric (validation samples taken "
                              f"during training), not a final objective: use {m[len('quick/'):]!r}, the full "
                              f"evaluation of a finished trial")
-        try:
-            direction = TRIAL_METRICS.get(m) or metric_direction(m)
-        except KeyError:
+        direction = _direction(m)
+        if direction is None:
             known = list(TRIAL_METRICS) + [k for f in FAMILIES.values() for k in f.directions]
             close = difflib.get_close_matches(m, known, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -837,6 +841,13 @@ def _sets(value: Any, dotted: str) -> bool:
     return True
 
 
+def _varies(key: str, spec: ParamSpec, setting: str) -> bool:
+    """Whether the search axis `key` varies the setting at dotted `setting`: the key itself, or a
+    whole-section axis (`train: {grid: [{max_steps: ...}]}`) one of whose values sets it."""
+    return key == setting or (setting.startswith(key + ".") and
+                              any(_sets(v, setting[len(key) + 1:]) for v in spec.values or []))
+
+
 class StudyConfig(TrialConfig):
     """A study file: the base trial plus (for sweeps) a `search` section."""
 
@@ -855,9 +866,9 @@ class StudyConfig(TrialConfig):
                 close = difflib.get_close_matches(parts[-1], valid, n=1)
                 hint = f" (did you mean {'.'.join(parts[:-1] + [close[0]])!r}?)" if close else ""
                 raise ValueError(f"search.space: {key!r} is not a trial setting{hint}")
+            # The key itself first, then a whole-section axis (`data: {grid: [{path: ...}]}`).
             wide = [key] if key in SWEEP_WIDE_KEYS else [
-                w for w in SWEEP_WIDE_KEYS  # a whole-section axis (`data: {grid: [{path: ...}]}`)
-                if w.startswith(key + ".") and any(_sets(v, w[len(key) + 1:]) for v in self.search.space[key].values or [])]
+                w for w in SWEEP_WIDE_KEYS if _varies(key, self.search.space[key], w)]
             if wide:
                 what = "" if wide[0] == key else f" {wide[0]}"
                 raise ValueError(f"search.space: {key!r} cannot vary{what} between trials: {SWEEP_WIDE_KEYS[wide[0]]}; "
@@ -895,8 +906,7 @@ class StudyConfig(TrialConfig):
         fixed = ["train.max_steps"] + (["train.sample_every"] if is_quick(sc.metric) else [])
         for key, spec in self.search.space.items():
             for setting in fixed:
-                if key == setting or (setting.startswith(key + ".") and
-                                      any(_sets(v, setting[len(key) + 1:]) for v in spec.values or [])):
+                if _varies(key, spec, setting):
                     raise ValueError(f"search.space: {key!r} varies {setting} under ASHA, whose rungs "
                                      f"({sc.metric}) are set once from the base trial's; set it outside "
                                      f"search.space, or use search.scheduler.type=none")
