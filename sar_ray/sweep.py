@@ -799,12 +799,9 @@ def reference_columns(data) -> tuple | None:
     data.text_column) when it trains on shards, as `sar-ray evaluate --config` reads them. Without
     them a SARLO-80 study trained on `sar.png` was scored against `|s|` of `sar.npy` (the first
     `.npy` member). None for a folder or table source (a shard reference: its first `.npy`)."""
-    from .data.captions import TABLE_EXTENSIONS
-    from .data.webdataset import is_webdataset
+    from .data.webdataset import is_shards
 
-    path = str(data.path)
-    shards = is_webdataset(path) or ("://" in path and not path.split("?", 1)[0].lower().endswith(TABLE_EXTENSIONS))
-    return (data.image_column, data.text_column) if shards else None
+    return (data.image_column, data.text_column) if is_shards(data.path) else None
 
 
 def _splits(study: StudyConfig, base: TrialConfig, folder: Path):

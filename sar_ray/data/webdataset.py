@@ -357,10 +357,15 @@ def _samples(shards: list[str], fs, full) -> Iterator[tuple[str, str, dict]]:
                 yield shard, key, sample
 
 
+def is_shards(data: str | os.PathLike) -> bool:
+    """`data` names WebDataset shards (a .tar, a folder of them, a brace pattern, s3://)."""
+    return str(data) != "synthetic" and (is_webdataset(str(data)) or "://" in str(data))
+
+
 def list_streamed(path, max_images: int | None = None, columns: tuple | None = None) -> list | None:
     """`list_samples` of `path` when it names WebDataset shards (local, a pattern or s3://),
     None for a folder or caption table. `columns`: (image_column, text_column) or None."""
-    if not (is_webdataset(str(path)) or "://" in str(path)):
+    if not is_shards(path):
         return None
     return list_samples(str(path), *(columns or (None, None)), max_images=max_images)
 

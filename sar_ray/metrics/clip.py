@@ -353,18 +353,11 @@ def load_record_image(record, norm: NormalizationConfig, size: int | None) -> np
     return prepare_image(pixels, norm, size, "center", None)
 
 
-def is_shards(data: str | os.PathLike) -> bool:
-    """`data` names WebDataset shards (a .tar, a folder of them, a brace pattern, s3://)."""
-    from sar_ray.data.webdataset import is_webdataset
-
-    return str(data) != "synthetic" and (is_webdataset(str(data)) or "://" in str(data))
-
-
 def _records(data: str | os.PathLike, captions=None, image_column="file_name", text_column="text",
              synthetic: SynthConfig | None = None, max_images: int | None = None, on_corrupt: str = "skip"):
     from sar_ray.data.captions import read_table
     from sar_ray.data.synth import synthetic_path
-    from sar_ray.data.webdataset import list_samples
+    from sar_ray.data.webdataset import is_shards, list_samples
 
     if str(data) == "synthetic":  # the scenes' own layout, as build_datasets reads them
         return read_table(synthetic_path(synthetic or SynthConfig()))
