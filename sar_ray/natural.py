@@ -229,9 +229,9 @@ def _train_vae(vae, crops: _Crops, recipe: Recipe) -> float:
     SD's adaptive weight, 0.5), it left reconstructions of SAR smoother, not more speckled (mean
     |dx| 0.093 of the scenes' against 0.110 with L1 alone, W 0.071 against 0.069; a spectral L1
     tried before did no better; a local-variance term, `--texture`, left W three times as far).
-    An 8x8x4 latent of a 64 px scene cannot hold per-pixel speckle, a shallower VAE that could (2x: 32x32x4) still decodes it smooth after this training (|dx|
-    0.25, `--depths`), and this decoder does not learn to invent it in minutes: its reconstructions keep the
-    scenes' layout, their bright targets at 0.67 of the scenes' 99.5th-percentile amplitude,
+    An 8x8x4 latent of a 64 px scene cannot hold per-pixel speckle, a shallower VAE that could
+    (2x: 32x32x4) still decodes it smooth after this training (|dx| 0.25, `--depths`), and this
+    decoder does not learn to invent it in minutes: its reconstructions keep the scenes' layout, their bright targets at 0.67 of the scenes' 99.5th-percentile amplitude,
     and no speckle."""
     vae.train()
     opt = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr)
