@@ -95,7 +95,8 @@ class NormalizationConfig(_Strict):
         "reference",
         description="`reference`: A / (mean + k*std) of the linear amplitude, clipped to [0, 1] "
         "(the reference study); `db`: 20*log10(A) clipped to [db_min, db_max] and rescaled; "
-        "`percentile`: clip to [p_low, p_high] percentiles and rescale; `none`: pixel/max value.",
+        "`percentile`: clip to [p_low, p_high] percentiles and rescale; `none`: pixel / the file's "
+        "full scale (255 for 8-bit, 65535 for 16-bit samples; floats already in [0, 1] as they are).",
     )
     k: float = Field(3.0, gt=0, description="`reference`: number of standard deviations k.")
     db_min: float = Field(-30.0, description="`db`: lower clipping bound in dB.")

@@ -504,7 +504,7 @@ def _target_size(cfg: EvalConfig, ref_items: list[_Item], skip_unreadable: bool 
         return (cfg.size, cfg.size)
     for i, it in enumerate(ref_items):
         try:
-            return tuple(int(v) for v in _decode(it.path, it.image_bytes, it.name).shape)
+            return tuple(int(v) for v in _decode(it.path, it.image_bytes, it.name)[0].shape)
         except ImageReadError:
             if not skip_unreadable or i == len(ref_items) - 1:
                 raise
@@ -526,12 +526,13 @@ def _unreadable(it: _Item, norm: NormalizationConfig, size: tuple[int, int]) -> 
     return False
 
 
-def _decode(path: str | None, data: bytes | None, name: str) -> np.ndarray:
-    from sar_ray.data.io import read_image, read_image_bytes
+def _decode(path: str | None, data: bytes | None, name: str) -> tuple[np.ndarray, int | None]:
+    """(linear pixels, stored bit depth): see `io.read_pixels`."""
+    from sar_ray.data.io import read_pixels, read_pixels_bytes
 
     if isinstance(data, (bytes, bytearray, memoryview)) and len(data):
-        return read_image_bytes(bytes(data), path if isinstance(path, str) else name)
-    return read_image(path)
+        return read_pixels_bytes(bytes(data), path if isinstance(path, str) else name)
+    return read_pixels(path)
 
 
 def _fit(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -548,8 +549,11 @@ def _fit(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 
-def _bit_depth(pixels: np.ndarray) -> int:
-    """8, 16 or 32 (float): the precision the decoded values were stored with."""
+def _bit_depth(pixels: np.ndarray, bits: int | None) -> int:
+    """8, 16 or 32 (float): the precision the decoded values were stored with; the file's
+    own depth where it stored integers (a dark 16-bit image is 16-bit), else from the values."""
+    if bits is not None:
+        return bits
     vmin, vmax = float(pixels.min()), float(pixels.max())
     if vmin >= 0 and np.all(pixels == np.round(pixels)):
         if vmax <= 255:
@@ -563,8 +567,8 @@ def load_image(path, data, name, norm: NormalizationConfig, size: tuple[int, int
     """Decode, normalise with `norm` and fit one image to `size`: (image, stored shape, bit depth)."""
     from sar_ray.data.normalize import normalize
 
-    pixels = _decode(path, data, name)
-    return _fit(normalize(pixels, norm), size), tuple(pixels.shape), _bit_depth(pixels)
+    pixels, bits = _decode(path, data, name)
+    return _fit(normalize(pixels, norm, bits), size), tuple(pixels.shape), _bit_depth(pixels, bits)
 
 
 def describe_images(images: np.ndarray, cfg: EvalConfig, families: Sequence[Family] | None = None,

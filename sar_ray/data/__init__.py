@@ -16,6 +16,7 @@ from sar_ray.data.io import (
     ImageReadError,
     read_image,
     read_image_bytes,
+    read_pixels,
     write_amplitude_png,
     write_tiff,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "prepare_image",
     "read_image",
     "read_image_bytes",
+    "read_pixels",
     "read_table",
     "scene_rng",
     "speckle",

@@ -40,7 +40,7 @@ from PIL import Image
 
 from sar_ray.config import DataConfig, NormalizationConfig
 from sar_ray.data.captions import TABLE_EXTENSIONS, DataError, Record, read_table
-from sar_ray.data.io import IMAGE_EXTENSIONS, ImageReadError, read_image, read_image_bytes
+from sar_ray.data.io import IMAGE_EXTENSIONS, ImageReadError, read_pixels, read_pixels_bytes
 from sar_ray.data.normalize import normalize
 from sar_ray.data.synth import synthetic_path
 
@@ -279,7 +279,10 @@ def load_folder_arrays(
     else:
         records = read_table(root)
     norm = cfg or NormalizationConfig(method="none")
-    arrays = [prepare_image(_decode(r), norm, resolution, "center", None) for r in records]
+    arrays = []
+    for r in records:
+        pixels, bits = _decode(r)
+        arrays.append(prepare_image(pixels, norm, resolution, bits=bits))
     return arrays, records
 
 
@@ -289,9 +292,11 @@ def prepare_image(
     resolution: int | None,
     crop: str = "center",
     rng: np.random.Generator | None = None,
+    bits: int | None = None,
 ) -> np.ndarray:
-    """Linear pixels -> normalised [0, 1] (R, R): shorter side resized to R, then cropped."""
-    return prepare_image_geometry(pixels, norm, resolution, crop, rng)[0]
+    """Linear pixels -> normalised [0, 1] (R, R): shorter side resized to R, then cropped.
+    `bits`: the stored depth `io.read_pixels` gave (see `normalize`)."""
+    return prepare_image_geometry(pixels, norm, resolution, crop, rng, bits)[0]
 
 
 def prepare_image_geometry(
@@ -300,10 +305,11 @@ def prepare_image_geometry(
     resolution: int | None,
     crop: str = "center",
     rng: np.random.Generator | None = None,
+    bits: int | None = None,
 ) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
     """`prepare_image` plus what SDXL's micro-conditioning needs: the original (h, w) before
     resizing and the crop's (top, left) in the resized image."""
-    img = normalize(pixels, norm)  # per-scene statistics on the full image, before resizing
+    img = normalize(pixels, norm, bits)  # per-scene statistics on the full image, before resizing
     original = (int(img.shape[0]), int(img.shape[1]))
     if resolution is None:
         return img, original, (0, 0)
@@ -369,20 +375,21 @@ def _batch_size(resolution: int) -> int:
     return int(np.clip((64 << 20) // row_bytes, 1, 64))
 
 
-def _decode(r: Record | dict) -> np.ndarray:
+def _decode(r: Record | dict) -> tuple[np.ndarray, int | None]:
+    """(linear pixels, stored bit depth) of a record or a row (see `io.read_pixels`)."""
     if isinstance(r, Record):
         data, path, name = r.image_bytes, r.path, r.name
     else:
         data, path, name = _cell(r["image_bytes"], bytes), _cell(r["path"], str), r["name"]
     if data is not None:
-        return read_image_bytes(data, path or name)
+        return read_pixels_bytes(data, path or name)
     if not os.path.exists(path):
         # read_table saw it on the driver: this worker runs on another machine.
         raise ImageReadError(
             f"{path}: not found on node {socket.gethostname()}; on a cluster data.path must be "
             "on storage every node mounts (NFS, a shared disk)"
         )
-    return read_image(path)
+    return read_pixels(path)
 
 
 def _cell(value, kind: type):
@@ -436,7 +443,8 @@ def _prepare_batch(
         # The crop position depends on (seed, file) only: the same rows every run and epoch.
         rng = np.random.default_rng([seed % 2**63, int(row["key"])]) if crop == "random" else None
         try:
-            img, original, top_left = prepare_image_geometry(_decode(row), norm, resolution, crop, rng)
+            pixels_in, bits = _decode(row)
+            img, original, top_left = prepare_image_geometry(pixels_in, norm, resolution, crop, rng, bits)
         except ImageReadError as e:
             if not skip_unreadable:
                 raise

@@ -3,11 +3,15 @@
     read_image("scene.tif")         # (H, W) float32, e.g. calibrated amplitude
     read_image("chip.png")          # 16-bit PNG keeps its 0..65535 values
     read_image_bytes(npy, "shard-000000.tar:0001.sar.npy")   # complex64 SLC -> amplitude |s|
+    pixels, bits = read_pixels("dark.png")   # and the stored depth: 8, 16 (uint8/16) or None
 
 The format is taken from the file's first bytes, not its extension, so a `.png` that is
 really a TIFF still reads. NumPy ``.npy`` arrays (a WebDataset member, SARLO-80's SLC) are
 loaded without pickle; complex values become the amplitude ``|s|``. Every failure is an
 :class:`ImageReadError` naming the file.
+
+The values alone cannot tell a dark 16-bit image (all values <= 255) from an 8-bit one, so
+`read_pixels` also returns the stored integer depth; `normalize` uses it for ``method: none``.
 """
 
 from __future__ import annotations
@@ -54,15 +58,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     `path` may name one member of a tar shard, local or in object storage, as
     `webdataset.member_path` writes it (``shard.tar!KEY.sar.npy@OFFSET+SIZE``): a worker reads
     just those bytes, so a list of such paths is small wherever it travels."""
-    member = _TAR_MEMBER.match(str(path))
-    if member is not None:
-        return read_image_bytes(_read_range(*member.groups()), str(path))
-    p = Path(path)
-    try:
-        data = p.read_bytes()
-    except OSError as e:
-        raise ImageReadError(f"{p}: cannot read file ({e.strerror or e})") from None
-    return read_image_bytes(data, str(p))
+    return read_pixels(path)[0]
 
 
 def read_image_bytes(data: bytes | dict, name: str) -> np.ndarray:
@@ -70,6 +66,25 @@ def read_image_bytes(data: bytes | dict, name: str) -> np.ndarray:
 
     Accepts plain bytes or a Hugging Face image struct ``{"bytes": ..., "path": ...}``.
     """
+    return read_pixels_bytes(data, name)[0]
+
+
+def read_pixels(path: str | os.PathLike) -> tuple[np.ndarray, int | None]:
+    """:func:`read_image` and the stored integer bit depth: 8 or 16 for unsigned 8/16-bit
+    samples (PNG, JPEG, TIFF, .npy), None for anything else (floats, SLC amplitude, int32)."""
+    member = _TAR_MEMBER.match(str(path))
+    if member is not None:
+        return read_pixels_bytes(_read_range(*member.groups()), str(path))
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise ImageReadError(f"{p}: cannot read file ({e.strerror or e})") from None
+    return read_pixels_bytes(data, str(p))
+
+
+def read_pixels_bytes(data: bytes | dict, name: str) -> tuple[np.ndarray, int | None]:
+    """:func:`read_image_bytes` and the stored bit depth (see :func:`read_pixels`)."""
     if isinstance(data, dict):
         data = data.get("bytes")
     if not data:
@@ -77,11 +92,11 @@ def read_image_bytes(data: bytes | dict, name: str) -> np.ndarray:
     data = bytes(data)
     try:
         if data[:4] in _TIFF_MAGIC:
-            arr = _decode_tiff(data)
+            arr, bits = _decode_tiff(data)
         elif data[:6] == _NPY_MAGIC:
-            arr = _decode_npy(data)
+            arr, bits = _decode_npy(data)
         else:
-            arr = _decode_pil(data)
+            arr, bits = _decode_pil(data)
     except ImageReadError as e:
         raise ImageReadError(f"{name}: {e}") from None
     except UnidentifiedImageError:
@@ -90,7 +105,7 @@ def read_image_bytes(data: bytes | dict, name: str) -> np.ndarray:
         ) from None
     except Exception as e:  # noqa: BLE001 - decoders raise anything from OSError to struct.error
         raise ImageReadError(f"{name}: not a readable image ({type(e).__name__}: {e})") from None
-    return _check(arr, name)
+    return _check(arr, name), bits
 
 
 def probe_image_bytes(data: bytes) -> tuple[tuple[int, ...], str]:
@@ -112,7 +127,7 @@ def probe_image_bytes(data: bytes) -> tuple[tuple[int, ...], str]:
     return ((h, w, bands) if bands else (h, w)), dtype
 
 
-def _decode_pil(data: bytes) -> np.ndarray:
+def _decode_pil(data: bytes) -> tuple[np.ndarray, int | None]:
     # PNG IHDR: byte 24 is the bit depth, 25 the colour type (2 RGB, 6 RGBA).
     if data[:8] == _PNG_MAGIC and len(data) > 25 and data[24] == 16 and data[25] in (2, 6):
         # PIL decodes 16-bit colour PNGs to 8 bits per channel: refuse rather than lose bits.
@@ -125,14 +140,14 @@ def _decode_pil(data: bytes) -> np.ndarray:
         im.load()
         mode = im.mode
         if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F", "L"):
-            return np.asarray(im).astype(np.float32)
+            return _values(np.asarray(im))
         if mode in ("1", "LA", "La"):
-            return np.asarray(im.getchannel(0)).astype(np.float32)
+            return _values(np.asarray(im.getchannel(0)))
         if mode not in ("RGB", "RGBA", "RGBa"):
             # Palette, CMYK, YCbCr, HSV: convert to RGB values first.
             im = im.convert("RGB")
-        rgb = np.asarray(im)[..., :3].astype(np.float32)
-        return rgb.mean(axis=-1)
+        rgb = np.asarray(im)[..., :3]
+        return rgb.astype(np.float32).mean(axis=-1), _bits(rgb)
 
 
 def npy_header(data: bytes) -> tuple[tuple[int, ...], np.dtype]:
@@ -172,16 +187,16 @@ def check_npy(shape: tuple[int, ...], dtype: np.dtype) -> tuple[int, ...]:
     return band
 
 
-def _decode_npy(data: bytes) -> np.ndarray:
+def _decode_npy(data: bytes) -> tuple[np.ndarray, int | None]:
     shape, _ = npy_header(data)
     # allow_pickle=False: an object array cannot run code (npy_header refused it already).
     arr = np.load(io.BytesIO(data), allow_pickle=False).reshape(shape)
     if np.iscomplexobj(arr):
         arr = np.abs(arr)  # single-look complex: the amplitude |s| is what we model
-    return arr.astype(np.float32)
+    return _values(arr)
 
 
-def _decode_tiff(data: bytes) -> np.ndarray:
+def _decode_tiff(data: bytes) -> tuple[np.ndarray, int | None]:
     with tifffile.TiffFile(io.BytesIO(data)) as tf:
         series = tf.series[0]
         arr = series.asarray()
@@ -190,6 +205,7 @@ def _decode_tiff(data: bytes) -> np.ndarray:
     if np.iscomplexobj(arr):
         # Single-look complex data: the amplitude |s| is what we model.
         arr = np.abs(arr)
+    bits = _bits(arr)  # a colour mean keeps its bands' depth
     if arr.ndim == 3 and "S" in axes and arr.shape[axes.index("S")] in (3, 4):
         bands = arr.shape[axes.index("S")]
         if not (rgb and arr.dtype in (np.uint8, np.uint16)):
@@ -208,7 +224,17 @@ def _decode_tiff(data: bytes) -> np.ndarray:
             f"TIFF with shape {tuple(arr.shape)} (axes {axes}); expected one 2-D band: "
             "write one band per file"
         )
-    return arr.astype(np.float32)
+    return arr.astype(np.float32), bits
+
+
+def _bits(arr: np.ndarray) -> int | None:
+    """8 or 16 for unsigned 8/16-bit samples, else None (floats, signed or wider integers)."""
+    return {1: 8, 2: 16}.get(arr.dtype.itemsize) if arr.dtype.kind == "u" else None
+
+
+def _values(arr: np.ndarray) -> tuple[np.ndarray, int | None]:
+    """float32 values (exact for <= 24-bit integers) and the depth they were stored with."""
+    return arr.astype(np.float32), _bits(arr)
 
 
 def _check(arr: np.ndarray, name: str) -> np.ndarray:

@@ -53,15 +53,16 @@ def _percentile(pixels: np.ndarray, cfg: NormalizationConfig) -> np.ndarray:
     return np.clip((a - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
 
 
-def _none(pixels: np.ndarray, cfg: NormalizationConfig) -> np.ndarray:
+def _none(pixels: np.ndarray, cfg: NormalizationConfig, bits: int | None = None) -> np.ndarray:
     x = np.asarray(pixels)
-    if np.issubdtype(x.dtype, np.integer):
+    if bits is not None:
+        top = float(2**bits - 1)  # the file's own range: a dark 16-bit image stays dark
+    elif np.issubdtype(x.dtype, np.integer):
         top = float(np.iinfo(x.dtype).max)
     else:
-        # read_image returns float32 for every format, so recover the stored range: whole
-        # numbers up to 255 are 8-bit, up to 65535 16-bit. Floats already in [0, 1] stay as
-        # they are (our own 16-bit PNGs after /65535, generated samples); others / max.
-        # Ambiguity: a 16-bit image whose max is <= 255 is read as 8-bit.
+        # Floats of unknown storage (an array, not a file `io.read_pixels` read): guess the
+        # range. Whole numbers up to 255 are 8-bit, up to 65535 16-bit. Floats already in
+        # [0, 1] stay as they are (generated samples); others / max.
         x = x.astype(np.float64)
         vmin, vmax = float(x.min()), float(x.max())
         whole = vmin >= 0 and bool(np.all(x == np.round(x)))
@@ -89,15 +90,18 @@ NORMALIZERS: dict[str, Callable[[np.ndarray, NormalizationConfig], np.ndarray]] 
 }
 
 
-def normalize(pixels: np.ndarray, cfg: NormalizationConfig) -> np.ndarray:
-    """(H, W) linear pixel values -> (H, W) float32 in [0, 1] by ``cfg.method``."""
+def normalize(pixels: np.ndarray, cfg: NormalizationConfig, bits: int | None = None) -> np.ndarray:
+    """(H, W) linear pixel values -> (H, W) float32 in [0, 1] by ``cfg.method``.
+
+    `bits` is the depth the file stored its samples with (`io.read_pixels`: 8, 16 or None);
+    ``none`` divides by its full scale (255, 65535) instead of guessing it from the values."""
     try:
         fn = NORMALIZERS[cfg.method]
     except KeyError:
         raise ValueError(
             f"unknown normalization method {cfg.method!r}; valid: {', '.join(NORMALIZERS)}"
         ) from None
-    return fn(pixels, cfg)
+    return _none(pixels, cfg, bits) if fn is _none else fn(pixels, cfg)
 
 
 def to_model_range(img01: np.ndarray) -> np.ndarray:

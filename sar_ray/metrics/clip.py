@@ -344,13 +344,13 @@ def load_record_image(record, norm: NormalizationConfig, size: int | None) -> np
     table's row, or a WebDataset sample (its `path` names the member in the shard; a complex
     SLC is read as its amplitude |s|, as diffusion training reads it)."""
     from sar_ray.data.dataset import prepare_image
-    from sar_ray.data.io import read_image, read_image_bytes
+    from sar_ray.data.io import read_pixels, read_pixels_bytes
 
     if record.image_bytes is not None:
-        pixels = read_image_bytes(record.image_bytes, record.source)
+        pixels, bits = read_pixels_bytes(record.image_bytes, record.source)
     else:
-        pixels = read_image(record.path)
-    return prepare_image(pixels, norm, size, "center", None)
+        pixels, bits = read_pixels(record.path)
+    return prepare_image(pixels, norm, size, bits=bits)
 
 
 def _records(data: str | os.PathLike, captions=None, image_column="file_name", text_column="text",

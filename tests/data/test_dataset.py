@@ -245,3 +245,38 @@ def test_resize_is_antialiased_and_keeps_float_precision():
     ramp = np.tile(np.linspace(0.1, 0.1 + 1e-4, 32, dtype=np.float32), (32, 1))
     out = prepare_image(ramp, NormalizationConfig(method="none"), 16)
     assert 0 < np.ptp(out) < 2e-4
+
+
+def test_method_none_divides_by_the_files_depth_not_a_guess_from_its_values(tmp_path):
+    """Training, `load_folder_arrays` and evaluation read a dark 16-bit scene (max 200 of
+    65535) as dark and an 8-bit colour picture as / 255. Before, the values decided: 200 looked
+    8-bit (/ 255, 257x too bright) and a colour mean of max 70 was divided by 70."""
+    from PIL import Image
+
+    from sar_ray.evaluate import load_image
+
+    rng = np.random.default_rng(0)
+    dark = rng.integers(0, 201, (8, 8)).astype(np.uint16)
+    dark[0, 0] = 200
+    Image.fromarray(dark).save(tmp_path / "a_dark16.png")
+    colour = np.zeros((8, 8, 3), np.uint8)
+    colour[...] = (30, 60, 120)
+    colour[0, 0] = 0
+    Image.fromarray(colour).save(tmp_path / "b_colour8.png")
+    none = NormalizationConfig(method="none")
+    want = {"a_dark16.png": dark / 65535, "b_colour8.png": colour.mean(axis=-1) / 255}
+
+    arrays, records = load_folder_arrays(tmp_path, none)
+    for img, r in zip(arrays, records):
+        np.testing.assert_allclose(img, want[Path(r.path).name], atol=1e-6)
+    paths = sorted(tmp_path.glob("*.png"))
+    batch = {"key": np.arange(2), "path": np.array([str(p) for p in paths], object),
+             "image_bytes": np.array([None, None], object), "name": np.array([p.name for p in paths], object),
+             "text": np.array(["x", "x"], object)}
+    out = dataset._prepare_batch(batch, none, resolution=8, seed=0, crop="center")
+    for row, p in zip(out["pixel_values"], paths):
+        np.testing.assert_allclose(row[0] / 65535, want[p.name], atol=1e-4)
+    for p, depth in zip(paths, (16, 8)):
+        img, _, got = load_image(str(p), None, p.name, none, (8, 8))
+        assert got == depth, p.name
+        np.testing.assert_allclose(img, want[p.name], atol=1e-6)

@@ -5,7 +5,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from sar_ray.data import ImageReadError, read_image, read_image_bytes, write_amplitude_png, write_tiff
+from sar_ray.data import ImageReadError, read_image, read_image_bytes, read_pixels, write_amplitude_png, write_tiff
 
 
 def test_png_8_and_16_bit_round_trip_exactly(tmp_path):
@@ -119,3 +119,21 @@ def test_a_multiband_float_tiff_is_refused_not_averaged(tmp_path):
             read_image(tmp_path / "pol.tif")
     tifffile.imwrite(tmp_path / "rgb.tif", np.full((8, 8, 3), [30, 60, 90], np.uint8))
     assert read_image(tmp_path / "rgb.tif").tolist() == np.full((8, 8), 60.0).tolist()
+
+
+def test_read_pixels_gives_the_stored_depth_which_the_values_cannot(tmp_path):
+    """A dark 16-bit image (every value <= 255) looks 8-bit by its values: the file says 16."""
+    dark = np.array([[0, 100], [200, 255]], np.uint16)
+    Image.fromarray(dark).save(tmp_path / "dark16.png")
+    Image.fromarray(dark.astype(np.uint8)).save(tmp_path / "a8.png")
+    Image.fromarray(np.full((2, 2, 3), (30, 60, 120), np.uint8)).save(tmp_path / "rgb.png")
+    tifffile.imwrite(tmp_path / "u16.tif", dark)
+    tifffile.imwrite(tmp_path / "f32.tif", dark.astype(np.float32))
+    np.save(tmp_path / "u16.npy", dark)
+    np.save(tmp_path / "slc.npy", dark.astype(np.complex64))
+    want = {"dark16.png": 16, "a8.png": 8, "rgb.png": 8, "u16.tif": 16, "f32.tif": None, "u16.npy": 16, "slc.npy": None}
+    for name, bits in want.items():
+        pixels, got = read_pixels(tmp_path / name)
+        assert got == bits and pixels.dtype == np.float32, name
+        assert np.array_equal(read_image(tmp_path / name), pixels), name
+    assert read_pixels(tmp_path / "dark16.png")[0].tolist() == [[0.0, 100.0], [200.0, 255.0]]
