@@ -126,11 +126,47 @@ def mark_model_output(folder: str | os.PathLike, **info: Any) -> Path:
 
 def is_model_output(path: str | os.PathLike) -> bool:
     """Whether `path` is a folder that sar-ray's sampler wrote (it holds :data:`SAMPLES_MARKER`)."""
-    marker = Path(path).expanduser() / SAMPLES_MARKER
+    return _marker(path) is not None
+
+
+def _marker(path: str | os.PathLike) -> dict | None:
+    """The :data:`SAMPLES_MARKER` document of a sar-ray sample folder, else None."""
     try:
-        return json.loads(marker.read_text()).get("producer") == "sar-ray"
-    except (OSError, ValueError, AttributeError):
-        return False
+        doc = json.loads((Path(path).expanduser() / SAMPLES_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) and doc.get("producer") == "sar-ray" else None
+
+
+#: The settings each normalisation method reads (the others do not change its images).
+_NORM_READS = {"reference": ("k",), "db": ("db_min", "db_max"), "percentile": ("p_low", "p_high"), "none": ()}
+
+
+def _norm_label(n: NormalizationConfig) -> str:
+    args = ", ".join(f"{f}={getattr(n, f):g}" for f in _NORM_READS[n.method])
+    return f"{n.method}({args + ', ' if args else ''}{n.input})"
+
+
+def _training_normalization_warning(generated: str | os.PathLike, reference_norm: NormalizationConfig) -> list[str]:
+    """A warning when a sample folder's model learned another normalisation than the one the
+    reference gets: the distances would then measure that difference as well."""
+    trained = (_marker(generated) or {}).get("normalization")
+    if not isinstance(trained, dict):
+        return []  # written before samples.json recorded it, or by a caller that did not say
+    try:
+        trained_norm = NormalizationConfig.model_validate(trained)
+    except ValueError:
+        return [f"generated: {SAMPLES_MARKER} has an unreadable normalization {trained!r}; cannot check that "
+                "the reference is normalised as the model's training images were"]
+    if _norm_label(trained_norm) == _norm_label(reference_norm):
+        return []
+    return [f"generated: the model was trained on images normalised by {_norm_label(trained_norm)} "
+            f"({SAMPLES_MARKER}) but the reference is normalised by {_norm_label(reference_norm)}, so the "
+            "distances also measure that difference; evaluate with the training's normalisation "
+            f"(--config STUDY.yaml, or --normalization {trained_norm.method})"]
+
+
+_MODEL_OUTPUT = "model output (rescaled to [0, 1] only)"
 
 
 def generated_normalization(generated: str | os.PathLike, cfg: EvalConfig) -> tuple[NormalizationConfig, dict[str, str]]:
@@ -144,8 +180,7 @@ def generated_normalization(generated: str | os.PathLike, cfg: EvalConfig) -> tu
         model_output = bool(setting)
         why = f"eval.generated_normalized: {str(model_output).lower()}"
     if model_output:
-        return NormalizationConfig(method="none"), {"method": "none", "as": "model output (rescaled to [0, 1] only)",
-                                                    "why": why}
+        return NormalizationConfig(method="none"), {"method": "none", "as": _MODEL_OUTPUT, "why": why}
     return cfg.normalization, {"method": cfg.normalization.method, "as": "like the reference", "why": why}
 
 
@@ -198,6 +233,8 @@ def evaluate(
     norms = {"generated": gen_norm, "reference": cfg.normalization}
     normalization = {"generated": gen_how, "reference": {"method": cfg.normalization.method, "as": "eval.normalization",
                                                          "why": "the reference is real SAR"}}
+    if gen_how["as"] == _MODEL_OUTPUT:  # in the space of the training's normalisation
+        warnings += _training_normalization_warning(generated, cfg.normalization)
     families = requested(cfg.metrics)
 
     if not ray.is_initialized():

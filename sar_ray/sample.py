@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .config import ModelConfig, SampleConfig
+from .config import ModelConfig, NormalizationConfig, SampleConfig
 from .data.io import write_amplitude_png, write_tiff
 from .evaluate import mark_model_output
 
@@ -112,10 +112,13 @@ def _gather_rows(mine: dict[tuple[int, int], np.ndarray], rank: int, world_size:
 
 @torch.no_grad()
 def generate(pipe, cfg: SampleConfig, resolution: int, out_dir: str | Path, device: torch.device | str = "cpu",
-             mixed_precision: str = "no", rank: int = 0, world_size: int = 1) -> SampleSet | None:
+             mixed_precision: str = "no", rank: int = 0, world_size: int = 1,
+             normalization: NormalizationConfig | None = None) -> SampleSet | None:
     """Every prompt x seed, one image each; deterministic for a given pipeline and config.
     `mixed_precision`: the training's (`train.mixed_precision`), so that sampling runs the
-    modules the way training did. `rank` / `world_size` (a torch.distributed group when > 1):
+    modules the way training did. `normalization`: the training's (`data.normalization`),
+    recorded in samples.json so that `sar-ray evaluate` warns when it normalises the
+    reference otherwise. `rank` / `world_size` (a torch.distributed group when > 1):
     this rank denoises rows[rank::world_size]; rank 0 writes the folder and returns it, the
     other ranks return None. Every rank of the group must call it (a collective)."""
     out = Path(out_dir)
@@ -129,11 +132,11 @@ def generate(pipe, cfg: SampleConfig, resolution: int, out_dir: str | Path, devi
     if rank != 0:
         return None
     return _write_folder(out, cfg, resolution, [[amps[(i, j)] for j in range(len(cfg.seeds))]
-                                                for i in range(len(cfg.prompts))], per_rank)
+                                                for i in range(len(cfg.prompts))], per_rank, normalization)
 
 
 def _write_folder(out: Path, cfg: SampleConfig, resolution: int, grid_rows: list[list[np.ndarray]],
-                  per_rank: list[int]) -> SampleSet:
+                  per_rank: list[int], normalization: NormalizationConfig | None = None) -> SampleSet:
     """PNGs (+ TIFFs), metadata.jsonl, grid.png, then the samples.json marker (last: a folder
     that has it is complete)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -151,8 +154,9 @@ def _write_folder(out: Path, cfg: SampleConfig, resolution: int, grid_rows: list
     meta = out / "metadata.jsonl"
     meta.write_text("\n".join(meta_lines) + "\n")
     grid = write_grid(grid_rows, cfg.prompts, cfg.seeds, out / "grid.png")
+    trained = {"normalization": normalization.model_dump(mode="json")} if normalization is not None else {}
     mark_model_output(out, images=len(images), resolution=resolution, prompts=list(cfg.prompts),
-                      seeds=list(cfg.seeds), scheduler=cfg.scheduler, steps=cfg.steps)
+                      seeds=list(cfg.seeds), scheduler=cfg.scheduler, steps=cfg.steps, **trained)
     return SampleSet(out, images, grid, meta, per_rank, [amp for row in grid_rows for amp in row])
 
 

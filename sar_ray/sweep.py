@@ -915,7 +915,8 @@ def _sample_untuned(cfg_raw: dict, out: str, device: str) -> None:
 
     cfg = TrialConfig.model_validate(cfg_raw)
     pipe = load_pipeline(cfg.model, None, cfg.sample.scheduler, device)
-    generate(pipe, cfg.sample, cfg.sample_resolution, out, device=device, mixed_precision=cfg.train.mixed_precision)
+    generate(pipe, cfg.sample, cfg.sample_resolution, out, device=device, mixed_precision=cfg.train.mixed_precision,
+             normalization=cfg.data.normalization)
 
 
 def realism_of(value: float | None, anchors: dict[str, dict[str, Any]], metric: str) -> float | None:

@@ -915,7 +915,8 @@ def _finish(state: TrainState, api: Session, out: Path, outputs: dict | None = N
     try:
         pipe = load_pipeline(cfg.model, source, cfg.sample.scheduler, state.device)
         final = generate(pipe, cfg.sample, cfg.sample_resolution, out / "samples" / "final", device=state.device,
-                         mixed_precision=cfg.train.mixed_precision, **_sampling_share(api))
+                         mixed_precision=cfg.train.mixed_precision, normalization=cfg.data.normalization,
+                         **_sampling_share(api))
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -1102,7 +1103,8 @@ def _validation_samples(c: Components, cfg: TrialConfig, out: Path, device, api:
     was = {n: m.training for n, m in c.modules().items()}
     pipe = assemble_pipeline(c, cfg.sample.scheduler)
     got = generate(pipe, cfg.sample, cfg.sample_resolution, out, device=device,
-                   mixed_precision=cfg.train.mixed_precision, **_sampling_share(api))
+                   mixed_precision=cfg.train.mixed_precision, normalization=cfg.data.normalization,
+                   **_sampling_share(api))
     for n, m in c.modules().items():
         m.train(was[n])
     return got

@@ -274,6 +274,24 @@ def test_sample_folder_is_not_normalised_again_and_says_so(ray_local, sets, tmp_
     assert again.normalization["generated"]["as"] == "like the reference"
 
 
+def test_samples_of_a_model_trained_on_another_normalisation_are_scored_with_a_warning(ray_local, sets, tmp_path):
+    """samples.json records the training's normalisation: a reference normalised otherwise
+    (evaluate's default `reference` against a model trained on dB images) is named, with the fix."""
+    _, a, _ = sets
+    db = NormalizationConfig(method="db")
+    images, records = load_folder_arrays(a, db)
+    gen = sampler_folder(tmp_path / "samples", images, [r.text for r in records])
+    mark_model_output(gen, normalization=db.model_dump(mode="json"))
+    cfg = EvalConfig(per_class=False, metrics=["stats"], bootstrap=0)
+    off = evaluate(gen, a, cfg, progress=False)
+    (warning,) = [w for w in off.warnings if "normalised by" in w]
+    assert "trained on images normalised by db(db_min=-30, db_max=0, amplitude)" in warning
+    assert "reference is normalised by reference(k=3, amplitude)" in warning and "--normalization db" in warning
+    same = evaluate(gen, a, cfg.model_copy(update={"normalization": db.model_copy(update={"k": 5.0})}), progress=False)
+    assert not [w for w in same.warnings if "normalised by" in w]  # k is not read by db
+    assert same.metrics["stats/ks"] < 1e-3 < off.metrics["stats/ks"]
+
+
 def test_metrics_json_carries_intervals_that_contain_each_value(ray_local, sets, tmp_path):
     _, a, b = sets
     cfg = EvalConfig(generated_normalized=False, bootstrap=50)

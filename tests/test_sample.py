@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from sar_ray.config import EvalConfig, SampleConfig
+from sar_ray.config import EvalConfig, NormalizationConfig, SampleConfig
 from sar_ray.evaluate import generated_normalization, is_model_output
 from sar_ray.sample import generate
 
@@ -48,6 +48,13 @@ def test_sample_folder_declares_itself_model_output(tmp_path):
     norm, how = generated_normalization(out.folder, EvalConfig())
     assert norm.method == "none" and "samples.json" in how["why"]
     assert not is_model_output(tmp_path)  # any other folder: normalised like the reference
+
+
+def test_sample_folder_records_the_training_normalisation(tmp_path):
+    cfg = SampleConfig(prompts=["<SAR> image of a forest"], seeds=[0], steps=1)
+    db = NormalizationConfig(method="db", db_min=-25.0)
+    out = generate(FakePipe(), cfg, 16, tmp_path / "samples", normalization=db)
+    assert json.loads((out.folder / "samples.json").read_text())["normalization"] == db.model_dump(mode="json")
 
 
 # ------------------------------------------------------------------------------- data-parallel sampling
