@@ -637,6 +637,7 @@ def run_sweep(study: StudyConfig, *, resume: bool = False, fresh: bool = False, 
         objective = study.search.objectives[0]
         if resume:
             tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=True)
+            _resume_with(tuner, run_config)
         else:
             param_space, alg, scheduler, num_samples = _tune_pieces(study, base)
             tuner = tune.Tuner(
@@ -764,6 +765,23 @@ def study_fingerprint(study: StudyConfig) -> str:
     search = study.search.model_dump(mode="json", exclude={"max_failures", "max_concurrent_trials"})
     doc = json.dumps({"base": study.trial().fingerprint(), "search": search}, sort_keys=True, default=str)
     return hashlib.sha256(doc.encode()).hexdigest()[:12]
+
+
+def _resume_with(tuner, run_config) -> None:
+    """Give a restored Tuner this driver's callbacks and failure config. Tune restores the run
+    config it pickled when the sweep first started: its `_TrialTable` came back as a copy that no
+    live display shows (the table stayed empty), and a `search.max_failures` changed for the
+    resume (not part of the study's fingerprint, so that it may change) was ignored."""
+    local = getattr(tuner, "_local_tuner", None)  # Ray 2.60: no public way to set them on restore
+    if local is None:  # Ray Client: Tune runs on the cluster, with the run config it saved
+        import logging
+
+        logging.getLogger(__name__).warning("--resume over Ray Client: the sweep keeps the callbacks and "
+                                            "search.max_failures it started with")
+        return
+    restored = local.get_run_config()
+    restored.callbacks = run_config.callbacks
+    restored.failure_config = run_config.failure_config
 
 
 def _check_same_study(folder: Path, study: StudyConfig, resume: bool) -> None:
