@@ -637,7 +637,7 @@ def run_sweep(study: StudyConfig, *, resume: bool = False, fresh: bool = False, 
         objective = study.search.objectives[0]
         if resume:
             tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=True)
-            _resume_with(tuner, run_config)
+            _resume_with(tuner, run_config, exp_dir)
         else:
             param_space, alg, scheduler, num_samples = _tune_pieces(study, base)
             tuner = tune.Tuner(
@@ -767,21 +767,61 @@ def study_fingerprint(study: StudyConfig) -> str:
     return hashlib.sha256(doc.encode()).hexdigest()[:12]
 
 
-def _resume_with(tuner, run_config) -> None:
-    """Give a restored Tuner this driver's callbacks and failure config. Tune restores the run
-    config it pickled when the sweep first started: its `_TrialTable` came back as a copy that no
-    live display shows (the table stayed empty), and a `search.max_failures` changed for the
-    resume (not part of the study's fingerprint, so that it may change) was ignored."""
+def _resume_with(tuner, run_config, exp_dir: Path) -> None:
+    """Give a restored Tuner this driver's callbacks and failure config, and its ASHA the rungs
+    the first run recorded. Tune restores the run config and scheduler it pickled when the
+    sweep first started: its `_TrialTable` came back as a copy that no live display shows (the
+    table stayed empty), a `search.max_failures` changed for the resume (not part of the
+    study's fingerprint, so that it may change) was ignored, and ASHA's rungs were empty."""
     local = getattr(tuner, "_local_tuner", None)  # Ray 2.60: no public way to set them on restore
-    if local is None:  # Ray Client: Tune runs on the cluster, with the run config it saved
+    if local is None:  # Ray Client: Tune runs on the cluster, with the state it saved
         import logging
 
         logging.getLogger(__name__).warning("--resume over Ray Client: the sweep keeps the callbacks and "
-                                            "search.max_failures it started with")
+                                            "search.max_failures it started with, and ASHA starts afresh")
         return
     restored = local.get_run_config()
     restored.callbacks = run_config.callbacks
     restored.failure_config = run_config.failure_config
+    replay_rungs(local._tune_config.scheduler, exp_dir)
+
+
+def replay_rungs(scheduler, exp_dir: Path) -> int:
+    """Record every trial's reported results (its `result.json` in the Tune experiment folder)
+    at the ASHA rungs they reached, as the first run's ASHA did; the number of trials replayed.
+
+    Tune saves no scheduler state with the experiment, so a resumed ASHA judged the first trial
+    to reach each rung against no one (it always went on) and never counted the finished ones.
+    A resumed trial that reports at a rung it reached before the kill is not judged again (ASHA
+    keeps a trial's first value per rung), as it was not in the first run."""
+    from ray.tune.schedulers import AsyncHyperBandScheduler
+
+    if not isinstance(scheduler, AsyncHyperBandScheduler):
+        return 0
+    metric, sign, time_attr = scheduler._metric, scheduler._metric_op, scheduler._time_attr
+    (bracket,) = scheduler._brackets  # sar-ray's ASHA has one bracket
+    replayed = 0
+    for path in sorted(Path(exp_dir).glob("*/result.json")):
+        results = []
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                results.append(json.loads(line))
+            except ValueError:
+                continue  # a line cut short by the kill
+        results = [r for r in results if isinstance(r, dict) and r.get("trial_id")
+                   and isinstance(r.get(time_attr), (int, float)) and isinstance(r.get(metric), (int, float))]
+        if not results:
+            continue
+        trial = _TrialId(str(results[0]["trial_id"]))
+        for r in sorted(results, key=lambda r: r[time_attr]):
+            bracket.on_result(trial, r[time_attr], sign * r[metric])
+        replayed += 1
+    return replayed
+
+
+@dataclass(frozen=True)
+class _TrialId:
+    trial_id: str  # all ASHA's bracket reads of a trial
 
 
 def _check_same_study(folder: Path, study: StudyConfig, resume: bool) -> None:

@@ -26,6 +26,42 @@ def study(tmp_path: Path, space: dict, *sets: str, name: str = "s"):
     ])
 
 
+def test_a_resumed_asha_judges_against_the_rungs_the_first_run_recorded(tmp_path):
+    """Tune saves no scheduler state: before, a resumed ASHA had empty rungs and let the first
+    trial to reach each one go on, however bad. The replay reads each trial's result.json
+    (lines cut short by a kill and results without the metric are skipped)."""
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    from sar_ray.sweep import _tune_pieces, replay_rungs
+
+    s = study(tmp_path, {"train.lr": {"loguniform": [1e-5, 1e-3]}}, "search.algorithm=optuna",
+              "search.scheduler.type=asha", "search.scheduler.grace_period=2", "search.scheduler.reduction_factor=2",
+              "search.evaluate=false", "train.max_steps=8", "train.eval_every=2")
+    exp = tmp_path / "tune" / "s"
+    for i, losses in enumerate([[0.5, 0.4, 0.3], [0.6, 0.5], [0.4]]):  # val_loss at steps 2, 4, 6
+        d = exp / f"trial_{i}"
+        d.mkdir(parents=True)
+        rows = [{"trial_id": f"t{i}", "step": 1, "loss": 1.0}]  # no val_loss: not a rung result
+        rows += [{"trial_id": f"t{i}", "step": 2 * (k + 1), "val_loss": v} for k, v in enumerate(losses)]
+        (d / "result.json").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"trial_id": "t9", "st')
+
+    def judged(scheduler, val_loss):
+        new = SimpleNamespace(trial_id="new")
+        scheduler.on_trial_add(None, new)
+        return scheduler.on_trial_result(None, new, {"step": 2, "val_loss": val_loss})
+
+    fresh = _tune_pieces(s, s.trial())[2]
+    assert judged(fresh, 9.0) == TrialScheduler.CONTINUE  # what a resume did: no one to compare with
+    resumed = _tune_pieces(s, s.trial())[2]
+    assert replay_rungs(resumed, exp) == 3
+    rungs = {m: dict(r) for m, r in resumed._brackets[0]._rungs}
+    assert rungs[2] == {"t0": -0.5, "t1": -0.6, "t2": -0.4} and rungs[4] == {"t0": -0.4, "t1": -0.5}
+    assert judged(resumed, 9.0) == TrialScheduler.STOP
+    assert replay_rungs(_tune_pieces(s, s.trial())[2], tmp_path / "nothing") == 0
+
+
 def test_grid_expands_lora_only_keys_only_where_the_component_is_lora(tmp_path):
     s = study(tmp_path, {"strategy.unet.mode": {"grid": ["full", "lora"]}, "strategy.unet.rank": {"grid": [4, 8]},
                          "strategy.token": {"grid": ["none", "learn"]}}, "search.algorithm=grid")
