@@ -17,6 +17,7 @@ from sar_ray.data.io import (
     read_image,
     read_image_bytes,
     read_pixels,
+    read_pixels_bytes,
     write_amplitude_png,
     write_tiff,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "read_image",
     "read_image_bytes",
     "read_pixels",
+    "read_pixels_bytes",
     "read_table",
     "scene_rng",
     "speckle",

@@ -128,11 +128,12 @@ def probe_image_bytes(data: bytes) -> tuple[tuple[int, ...], str]:
 
 
 def _decode_pil(data: bytes) -> tuple[np.ndarray, int | None]:
-    # PNG IHDR: byte 24 is the bit depth, 25 the colour type (2 RGB, 6 RGBA).
-    if data[:8] == _PNG_MAGIC and len(data) > 25 and data[24] == 16 and data[25] in (2, 6):
-        # PIL decodes 16-bit colour PNGs to 8 bits per channel: refuse rather than lose bits.
+    # PNG IHDR: byte 24 is the bit depth, 25 the colour type (2 RGB, 4 grey + alpha, 6 RGBA).
+    if data[:8] == _PNG_MAGIC and len(data) > 25 and data[24] == 16 and data[25] in (2, 4, 6):
+        # PIL decodes these to 8 bits per channel (a dark one to zeros): refuse rather than lose bits.
+        kind = "grey + alpha" if data[25] == 4 else "colour"
         raise ImageReadError(
-            "16-bit colour PNG (PIL keeps only 8 bits of it); save single-channel 16-bit PNG "
+            f"16-bit {kind} PNG (PIL keeps only 8 bits of it); save single-channel 16-bit PNG "
             "or a float TIFF"
         )
     with Image.open(io.BytesIO(data)) as im:

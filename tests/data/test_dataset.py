@@ -250,7 +250,7 @@ def test_resize_is_antialiased_and_keeps_float_precision():
 def test_method_none_divides_by_the_files_depth_not_a_guess_from_its_values(tmp_path):
     """Training, `load_folder_arrays` and evaluation read a dark 16-bit scene (max 200 of
     65535) as dark and an 8-bit colour picture as / 255. Before, the values decided: 200 looked
-    8-bit (/ 255, 257x too bright) and a colour mean of max 70 was divided by 70."""
+    8-bit (/ 255, 257x too bright) and a colour mean of max 70.33 was divided by 70.33."""
     from PIL import Image
 
     from sar_ray.evaluate import load_image
@@ -260,7 +260,7 @@ def test_method_none_divides_by_the_files_depth_not_a_guess_from_its_values(tmp_
     dark[0, 0] = 200
     Image.fromarray(dark).save(tmp_path / "a_dark16.png")
     colour = np.zeros((8, 8, 3), np.uint8)
-    colour[...] = (30, 60, 120)
+    colour[...] = (30, 60, 121)  # mean 70.33: not a whole number, so the old guess divided by the max
     colour[0, 0] = 0
     Image.fromarray(colour).save(tmp_path / "b_colour8.png")
     none = NormalizationConfig(method="none")

@@ -108,6 +108,13 @@ def test_16_bit_colour_png_is_refused_not_truncated(tmp_path):
     (tmp_path / "rgb16.png").write_bytes(png)
     with pytest.raises(ImageReadError, match=r"rgb16\.png: 16-bit colour PNG"):
         read_image(tmp_path / "rgb16.png")
+    # Grey + alpha (colour type 4): PIL reads the high bytes only, so a dark image became zeros.
+    la16 = np.full((2, 2, 2), [200, 65535], dtype=">u2")
+    raw = b"".join(b"\x00" + row.tobytes() for row in la16)
+    (tmp_path / "la16.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 2, 2, 16, 4, 0, 0, 0))
+                                        + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    with pytest.raises(ImageReadError, match=r"la16\.png: 16-bit grey \+ alpha PNG"):
+        read_image(tmp_path / "la16.png")
 
 
 def test_a_multiband_float_tiff_is_refused_not_averaged(tmp_path):
