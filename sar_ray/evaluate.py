@@ -160,10 +160,12 @@ def _training_normalization_warning(generated: str | os.PathLike, reference_norm
                 "the reference is normalised as the model's training images were"]
     if _norm_label(trained_norm) == _norm_label(reference_norm):
         return []
+    # --normalization sets the method only: it is the fix where the training used its defaults.
+    plain = _norm_label(trained_norm) == _norm_label(NormalizationConfig(method=trained_norm.method))
+    fix = f"--config STUDY.yaml{f', or --normalization {trained_norm.method}' if plain else ''}"
     return [f"generated: the model was trained on images normalised by {_norm_label(trained_norm)} "
             f"({SAMPLES_MARKER}) but the reference is normalised by {_norm_label(reference_norm)}, so the "
-            "distances also measure that difference; evaluate with the training's normalisation "
-            f"(--config STUDY.yaml, or --normalization {trained_norm.method})"]
+            f"distances also measure that difference; evaluate with the training's normalisation ({fix})"]
 
 
 _MODEL_OUTPUT = "model output (rescaled to [0, 1] only)"

@@ -290,6 +290,10 @@ def test_samples_of_a_model_trained_on_another_normalisation_are_scored_with_a_w
     same = evaluate(gen, a, cfg.model_copy(update={"normalization": db.model_copy(update={"k": 5.0})}), progress=False)
     assert not [w for w in same.warnings if "normalised by" in w]  # k is not read by db
     assert same.metrics["stats/ks"] < 1e-3 < off.metrics["stats/ks"]
+    # Trained with a non-default setting: --normalization (the method only) would not fix it.
+    mark_model_output(gen, normalization=NormalizationConfig(method="db", db_min=-25.0).model_dump(mode="json"))
+    (warning,) = [w for w in evaluate(gen, a, cfg, progress=False).warnings if "normalised by" in w]
+    assert "db(db_min=-25, db_max=0, amplitude)" in warning and "(--config STUDY.yaml)" in warning
 
 
 def test_metrics_json_carries_intervals_that_contain_each_value(ray_local, sets, tmp_path):
