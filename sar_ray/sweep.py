@@ -631,7 +631,7 @@ def run_sweep(study: StudyConfig, *, resume: bool = False, fresh: bool = False, 
             name=study.name,
             storage_path=str(tune_root),
             failure_config=tune.FailureConfig(max_failures=study.search.max_failures),
-            callbacks=[table],
+            callbacks=[table, _FailureBudget(study.search.max_failures)],
             verbose=0,
         )
         objective = study.search.objectives[0]
@@ -768,11 +768,10 @@ def study_fingerprint(study: StudyConfig) -> str:
 
 
 def _resume_with(tuner, run_config, exp_dir: Path) -> None:
-    """Give a restored Tuner this driver's callbacks and failure config, and its ASHA the rungs
-    the first run recorded. Tune restores the run config and scheduler it pickled when the
-    sweep first started: its `_TrialTable` came back as a copy that no live display shows (the
-    table stayed empty), a `search.max_failures` changed for the resume (not part of the
-    study's fingerprint, so that it may change) was ignored, and ASHA's rungs were empty."""
+    """Give a restored Tuner this driver's callbacks (the live table, `_FailureBudget`), and its
+    ASHA the rungs the first run recorded. Tune restores the run config and scheduler it
+    pickled when the sweep first started: its `_TrialTable` came back as a copy that no live
+    display shows (the table stayed empty), and ASHA's rungs were empty."""
     local = getattr(tuner, "_local_tuner", None)  # Ray 2.60: no public way to set them on restore
     if local is None:  # Ray Client: Tune runs on the cluster, with the state it saved
         import logging
@@ -782,7 +781,6 @@ def _resume_with(tuner, run_config, exp_dir: Path) -> None:
         return
     restored = local.get_run_config()
     restored.callbacks = run_config.callbacks
-    restored.failure_config = run_config.failure_config
     replay_rungs(local._tune_config.scheduler, exp_dir)
 
 
@@ -1048,6 +1046,29 @@ def _best(rows: list[dict[str, Any]], search: SearchConfig) -> dict[str, Any] | 
 # --------------------------------------------------------------------------------------------
 # live trial table
 # --------------------------------------------------------------------------------------------
+
+
+class _FailureBudget(Callback):
+    """`search.max_failures` retries for every trial from this driver on. Tune keeps each trial's
+    `max_failures` (and its count of failures) in the experiment state, so after `--resume` a
+    changed `search.max_failures` (not part of the study's fingerprint, so that it may change)
+    was ignored, and a trial that had used up its retries got none. Now a resumed trial gets
+    `search.max_failures` more retries, counted from its failures so far."""
+
+    def __init__(self, retries: int):
+        self.retries = retries
+        self.spent: dict[str, int] = {}  # trial id -> its failures when this driver first saw it
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"retries": self.retries}  # a restored copy is replaced by this driver's (_resume_with)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["retries"])
+
+    def on_step_begin(self, iteration, trials, **info):
+        for t in trials:
+            spent = self.spent.setdefault(t.trial_id, t.run_metadata.num_failures)
+            t.max_failures = spent + self.retries
 
 
 class _TrialTable(Callback):
