@@ -637,9 +637,12 @@ def run_sweep(study: StudyConfig, *, resume: bool = False, fresh: bool = False, 
         objective = study.search.objectives[0]
         if resume:
             tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=True)
-            _resume_with(tuner, run_config, exp_dir)
+            _resume_with(tuner, run_config, folder / RUNGS_FILE)
         else:
             param_space, alg, scheduler, num_samples = _tune_pieces(study, base)
+            (folder / RUNGS_FILE).unlink(missing_ok=True)  # an earlier sweep's (--fresh) must not be resumed into
+            if scheduler is not None:
+                run_config.callbacks.append(_RungKeeper(scheduler, folder / RUNGS_FILE))
             tuner = tune.Tuner(
                 trainable,
                 param_space=param_space,
@@ -731,6 +734,7 @@ def check_cluster_paths(study: StudyConfig, nodes: int | None = None, autoscales
 
 
 STUDY_FILE = "study.json"
+RUNGS_FILE = "asha_rungs.json"  # ASHA's recorded rung values, which Tune does not save (see _RungKeeper)
 
 
 def _clear_sweep(folder: Path, study: StudyConfig) -> None:
@@ -767,7 +771,7 @@ def study_fingerprint(study: StudyConfig) -> str:
     return hashlib.sha256(doc.encode()).hexdigest()[:12]
 
 
-def _resume_with(tuner, run_config, exp_dir: Path) -> None:
+def _resume_with(tuner, run_config, rungs_file: Path) -> None:
     """Give a restored Tuner this driver's callbacks (the live table, `_FailureBudget`), and its
     ASHA the rungs the first run recorded. Tune restores the run config and scheduler it
     pickled when the sweep first started: its `_TrialTable` came back as a copy that no live
@@ -780,46 +784,76 @@ def _resume_with(tuner, run_config, exp_dir: Path) -> None:
                                             "search.max_failures it started with, and ASHA starts afresh")
         return
     restored = local.get_run_config()
-    restored.callbacks = run_config.callbacks
-    replay_rungs(local._tune_config.scheduler, exp_dir)
+    restored.callbacks = list(run_config.callbacks)
+    scheduler = local._tune_config.scheduler
+    if _asha(scheduler) is not None:
+        load_rungs(scheduler, rungs_file)
+        restored.callbacks.append(_RungKeeper(scheduler, rungs_file))
 
 
-def replay_rungs(scheduler, exp_dir: Path) -> int:
-    """Record every trial's reported results (its `result.json` in the Tune experiment folder)
-    at the ASHA rungs they reached, as the first run's ASHA did; the number of trials replayed.
-
-    Tune saves no scheduler state with the experiment, so a resumed ASHA judged the first trial
-    to reach each rung against no one (it always went on) and never counted the finished ones.
-    A resumed trial that reports at a rung it reached before the kill is not judged again (ASHA
-    keeps a trial's first value per rung), as it was not in the first run."""
+def _asha(scheduler):
+    """sar-ray's ASHA's one bracket, or None for another scheduler."""
     from ray.tune.schedulers import AsyncHyperBandScheduler
 
     if not isinstance(scheduler, AsyncHyperBandScheduler):
+        return None
+    (bracket,) = scheduler._brackets  # _tune_pieces builds ASHA with one bracket
+    return bracket
+
+
+def load_rungs(scheduler, path: Path) -> int:
+    """Put the rung values `_RungKeeper` saved back into a restored ASHA; how many it put.
+
+    Tune saves no scheduler state with the experiment, so a resumed ASHA judged the first trial
+    to reach each rung against no one (it always went on) and never counted the finished ones.
+    A resumed trial that reports at a rung it passed before the kill is not judged again (ASHA
+    keeps a trial's first value per rung). No file (a sweep started before sar-ray kept it, or
+    one killed before its first rung): ASHA starts with empty rungs, as before."""
+    bracket = _asha(scheduler)
+    try:
+        saved = {float(m): rec for m, rec in json.loads(path.read_text())["rungs"]}
+    except (OSError, ValueError, KeyError, TypeError):
         return 0
-    metric, sign, time_attr = scheduler._metric, scheduler._metric_op, scheduler._time_attr
-    (bracket,) = scheduler._brackets  # sar-ray's ASHA has one bracket
-    replayed = 0
-    for path in sorted(Path(exp_dir).glob("*/result.json")):
-        results = []
-        for line in path.read_text(errors="replace").splitlines():
-            try:
-                results.append(json.loads(line))
-            except ValueError:
-                continue  # a line cut short by the kill
-        results = [r for r in results if isinstance(r, dict) and r.get("trial_id")
-                   and isinstance(r.get(time_attr), (int, float)) and isinstance(r.get(metric), (int, float))]
-        if not results:
-            continue
-        trial = _TrialId(str(results[0]["trial_id"]))
-        for r in sorted(results, key=lambda r: r[time_attr]):
-            bracket.on_result(trial, r[time_attr], sign * r[metric])
-        replayed += 1
-    return replayed
+    n = 0
+    for milestone, recorded in bracket._rungs:
+        for trial_id, value in (saved.get(float(milestone)) or {}).items():
+            if trial_id not in recorded:
+                recorded[trial_id] = float(value)
+                n += 1
+    return n
 
 
-@dataclass(frozen=True)
-class _TrialId:
-    trial_id: str  # all ASHA's bracket reads of a trial
+class _RungKeeper(Callback):
+    """Saves ASHA's rungs (milestone -> {trial id: the value it was judged on}) to the sweep
+    folder whenever they change, for `load_rungs` on `--resume`. Written before Tune acts on
+    the next result, so a kill loses at most the newest value."""
+
+    def __init__(self, scheduler, path: Path):
+        self.scheduler, self.path, self._saved = scheduler, Path(path), -1
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {}  # a restored copy is replaced by this driver's (_resume_with)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.scheduler, self.path, self._saved = None, None, -1
+
+    def _save(self) -> None:
+        bracket = _asha(self.scheduler) if self.scheduler is not None else None
+        if bracket is None:
+            return
+        n = sum(len(r) for _, r in bracket._rungs)
+        if n == self._saved:
+            return
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"rungs": [[m, dict(r)] for m, r in bracket._rungs]}))
+        tmp.replace(self.path)  # atomic: a kill mid-write leaves the previous file
+        self._saved = n
+
+    def on_step_begin(self, iteration, trials, **info):
+        self._save()
+
+    def on_experiment_end(self, trials, **info):
+        self._save()
 
 
 def _check_same_study(folder: Path, study: StudyConfig, resume: bool) -> None:

@@ -28,38 +28,43 @@ def study(tmp_path: Path, space: dict, *sets: str, name: str = "s"):
 
 def test_a_resumed_asha_judges_against_the_rungs_the_first_run_recorded(tmp_path):
     """Tune saves no scheduler state: before, a resumed ASHA had empty rungs and let the first
-    trial to reach each one go on, however bad. The replay reads each trial's result.json
-    (lines cut short by a kill and results without the metric are skipped)."""
+    trial to reach each one go on, however bad. The driver keeps the rungs in the sweep folder
+    as ASHA records them, and --resume puts them back."""
     from types import SimpleNamespace
 
     from ray.tune.schedulers import TrialScheduler
 
-    from sar_ray.sweep import _tune_pieces, replay_rungs
+    from sar_ray.sweep import RUNGS_FILE, _RungKeeper, _tune_pieces, load_rungs
 
     s = study(tmp_path, {"train.lr": {"loguniform": [1e-5, 1e-3]}}, "search.algorithm=optuna",
               "search.scheduler.type=asha", "search.scheduler.grace_period=2", "search.scheduler.reduction_factor=2",
               "search.evaluate=false", "train.max_steps=8", "train.eval_every=2")
-    exp = tmp_path / "tune" / "s"
-    for i, losses in enumerate([[0.5, 0.4, 0.3], [0.6, 0.5], [0.4]]):  # val_loss at steps 2, 4, 6
-        d = exp / f"trial_{i}"
-        d.mkdir(parents=True)
-        rows = [{"trial_id": f"t{i}", "step": 1, "loss": 1.0}]  # no val_loss: not a rung result
-        rows += [{"trial_id": f"t{i}", "step": 2 * (k + 1), "val_loss": v} for k, v in enumerate(losses)]
-        (d / "result.json").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"trial_id": "t9", "st')
+    path = tmp_path / RUNGS_FILE
 
-    def judged(scheduler, val_loss):
-        new = SimpleNamespace(trial_id="new")
-        scheduler.on_trial_add(None, new)
-        return scheduler.on_trial_result(None, new, {"step": 2, "val_loss": val_loss})
+    def report(scheduler, trial_id, step, val_loss):
+        t = SimpleNamespace(trial_id=trial_id)
+        if trial_id not in scheduler._trial_info:
+            scheduler.on_trial_add(None, t)
+        return scheduler.on_trial_result(None, t, {"step": step, "val_loss": val_loss})
+
+    first = _tune_pieces(s, s.trial())[2]
+    keeper = _RungKeeper(first, path)
+    for tid, losses in {"t0": [0.5, 0.4, 0.3], "t1": [0.6, 0.5], "t2": [0.4]}.items():  # val_loss at steps 2, 4, 6
+        report(first, tid, 1, float("nan"))  # before the first rung: recorded nowhere
+        for k, v in enumerate(losses):
+            report(first, tid, 2 * (k + 1), v)
+            keeper.on_step_begin(0, [])
+    assert not path.with_suffix(".tmp").exists()
 
     fresh = _tune_pieces(s, s.trial())[2]
-    assert judged(fresh, 9.0) == TrialScheduler.CONTINUE  # what a resume did: no one to compare with
+    assert report(fresh, "new", 2, 9.0) == TrialScheduler.CONTINUE  # what a resume did: no one to compare with
     resumed = _tune_pieces(s, s.trial())[2]
-    assert replay_rungs(resumed, exp) == 3
+    assert load_rungs(resumed, path) == 5
     rungs = {m: dict(r) for m, r in resumed._brackets[0]._rungs}
     assert rungs[2] == {"t0": -0.5, "t1": -0.6, "t2": -0.4} and rungs[4] == {"t0": -0.4, "t1": -0.5}
-    assert judged(resumed, 9.0) == TrialScheduler.STOP
-    assert replay_rungs(_tune_pieces(s, s.trial())[2], tmp_path / "nothing") == 0
+    assert report(resumed, "new", 2, 9.0) == TrialScheduler.STOP
+    assert report(resumed, "t1", 4, 0.5) == TrialScheduler.CONTINUE  # passed rung 4 before the kill: not judged again
+    assert load_rungs(_tune_pieces(s, s.trial())[2], tmp_path / "nothing.json") == 0
 
 
 def test_grid_expands_lora_only_keys_only_where_the_component_is_lora(tmp_path):
