@@ -12,6 +12,7 @@ Layout of a sweep (`runs/<name>/` unless `out` is set):
     anchors/base|real/  the anchor rows: untuned model's samples, scores.json, metrics.json
     report/             the comparison report
     mlflow_run.json     the parent MLflow run (a resumed sweep logs to the same one)
+    asha_rungs.json     ASHA's rung values (Tune does not save them; --resume reads them back)
 """
 
 from __future__ import annotations
