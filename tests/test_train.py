@@ -134,7 +134,7 @@ def test_two_workers_sample_their_share_and_match_one_process_sampling_the_saved
     shares = {e["folder"]: e["rows_per_rank"] for e in events if e.get("event") == "samples"}
     assert shares == {"step-000001": [2, 2], "final": [2, 2]}
     pipe = load_pipeline(cfg.model, r.weights, cfg.sample.scheduler)
-    alone = generate(pipe, cfg.sample, cfg.sample_resolution, tmp_path / "alone")
+    alone = generate(pipe, cfg.sample, cfg.sample_resolution, tmp_path / "alone", normalization=cfg.data.normalization)
     names = sorted(p.name for p in alone.folder.iterdir())
     assert sorted(p.name for p in r.samples.iterdir()) == names and len(names) == 7  # 4 PNGs, grid, 2 files
     for name in names:
