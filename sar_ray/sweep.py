@@ -830,16 +830,16 @@ class _RungKeeper(Callback):
     the next result, so a kill loses at most the newest value."""
 
     def __init__(self, scheduler, path: Path):
-        self.scheduler, self.path, self._saved = scheduler, Path(path), -1
+        self.bracket, self.path, self._saved = _asha(scheduler), Path(path), -1  # found once, not per step
 
     def __getstate__(self) -> dict[str, Any]:
         return {}  # a restored copy is replaced by this driver's (_resume_with)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.scheduler, self.path, self._saved = None, None, -1
+        self.bracket, self.path, self._saved = None, None, -1
 
     def _save(self) -> None:
-        bracket = _asha(self.scheduler) if self.scheduler is not None else None
+        bracket = self.bracket
         if bracket is None:
             return
         n = sum(len(r) for _, r in bracket._rungs)
