@@ -440,6 +440,8 @@ def _cmd_data_inspect(args: argparse.Namespace) -> int:
                       + ", ".join(f"{k} {v:.4g}" for k, v in info.amplitude.items()))
     for p in info.problems[:5]:
         console.print(f"[yellow]unreadable:[/yellow] {p}", markup=True)
+    for note in info.notes:
+        console.print(f"[yellow]note:[/yellow] {note}", markup=True)
     return EXIT_OK
 
 

@@ -96,7 +96,15 @@ class NormalizationConfig(_Strict):
         description="`reference`: A / (mean + k*std) of the linear amplitude, clipped to [0, 1] "
         "(the reference study); `db`: 20*log10(A) clipped to [db_min, db_max] and rescaled; "
         "`percentile`: clip to [p_low, p_high] percentiles and rescale; `none`: pixel / the file's "
-        "full scale (255 for 8-bit, 65535 for 16-bit samples; floats already in [0, 1] as they are).",
+        "full scale (255 for 8-bit, 65535 for 16-bit samples, 4095 for a TIFF whose BitsPerSample is 12; "
+        "floats already in [0, 1] as they are).",
+    )
+    bits: int | None = Field(
+        None, ge=1, le=32,
+        description="`none`: the samples' real depth where the files do not record it, e.g. 12 for 12-bit "
+        "data in 16-bit PNGs: every image is divided by 2**bits - 1 (4095) instead of the stored depth's "
+        "full scale (65535, which would leave the images 16x too dark); a pixel above it is an error. "
+        "`sar-ray data inspect` says when a dataset's 16-bit samples use fewer bits.",
     )
     k: float = Field(3.0, gt=0, description="`reference`: number of standard deviations k.")
     db_min: float = Field(-30.0, description="`db`: lower clipping bound in dB.")

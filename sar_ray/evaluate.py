@@ -139,11 +139,11 @@ def _marker(path: str | os.PathLike) -> dict | None:
 
 
 #: The settings each normalisation method reads (the others do not change its images).
-_NORM_READS = {"reference": ("k",), "db": ("db_min", "db_max"), "percentile": ("p_low", "p_high"), "none": ()}
+_NORM_READS = {"reference": ("k",), "db": ("db_min", "db_max"), "percentile": ("p_low", "p_high"), "none": ("bits",)}
 
 
 def _norm_label(n: NormalizationConfig) -> str:
-    args = ", ".join(f"{f}={getattr(n, f):g}" for f in _NORM_READS[n.method])
+    args = ", ".join(f"{f}={getattr(n, f):g}" for f in _NORM_READS[n.method] if getattr(n, f) is not None)
     return f"{n.method}({args + ', ' if args else ''}{n.input})"
 
 
@@ -607,7 +607,7 @@ def load_image(path, data, name, norm: NormalizationConfig, size: tuple[int, int
     from sar_ray.data.normalize import normalize
 
     pixels, bits = _decode(path, data, name)
-    return _fit(normalize(pixels, norm, bits), size), tuple(pixels.shape), _bit_depth(pixels, bits)
+    return _fit(normalize(pixels, norm, bits, name), size), tuple(pixels.shape), _bit_depth(pixels, bits)
 
 
 def describe_images(images: np.ndarray, cfg: EvalConfig, families: Sequence[Family] | None = None,
@@ -1065,8 +1065,7 @@ def _input_warnings(accs: dict[str, _SetAccumulator], size: tuple[int, int]) -> 
     depth = {s: sorted({r["depth"] for r in accs[s].rows}) for s in SETS}
     eight = {s: depth[s] == [8] for s in SETS}
     if eight["generated"] != eight["reference"]:
-        name = {8: "8-bit", 16: "16-bit", 32: "float"}
-        g, r = (", ".join(name[d] for d in depth[s]) for s in SETS)
+        g, r = (", ".join("float" if d == 32 else f"{d}-bit" for d in depth[s]) for s in SETS)  # 12: a TIFF's BitsPerSample
         warnings.append(
             f"generated images are {g} but the reference {r}: the sets differ in quantisation "
             "(256 grey levels against more), which the amplitude distances (stats/ks, stats/wasserstein) also "

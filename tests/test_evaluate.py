@@ -327,6 +327,21 @@ def test_generated_set_of_another_size_and_bit_depth_is_scored_with_warnings(ray
     assert json.loads((tmp_path / "m.json").read_text())["warnings"] == result.warnings
 
 
+def test_a_12_bit_reference_against_8_bit_samples_is_warned_about_not_a_crash():
+    """A TIFF's BitsPerSample gives depths besides 8, 16 and float (12): the quantisation warning
+    names it (it raised KeyError, and the whole evaluation with it)."""
+    from types import SimpleNamespace
+
+    from sar_ray.evaluate import _input_warnings
+
+    def rows(depth):
+        return SimpleNamespace(rows=[{"height": 8, "width": 8, "resized": False, "depth": depth}])
+
+    (warning,) = _input_warnings({"generated": rows(8), "reference": rows(12)}, (8, 8))
+    assert "generated images are 8-bit but the reference 12-bit" in warning
+    assert _input_warnings({"generated": rows(12), "reference": rows(16)}, (8, 8)) == []
+
+
 # ------------------------------------------------------------------------------- reference cache
 
 

@@ -282,7 +282,7 @@ def load_folder_arrays(
     arrays = []
     for r in records:
         pixels, bits = _decode(r)
-        arrays.append(prepare_image(pixels, norm, resolution, bits=bits))
+        arrays.append(prepare_image(pixels, norm, resolution, bits=bits, name=r.name or r.path))
     return arrays, records
 
 
@@ -293,10 +293,11 @@ def prepare_image(
     crop: str = "center",
     rng: np.random.Generator | None = None,
     bits: int | None = None,
+    name: str = "",
 ) -> np.ndarray:
     """Linear pixels -> normalised [0, 1] (R, R): shorter side resized to R, then cropped.
-    `bits`: the stored depth `io.read_pixels` gave (see `normalize`)."""
-    return prepare_image_geometry(pixels, norm, resolution, crop, rng, bits)[0]
+    `bits`: the stored depth `io.read_pixels` gave (see `normalize`); `name`: the image, for errors."""
+    return prepare_image_geometry(pixels, norm, resolution, crop, rng, bits, name)[0]
 
 
 def prepare_image_geometry(
@@ -306,10 +307,11 @@ def prepare_image_geometry(
     crop: str = "center",
     rng: np.random.Generator | None = None,
     bits: int | None = None,
+    name: str = "",
 ) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
     """`prepare_image` plus what SDXL's micro-conditioning needs: the original (h, w) before
     resizing and the crop's (top, left) in the resized image."""
-    img = normalize(pixels, norm, bits)  # per-scene statistics on the full image, before resizing
+    img = normalize(pixels, norm, bits, name)  # per-scene statistics on the full image, before resizing
     original = (int(img.shape[0]), int(img.shape[1]))
     if resolution is None:
         return img, original, (0, 0)
@@ -444,7 +446,8 @@ def _prepare_batch(
         rng = np.random.default_rng([seed % 2**63, int(row["key"])]) if crop == "random" else None
         try:
             pixels_in, bits = _decode(row)
-            img, original, top_left = prepare_image_geometry(pixels_in, norm, resolution, crop, rng, bits)
+            img, original, top_left = prepare_image_geometry(
+                pixels_in, norm, resolution, crop, rng, bits, _cell(row["path"], str) or row["name"])
         except ImageReadError as e:
             if not skip_unreadable:
                 raise

@@ -23,7 +23,7 @@ import numpy as np
 
 from sar_ray.data import webdataset as wds
 from sar_ray.data.captions import TABLE_EXTENSIONS, DataError
-from sar_ray.data.io import IMAGE_EXTENSIONS, ImageReadError, probe_image_bytes, read_image_bytes
+from sar_ray.data.io import IMAGE_EXTENSIONS, ImageReadError, probe_image_bytes, read_pixels_bytes
 from sar_ray.data.storage import display, is_remote, list_files
 
 PIXELS_PER_IMAGE = 1 << 16  # amplitude statistics: a seeded subsample of each image's pixels
@@ -45,6 +45,7 @@ class Inspection:
     amplitude_member: str | None = None
     sampled: int = 0
     problems: list[str] = field(default_factory=list)  # first few images that did not decode
+    notes: list[str] = field(default_factory=list)  # what to set before training on it (one line each)
 
 
 def inspect_data(path: str, sample: int = 64, seed: int = 0, image_column: str | None = None) -> Inspection:
@@ -242,7 +243,7 @@ def _picks(n: int, k: int, seed: int) -> list[int]:
 
 def _describe_images(info: Inspection, member: str, images: list[tuple[str, bytes | None]], seed: int) -> None:
     """Shapes and dtypes (from the headers) and pooled amplitude statistics of `images`."""
-    shapes, pixels = Counter(), []
+    shapes, pixels, depths = Counter(), [], set()
     rng = np.random.default_rng(seed)
     for name, data in images:
         if not data:
@@ -250,11 +251,12 @@ def _describe_images(info: Inspection, member: str, images: list[tuple[str, byte
             continue
         try:
             shape, dtype = probe_image_bytes(data)
-            amp = read_image_bytes(data, name)  # linear values; complex -> |s|
+            amp, bits = read_pixels_bytes(data, name)  # linear values; complex -> |s|
         except ImageReadError as e:
             info.problems.append(str(e))
             continue
         shapes[f"{'x'.join(map(str, shape))} {dtype}"] += 1
+        depths.add(bits)
         flat = amp.ravel()
         pixels.append(flat if flat.size <= PIXELS_PER_IMAGE else rng.choice(flat, PIXELS_PER_IMAGE, replace=False))
     info.shapes = {member: dict(shapes.most_common())}
@@ -263,6 +265,20 @@ def _describe_images(info: Inspection, member: str, images: list[tuple[str, byte
         a = np.concatenate(pixels).astype(np.float64)
         info.amplitude = {"mean": float(a.mean()), "std": float(a.std()), "min": float(a.min()), "max": float(a.max())}
         info.amplitude.update({f"p{q}": float(v) for q, v in zip(PERCENTILES, np.percentile(a, PERCENTILES))})
+        info.notes += _depth_notes(depths, info.amplitude["max"])
+
+
+def _depth_notes(depths: set[int | None], vmax: float) -> list[str]:
+    """A hint when every sampled image stores 16-bit words but their values fit in fewer bits
+    (12-bit sensor data in 16-bit PNGs): `normalization.method: none` would divide by 65535."""
+    if depths != {16} or not vmax > 0:
+        return []
+    used = int(np.ceil(np.log2(vmax + 1)))
+    if used > 14:
+        return []
+    return [f"16-bit samples whose largest sampled value is {vmax:g} ({used} bits): if they are {used}-bit data, "
+            f"data.normalization.method=none needs data.normalization.bits={used} (else it divides by 65535); "
+            "the other methods are scale-free"]
 
 
 def _length_stats(lengths: dict[str, list[int]]) -> dict[str, dict[str, float]]:

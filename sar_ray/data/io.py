@@ -3,7 +3,8 @@
     read_image("scene.tif")         # (H, W) float32, e.g. calibrated amplitude
     read_image("chip.png")          # 16-bit PNG keeps its 0..65535 values
     read_image_bytes(npy, "shard-000000.tar:0001.sar.npy")   # complex64 SLC -> amplitude |s|
-    pixels, bits = read_pixels("dark.png")   # and the stored depth: 8, 16 (uint8/16) or None
+    pixels, bits = read_pixels("dark.png")   # and the stored depth: 8, 16 (uint8/16; a TIFF's
+                                             # BitsPerSample where fewer, e.g. 12) or None
 
 The format is taken from the file's first bytes, not its extension, so a `.png` that is
 really a TIFF still reads. NumPy ``.npy`` arrays (a WebDataset member, SARLO-80's SLC) are
@@ -203,10 +204,13 @@ def _decode_tiff(data: bytes) -> tuple[np.ndarray, int | None]:
         arr = series.asarray()
         axes = series.axes
         rgb = tf.pages[0].photometric == tifffile.PHOTOMETRIC.RGB
+        declared = tf.pages[0].bitspersample  # 12 for 12-bit samples in 16-bit words
     if np.iscomplexobj(arr):
         # Single-look complex data: the amplitude |s| is what we model.
         arr = np.abs(arr)
     bits = _bits(arr)  # a colour mean keeps its bands' depth
+    if bits is not None and isinstance(declared, int) and 0 < declared < bits:
+        bits = declared  # its full scale is 2**12 - 1, not 65535
     if arr.ndim == 3 and "S" in axes and arr.shape[axes.index("S")] in (3, 4):
         bands = arr.shape[axes.index("S")]
         if not (rgb and arr.dtype in (np.uint8, np.uint16)):

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import numpy as np
 
 from sar_ray.config import NormalizationConfig
+from sar_ray.data.io import ImageReadError
 
 
 def _amplitude(pixels: np.ndarray, cfg: NormalizationConfig) -> np.ndarray:
@@ -53,9 +54,19 @@ def _percentile(pixels: np.ndarray, cfg: NormalizationConfig) -> np.ndarray:
     return np.clip((a - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
 
 
-def _none(pixels: np.ndarray, cfg: NormalizationConfig, bits: int | None = None) -> np.ndarray:
+def _none(pixels: np.ndarray, cfg: NormalizationConfig, bits: int | None = None, name: str = "") -> np.ndarray:
     x = np.asarray(pixels)
-    if bits is not None:
+    if cfg.bits is not None:  # the user's word for the samples' depth
+        top = float(2**cfg.bits - 1)
+        vmax = float(x.max()) if x.size else 0.0
+        if vmax > top:
+            need = int(np.ceil(np.log2(vmax + 1)))
+            raise ImageReadError(
+                f"{name or 'an image'}: a pixel of {vmax:g} is above the {cfg.bits}-bit full scale ({top:g}) "
+                f"that data.normalization.bits={cfg.bits} declares; set it to the samples' depth "
+                f"(at least {need}) or leave it out to use the depth the file records"
+            )
+    elif bits is not None:
         top = float(2**bits - 1)  # the file's own range: a dark 16-bit image stays dark
     elif np.issubdtype(x.dtype, np.integer):
         top = float(np.iinfo(x.dtype).max)
@@ -90,18 +101,20 @@ NORMALIZERS: dict[str, Callable[[np.ndarray, NormalizationConfig], np.ndarray]] 
 }
 
 
-def normalize(pixels: np.ndarray, cfg: NormalizationConfig, bits: int | None = None) -> np.ndarray:
+def normalize(pixels: np.ndarray, cfg: NormalizationConfig, bits: int | None = None, name: str = "") -> np.ndarray:
     """(H, W) linear pixel values -> (H, W) float32 in [0, 1] by ``cfg.method``.
 
-    `bits` is the depth the file stored its samples with (`io.read_pixels`: 8, 16 or None);
-    ``none`` divides by its full scale (255, 65535) instead of guessing it from the values."""
+    `bits` is the depth the file stored its samples with (`io.read_pixels`: 8, 16, a TIFF's
+    BitsPerSample, or None); ``none`` divides by its full scale (255, 65535) instead of guessing
+    it from the values, or by ``2**cfg.bits - 1`` where the config declares the depth (a pixel
+    above that raises :class:`ImageReadError`; `name` says which image)."""
     try:
         fn = NORMALIZERS[cfg.method]
     except KeyError:
         raise ValueError(
             f"unknown normalization method {cfg.method!r}; valid: {', '.join(NORMALIZERS)}"
         ) from None
-    return _none(pixels, cfg, bits) if fn is _none else fn(pixels, cfg)
+    return _none(pixels, cfg, bits, name) if fn is _none else fn(pixels, cfg)
 
 
 def to_model_range(img01: np.ndarray) -> np.ndarray:

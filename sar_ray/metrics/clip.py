@@ -350,7 +350,7 @@ def load_record_image(record, norm: NormalizationConfig, size: int | None) -> np
         pixels, bits = read_pixels_bytes(record.image_bytes, record.source)
     else:
         pixels, bits = read_pixels(record.path)
-    return prepare_image(pixels, norm, size, bits=bits)
+    return prepare_image(pixels, norm, size, bits=bits, name=record.source if record.image_bytes is not None else record.path)
 
 
 def _records(data: str | os.PathLike, captions=None, image_column="file_name", text_column="text",

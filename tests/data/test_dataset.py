@@ -280,3 +280,29 @@ def test_method_none_divides_by_the_files_depth_not_a_guess_from_its_values(tmp_
         img, _, got = load_image(str(p), None, p.name, none, (8, 8))
         assert got == depth, p.name
         np.testing.assert_allclose(img, want[p.name], atol=1e-6)
+
+
+def test_declared_12_bit_samples_in_16_bit_pngs_are_read_as_12_bit_by_training_and_evaluation(tmp_path):
+    """`data.normalization.bits: 12` is honoured by every reader (training batches,
+    `load_folder_arrays`, evaluation), and a pixel above 4095 stops them naming its file."""
+    from sar_ray.data import ImageReadError
+    from sar_ray.evaluate import load_image
+
+    a = (np.arange(64).reshape(8, 8) * 64).astype(np.uint16)  # 0 .. 4032: 12-bit counts
+    Image.fromarray(a).save(tmp_path / "a.png")
+    twelve = NormalizationConfig(method="none", bits=12)
+    arrays, _ = load_folder_arrays(tmp_path, twelve)
+    np.testing.assert_allclose(arrays[0], a / 4095, atol=1e-6)
+    batch = {"key": np.arange(1), "path": np.array([str(tmp_path / "a.png")], object),
+             "image_bytes": np.array([None], object), "name": np.array(["a.png"], object),
+             "text": np.array(["x"], object)}
+    out = dataset._prepare_batch(batch, twelve, resolution=8, seed=0, crop="center")
+    np.testing.assert_allclose(out["pixel_values"][0, 0] / 65535, a / 4095, atol=1e-4)
+    np.testing.assert_allclose(load_image(str(tmp_path / "a.png"), None, "a.png", twelve, (8, 8))[0], a / 4095, atol=1e-6)
+
+    a[0, 0] = 5000
+    Image.fromarray(a).save(tmp_path / "a.png")
+    with pytest.raises(ImageReadError, match=r"a\.png: a pixel of 5000 is above the 12-bit full scale"):
+        dataset._prepare_batch(batch, twelve, resolution=8, seed=0, crop="center")
+    with pytest.raises(ImageReadError, match=r"a\.png: a pixel of 5000"):
+        load_folder_arrays(tmp_path, twelve)

@@ -57,3 +57,19 @@ def test_evaluate_reference_lists_shard_members_without_reading_them(tmp_path):
     assert [it.text for it in items] == [f"a SAR scene number {i:04d}" for i in range(4)]
     assert all(it.image_bytes is None for it in items)  # a path per member: nothing held on the driver
     np.testing.assert_array_equal(read_image(items[3].path), np.abs(slc("0003")))
+
+
+def test_inspect_notes_16_bit_samples_that_use_only_12_bits(tmp_path):
+    """12-bit sensor counts in 16-bit PNGs: the one setting that would read them 16x too dark
+    (`method: none` divides by 65535) is named, with the fix; 8-bit files get no note."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 4096, (16, 16)).astype(np.uint16)).save(tmp_path / f"{i}.png")
+    info = inspect_data(str(tmp_path), sample=3)
+    assert len(info.notes) == 1 and "data.normalization.bits=12" in info.notes[0]
+    eight = tmp_path / "eight"
+    eight.mkdir()
+    Image.fromarray(rng.integers(0, 256, (16, 16)).astype(np.uint8)).save(eight / "0.png")
+    assert inspect_data(str(eight), sample=1).notes == []

@@ -144,3 +144,45 @@ def test_read_pixels_gives_the_stored_depth_which_the_values_cannot(tmp_path):
         assert got == bits and pixels.dtype == np.float32, name
         assert np.array_equal(read_image(tmp_path / name), pixels), name
     assert read_pixels(tmp_path / "dark16.png")[0].tolist() == [[0.0, 100.0], [200.0, 255.0]]
+
+
+def _packed_12_bit_tiff(a: np.ndarray) -> bytes:
+    """An uncompressed TIFF of 12-bit samples packed MSB-first (a 12-bit sensor's export):
+    tifffile writes the packed bytes as an 8-bit image, then its width and BitsPerSample tags
+    are set to the 12-bit image's."""
+    import io
+    import struct
+
+    h, w = a.shape
+    x = a.reshape(h, w // 2, 2).astype(np.uint32)
+    packed = np.stack([x[..., 0] >> 4, ((x[..., 0] & 15) << 4) | (x[..., 1] >> 8), x[..., 1] & 255], -1)
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, packed.astype(np.uint8).reshape(h, w // 2 * 3), photometric="minisblack")
+    out = bytearray(buf.getvalue())
+    with tifffile.TiffFile(io.BytesIO(bytes(out))) as tf:
+        tags, order = {t.name: t for t in tf.pages[0].tags.values()}, tf.byteorder
+    for name, value in (("ImageWidth", w), ("BitsPerSample", 12)):
+        struct.pack_into(order + {3: "H", 4: "I"}[int(tags[name].dtype)], out, tags[name].valueoffset, value)
+    return bytes(out)
+
+
+def _unpack_12(data, dtype, bitspersample, runlen=0, *, out=None):
+    """What imagecodecs.packints_decode gives for 12-bit MSB-first rows (for machines without it)."""
+    b = np.frombuffer(data, np.uint8).reshape(-1, 3).astype(np.uint16)
+    return np.stack([(b[:, 0] << 4) | (b[:, 1] >> 4), ((b[:, 1] & 15) << 8) | b[:, 2]], -1).ravel().astype(dtype)
+
+
+def test_a_tiff_of_12_bit_samples_reports_12_bits_so_none_divides_by_4095(tmp_path, monkeypatch):
+    from sar_ray.config import NormalizationConfig
+    from sar_ray.data import normalize
+    from sar_ray.data.io import read_pixels_bytes
+
+    try:
+        import imagecodecs  # noqa: F401 - decodes packed integers itself
+    except ImportError:
+        monkeypatch.setattr(tifffile.tifffile.imagecodecs, "packints_decode", _unpack_12)
+    a = (np.arange(16 * 8).reshape(16, 8) * 31 % 4096).astype(np.uint16)
+    pixels, bits = read_pixels_bytes(_packed_12_bit_tiff(a), "scene.tif")
+    assert np.array_equal(pixels, a.astype(np.float32)) and bits == 12
+    out = normalize(pixels, NormalizationConfig(method="none"), bits)
+    np.testing.assert_allclose(out, a / 4095.0, rtol=1e-6)  # not a / 65535: 16x too dark

@@ -72,3 +72,24 @@ def test_model_range_and_three_channels():
     assert (x[0] == x[1]).all() and (x[1] == x[2]).all()
     with pytest.raises(ValueError, match="grayscale"):
         to_three_channels(x)
+
+
+def test_none_with_declared_bits_divides_by_their_full_scale_and_refuses_a_pixel_above_it():
+    """12-bit data in 16-bit PNGs: `data.normalization.bits: 12` divides by 4095; a pixel above
+    it means the declared depth is wrong, which an error says rather than clipping."""
+    from sar_ray.data import ImageReadError
+
+    cfg = NormalizationConfig(method="none", bits=12)
+    out = normalize(np.array([0, 1365, 4095], np.uint16), cfg, bits=16)
+    assert out.tolist() == pytest.approx([0, 1365 / 4095, 1])
+    assert normalize(np.array([0.0, 2047.5]), cfg).tolist() == pytest.approx([0, 0.5])  # floats too
+    with pytest.raises(ImageReadError, match=r"^chip\.png: a pixel of 5000 is above the 12-bit full scale "
+                       r"\(4095\) that data\.normalization\.bits=12 declares; .*at least 13"):
+        normalize(np.array([0, 5000], np.uint16), cfg, bits=16, name="chip.png")
+    assert normalize(np.array([0, 200], np.uint16), NormalizationConfig(method="none"), bits=16).tolist() \
+        == pytest.approx([0, 200 / 65535])  # unset: the stored depth, as before
+
+
+def test_declared_bits_are_checked_where_the_config_is_read():
+    with pytest.raises(ValueError, match="bits"):
+        NormalizationConfig(method="none", bits=0)
