@@ -704,7 +704,7 @@ def _train(state: TrainState, api: Session, out: Path, order: EpochOrder, val_ba
            crash_at: int) -> None:
     """Epochs of micro-batches until `train.max_steps` optimizer steps, with eval, samples
     and checkpoints at their cadence."""
-    cfg, t, pos = state.cfg, state.cfg.train, state.pos
+    t, pos = state.cfg.train, state.pos
     tune_vae = state.applied.modes.get("vae", "frozen") != "frozen"
     meter = _Throughput()
     micro = 0

@@ -177,9 +177,9 @@ def test_a_tiff_of_12_bit_samples_reports_12_bits_so_none_divides_by_4095(tmp_pa
     from sar_ray.data import normalize
     from sar_ray.data.io import read_pixels_bytes
 
-    try:
-        import imagecodecs  # noqa: F401 - decodes packed integers itself
-    except ImportError:
+    import importlib.util
+
+    if importlib.util.find_spec("imagecodecs") is None:  # else it decodes packed integers itself
         monkeypatch.setattr(tifffile.tifffile.imagecodecs, "packints_decode", _unpack_12)
     a = (np.arange(16 * 8).reshape(16, 8) * 31 % 4096).astype(np.uint16)
     pixels, bits = read_pixels_bytes(_packed_12_bit_tiff(a), "scene.tif")

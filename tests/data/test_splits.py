@@ -53,7 +53,7 @@ def test_synthetic_data_gets_a_held_out_anchor_disjoint_from_training_and_refere
 
     assert build_datasets(synthetic(), 0).n_train == len(ref)
     again = study_splits(synthetic(), tmp_path / "again", n_anchor=3)
-    assert _names(tmp_path / "again" / "holdout") == held  # deterministic
+    assert _names(tmp_path / "again" / "holdout") == held and again.n_holdout == s.n_holdout  # deterministic
 
 
 def test_a_held_out_set_overlapping_training_or_reference_is_refused(tmp_path, monkeypatch):
