@@ -100,10 +100,11 @@ class NormalizationConfig(_Strict):
         "floats already in [0, 1] as they are).",
     )
     bits: int | None = Field(
-        None, ge=1, le=32,
+        None, ge=1, le=16,
         description="`none`: the samples' real depth where the files do not record it, e.g. 12 for 12-bit "
         "data in 16-bit PNGs: every image is divided by 2**bits - 1 (4095) instead of the stored depth's "
-        "full scale (65535, which would leave the images 16x too dark); a pixel above it is an error. "
+        "full scale (65535, which would leave the images 16x too dark). A file storing fewer bits or floats, "
+        "or a pixel above 2**bits - 1, is an error that data.on_corrupt=skip does not skip. "
         "`sar-ray data inspect` says when a dataset's 16-bit samples use fewer bits.",
     )
     k: float = Field(3.0, gt=0, description="`reference`: number of standard deviations k.")

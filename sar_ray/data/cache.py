@@ -62,10 +62,11 @@ from sar_ray.data.dataset import PIXEL_DTYPE, TrainData, caption_lists
 
 # 2: pixels travel as uint16 (rounded to 1/65535), no longer float32; 3: rows of several caption
 # columns carry every candidate (texts, key) for the step's per-epoch choice; 4: normalization
-# `none` divides by the file's stored depth (a dark 16-bit image was read as 8-bit).
+# `none` divides by the file's stored depth (a dark 16-bit image was read as 8-bit); 5: a TIFF's
+# BitsPerSample (12) is that depth, not its 16-bit storage word.
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 4
+CACHE_VERSION = 5
 MARKER = "_cache.json"
 LOCAL_ROOT = ".sar-ray-cache/latents"  # next to the synthetic-data cache
 TEXT_VERSION = 1

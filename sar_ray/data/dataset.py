@@ -41,7 +41,7 @@ from PIL import Image
 from sar_ray.config import DataConfig, NormalizationConfig
 from sar_ray.data.captions import TABLE_EXTENSIONS, DataError, Record, read_table
 from sar_ray.data.io import IMAGE_EXTENSIONS, ImageReadError, read_pixels, read_pixels_bytes
-from sar_ray.data.normalize import normalize
+from sar_ray.data.normalize import DepthError, check_depth, normalize
 from sar_ray.data.synth import synthetic_path
 
 if TYPE_CHECKING:  # ray is imported only by build_datasets: metrics code needs no Ray
@@ -102,7 +102,7 @@ def build_datasets(cfg: DataConfig, seed: int) -> TrainData:
     if cfg.max_images is not None:
         records = records[: cfg.max_images]
 
-    bad = _find_unreadable(records)
+    bad = _find_unreadable(records, cfg.normalization)
     if bad and cfg.on_corrupt == "error":
         first = bad[min(bad)]  # the first in table order
         raise ImageReadError(
@@ -405,20 +405,27 @@ def _rows(batch: dict[str, np.ndarray]) -> list[dict]:
     return [dict(zip(keys, vals)) for vals in zip(*(batch[k] for k in keys))]
 
 
-def _check_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Decode each image; return only the failures as (index, error)."""
-    index, errors = [], []
+def _check_batch(batch: dict[str, np.ndarray], norm: NormalizationConfig | None = None) -> dict[str, np.ndarray]:
+    """Decode each image; return only the failures as (index, error, depth): `depth` marks an
+    image that contradicts `data.normalization.bits` (see `normalize.check_depth`)."""
+    index, errors, depth = [], [], []
     for row in _rows(batch):
         try:
-            _decode(row)
-        except ImageReadError as e:
+            pixels, bits = _decode(row)
+            if norm is not None:
+                check_depth(pixels, bits, norm, _cell(row["path"], str) or row["name"])
+        except (ImageReadError, DepthError) as e:
             index.append(int(row["index"]))
             errors.append(str(e))
-    return {"index": np.asarray(index, np.int64), "error": np.asarray(errors, dtype=object)}
+            depth.append(isinstance(e, DepthError))
+    return {"index": np.asarray(index, np.int64), "error": np.asarray(errors, dtype=object),
+            "depth": np.asarray(depth, bool)}
 
 
-def _find_unreadable(records: list[Record]) -> dict[int, str]:
-    """{record index: error} for every image that does not decode (one Ray Data pass)."""
+def _find_unreadable(records: list[Record], norm: NormalizationConfig | None = None) -> dict[int, str]:
+    """{record index: error} for every image that does not decode (one Ray Data pass). An image
+    that contradicts `norm.bits` raises :class:`DepthError` (with a count) instead: a config
+    mistake, which `data.on_corrupt=skip` must not turn into a dropped image."""
     import ray.data
 
     items = [
@@ -426,8 +433,12 @@ def _find_unreadable(records: list[Record]) -> dict[int, str]:
         for i, r in enumerate(records)
     ]
     ds = ray.data.from_items(items, override_num_blocks=_num_blocks(len(items)))
-    bad = ds.map_batches(_check_batch, batch_format="numpy", batch_size=ROWS_PER_BLOCK)
-    return {int(row["index"]): str(row["error"]) for row in bad.take_all()}
+    bad = ds.map_batches(_check_batch, fn_kwargs={"norm": norm}, batch_format="numpy", batch_size=ROWS_PER_BLOCK)
+    rows = sorted(bad.take_all(), key=lambda row: int(row["index"]))
+    depth = [str(row["error"]) for row in rows if bool(row["depth"])]
+    if depth:
+        raise DepthError(f"{depth[0]} ({len(depth)} of {len(records)} images)")
+    return {int(row["index"]): str(row["error"]) for row in rows}
 
 
 def _prepare_batch(

@@ -243,7 +243,7 @@ def _picks(n: int, k: int, seed: int) -> list[int]:
 
 def _describe_images(info: Inspection, member: str, images: list[tuple[str, bytes | None]], seed: int) -> None:
     """Shapes and dtypes (from the headers) and pooled amplitude statistics of `images`."""
-    shapes, pixels, depths = Counter(), [], set()
+    shapes, pixels, depths, peak = Counter(), [], set(), 0.0
     rng = np.random.default_rng(seed)
     for name, data in images:
         if not data:
@@ -257,6 +257,7 @@ def _describe_images(info: Inspection, member: str, images: list[tuple[str, byte
             continue
         shapes[f"{'x'.join(map(str, shape))} {dtype}"] += 1
         depths.add(bits)
+        peak = max(peak, float(amp.max()) if amp.size else 0.0)  # every pixel's, not the subsample's
         flat = amp.ravel()
         pixels.append(flat if flat.size <= PIXELS_PER_IMAGE else rng.choice(flat, PIXELS_PER_IMAGE, replace=False))
     info.shapes = {member: dict(shapes.most_common())}
@@ -265,12 +266,13 @@ def _describe_images(info: Inspection, member: str, images: list[tuple[str, byte
         a = np.concatenate(pixels).astype(np.float64)
         info.amplitude = {"mean": float(a.mean()), "std": float(a.std()), "min": float(a.min()), "max": float(a.max())}
         info.amplitude.update({f"p{q}": float(v) for q, v in zip(PERCENTILES, np.percentile(a, PERCENTILES))})
-        info.notes += _depth_notes(depths, info.amplitude["max"])
+        info.notes += _depth_notes(depths, peak)
 
 
 def _depth_notes(depths: set[int | None], vmax: float) -> list[str]:
     """A hint when every sampled image stores 16-bit words but their values fit in fewer bits
-    (12-bit sensor data in 16-bit PNGs): `normalization.method: none` would divide by 65535."""
+    (12-bit sensor data in 16-bit PNGs): `normalization.method: none` would divide by 65535.
+    `vmax`: the sampled images' largest pixel (a bright target is a few pixels of a scene)."""
     if depths != {16} or not vmax > 0:
         return []
     used = int(np.ceil(np.log2(vmax + 1)))

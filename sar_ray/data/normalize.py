@@ -16,7 +16,7 @@ from collections.abc import Callable
 import numpy as np
 
 from sar_ray.config import NormalizationConfig
-from sar_ray.data.io import ImageReadError
+from sar_ray.data.captions import DataError
 
 
 def _amplitude(pixels: np.ndarray, cfg: NormalizationConfig) -> np.ndarray:
@@ -54,18 +54,35 @@ def _percentile(pixels: np.ndarray, cfg: NormalizationConfig) -> np.ndarray:
     return np.clip((a - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
 
 
+class DepthError(DataError):
+    """An image that contradicts `data.normalization.bits`: a config mistake, never skipped as
+    a corrupt image (`data.on_corrupt=skip` would drop the brightest scenes of a set)."""
+
+
+def check_depth(pixels: np.ndarray, bits: int | None, cfg: NormalizationConfig, name: str = "") -> None:
+    """Raise :class:`DepthError` where `cfg.bits` (``method: none``) does not fit the image: a
+    file storing fewer bits or floats (dividing those by 2**bits - 1 would be as wrong as the
+    16x it fixes), or a pixel above the declared full scale."""
+    if cfg.method != "none" or cfg.bits is None:
+        return
+    where, fix = name or "an image", f"data.normalization.bits={cfg.bits} declares {cfg.bits}-bit samples"
+    if bits is None or bits < cfg.bits:
+        stored = "float (or signed / wide integer)" if bits is None else f"{bits}-bit"
+        raise DepthError(f"{where}: stores {stored} samples but {fix}; it applies to integer samples stored in "
+                         f"more bits (12-bit counts in 16-bit words): remove it or convert this file")
+    top = float(2**cfg.bits - 1)
+    vmax = float(np.max(pixels)) if np.size(pixels) else 0.0
+    if vmax > top:
+        need = int(np.ceil(np.log2(vmax + 1)))
+        raise DepthError(f"{where}: a pixel of {vmax:g} is above the full scale {top:g} that {fix}; set it to the "
+                         f"samples' depth (at least {need}) or leave it out to use the depth the file records")
+
+
 def _none(pixels: np.ndarray, cfg: NormalizationConfig, bits: int | None = None, name: str = "") -> np.ndarray:
     x = np.asarray(pixels)
     if cfg.bits is not None:  # the user's word for the samples' depth
+        check_depth(x, bits, cfg, name)
         top = float(2**cfg.bits - 1)
-        vmax = float(x.max()) if x.size else 0.0
-        if vmax > top:
-            need = int(np.ceil(np.log2(vmax + 1)))
-            raise ImageReadError(
-                f"{name or 'an image'}: a pixel of {vmax:g} is above the {cfg.bits}-bit full scale ({top:g}) "
-                f"that data.normalization.bits={cfg.bits} declares; set it to the samples' depth "
-                f"(at least {need}) or leave it out to use the depth the file records"
-            )
     elif bits is not None:
         top = float(2**bits - 1)  # the file's own range: a dark 16-bit image stays dark
     elif np.issubdtype(x.dtype, np.integer):
@@ -106,8 +123,8 @@ def normalize(pixels: np.ndarray, cfg: NormalizationConfig, bits: int | None = N
 
     `bits` is the depth the file stored its samples with (`io.read_pixels`: 8, 16, a TIFF's
     BitsPerSample, or None); ``none`` divides by its full scale (255, 65535) instead of guessing
-    it from the values, or by ``2**cfg.bits - 1`` where the config declares the depth (a pixel
-    above that raises :class:`ImageReadError`; `name` says which image)."""
+    it from the values, or by ``2**cfg.bits - 1`` where the config declares the depth (an image
+    that contradicts it raises :class:`DepthError`; `name` says which image)."""
     try:
         fn = NORMALIZERS[cfg.method]
     except KeyError:

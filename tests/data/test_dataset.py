@@ -284,8 +284,9 @@ def test_method_none_divides_by_the_files_depth_not_a_guess_from_its_values(tmp_
 
 def test_declared_12_bit_samples_in_16_bit_pngs_are_read_as_12_bit_by_training_and_evaluation(tmp_path):
     """`data.normalization.bits: 12` is honoured by every reader (training batches,
-    `load_folder_arrays`, evaluation), and a pixel above 4095 stops them naming its file."""
-    from sar_ray.data import ImageReadError
+    `load_folder_arrays`, evaluation), and a pixel above 4095 stops them naming its file, even
+    where unreadable images are skipped (streamed data)."""
+    from sar_ray.data.normalize import DepthError
     from sar_ray.evaluate import load_image
 
     a = (np.arange(64).reshape(8, 8) * 64).astype(np.uint16)  # 0 .. 4032: 12-bit counts
@@ -302,7 +303,28 @@ def test_declared_12_bit_samples_in_16_bit_pngs_are_read_as_12_bit_by_training_a
 
     a[0, 0] = 5000
     Image.fromarray(a).save(tmp_path / "a.png")
-    with pytest.raises(ImageReadError, match=r"a\.png: a pixel of 5000 is above the 12-bit full scale"):
-        dataset._prepare_batch(batch, twelve, resolution=8, seed=0, crop="center")
-    with pytest.raises(ImageReadError, match=r"a\.png: a pixel of 5000"):
+    with pytest.raises(DepthError, match=r"a\.png: a pixel of 5000 is above the full scale 4095"):
+        dataset._prepare_batch(batch, twelve, resolution=8, seed=0, crop="center", skip_unreadable=True)
+    with pytest.raises(DepthError, match=r"a\.png: a pixel of 5000"):
         load_folder_arrays(tmp_path, twelve)
+
+
+def test_a_folder_contradicting_the_declared_depth_stops_before_training_even_when_skipping(tmp_path, ray_local):
+    """The check pass that finds unreadable images also finds images that contradict
+    `data.normalization.bits`; with `data.on_corrupt=skip` too they stop the trial (one line,
+    with the count), rather than leave out the set's brightest scenes."""
+    from sar_ray.data.normalize import DepthError
+
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 4096, (16, 16)).astype(np.uint16)).save(tmp_path / f"{i}.png")
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{i}.png", "text": "x"}) + "\n"
+                                                     for i in range(6)))
+    cfg = DataConfig(path=str(tmp_path), resolution=16, normalization={"method": "none", "bits": 12},
+                     on_corrupt="skip", val_fraction=0.0, holdout_fraction=0.0)
+    assert build_datasets(cfg, 0).n_train == 6
+    bright = rng.integers(0, 4096, (16, 16)).astype(np.uint16)
+    bright[3, 3] = 9000
+    Image.fromarray(bright).save(tmp_path / "4.png")
+    with pytest.raises(DepthError, match=r"4\.png: a pixel of 9000 is above the full scale 4095 .* \(1 of 6 images\)$"):
+        build_datasets(cfg, 0)

@@ -73,3 +73,11 @@ def test_inspect_notes_16_bit_samples_that_use_only_12_bits(tmp_path):
     eight.mkdir()
     Image.fromarray(rng.integers(0, 256, (16, 16)).astype(np.uint8)).save(eight / "0.png")
     assert inspect_data(str(eight), sample=1).notes == []
+    # One bright target in a large scene: the note reads every pixel, not the statistics' subsample.
+    big = tmp_path / "big"
+    big.mkdir()
+    scene = rng.integers(0, 3000, (512, 512)).astype(np.uint16)
+    scene[100, 200] = 8000
+    Image.fromarray(scene).save(big / "0.png")
+    (note,) = inspect_data(str(big), sample=1).notes
+    assert "largest sampled value is 8000 (13 bits)" in note and "bits=13" in note

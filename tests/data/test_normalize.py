@@ -75,17 +75,24 @@ def test_model_range_and_three_channels():
 
 
 def test_none_with_declared_bits_divides_by_their_full_scale_and_refuses_a_pixel_above_it():
-    """12-bit data in 16-bit PNGs: `data.normalization.bits: 12` divides by 4095; a pixel above
-    it means the declared depth is wrong, which an error says rather than clipping."""
-    from sar_ray.data import ImageReadError
+    """12-bit data in 16-bit PNGs: `data.normalization.bits: 12` divides by 4095. An image it does
+    not fit (a pixel above 4095, an 8-bit or float file, which / 4095 would read 16x too dark or
+    worse) is an error, never a clipped or rescaled image."""
+    from sar_ray.data.normalize import DepthError
 
     cfg = NormalizationConfig(method="none", bits=12)
     out = normalize(np.array([0, 1365, 4095], np.uint16), cfg, bits=16)
     assert out.tolist() == pytest.approx([0, 1365 / 4095, 1])
-    assert normalize(np.array([0.0, 2047.5]), cfg).tolist() == pytest.approx([0, 0.5])  # floats too
-    with pytest.raises(ImageReadError, match=r"^chip\.png: a pixel of 5000 is above the 12-bit full scale "
-                       r"\(4095\) that data\.normalization\.bits=12 declares; .*at least 13"):
+    assert normalize(np.array([0, 4095], np.uint16), cfg, bits=12).tolist() == [0, 1]  # a 12-bit TIFF
+    with pytest.raises(DepthError, match=r"^chip\.png: a pixel of 5000 is above the full scale 4095 that "
+                       r"data\.normalization\.bits=12 declares 12-bit samples; .*at least 13"):
         normalize(np.array([0, 5000], np.uint16), cfg, bits=16, name="chip.png")
+    with pytest.raises(DepthError, match=r"^a\.png: stores 8-bit samples but data\.normalization\.bits=12"):
+        normalize(np.array([0, 255], np.uint8), cfg, bits=8, name="a.png")
+    with pytest.raises(DepthError, match=r"^s\.npy: stores float .*samples but"):
+        normalize(np.array([0.0, 0.5], np.float32), cfg, bits=None, name="s.npy")
+    # Other methods do not read it (a study may keep the key while trying them).
+    assert normalize(np.array([0.0, 255.0]), NormalizationConfig(method="percentile", bits=12)).max() == 1
     assert normalize(np.array([0, 200], np.uint16), NormalizationConfig(method="none"), bits=16).tolist() \
         == pytest.approx([0, 200 / 65535])  # unset: the stored depth, as before
 
