@@ -263,7 +263,9 @@ def evaluate(
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 usable = np.ones(len(batch["set"]), bool)
                 if skip_unreadable_reference:
-                    usable = ~((batch["set"] == "reference") & (batch["error"] != ""))
+                    # A DepthError is the config's mistake (data.normalization.bits), not a bad file.
+                    depth = np.asarray([str(e).startswith("DepthError:") for e in batch["error"]], bool)
+                    usable = ~((batch["set"] == "reference") & (batch["error"] != "") & ~depth)
                     skipped += [(int(i), str(n), str(e)) for i, n, e in
                                 zip(batch["index"][~usable], batch["name"][~usable], batch["error"][~usable])]
                     batch["error"] = np.where(usable, batch["error"], "")

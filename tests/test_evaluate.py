@@ -430,6 +430,19 @@ def test_a_reference_with_an_unreadable_image_left_out_is_cached_for_callers_tha
         evaluate(a, ref, cfg, progress=False)
 
 
+def test_a_reference_contradicting_the_declared_depth_stops_even_a_caller_that_skips_unreadable_images(
+        ray_local, sets, tmp_path):
+    """16-bit references above the 4095 that `bits: 12` declares: a config mistake, so a sweep
+    (which skips unreadable reference images) stops with it rather than leave them all out."""
+    from sar_ray.data.io import ImageReadError
+
+    _, a, b = sets
+    cfg = EvalConfig(generated_normalized=True, size=SIZE, bootstrap=0,
+                     normalization={"method": "none", "bits": 12})
+    with pytest.raises(ImageReadError, match=r"is above the full scale 4095 that data\.normalization\.bits=12"):
+        evaluate(a, b, cfg, progress=False, skip_unreadable_reference=True)
+
+
 def test_a_cached_reference_whose_left_out_image_reads_again_is_described_again(ray_local, sets, tmp_path):
     """An image left out for a passing error (a storage hiccup; an object store lists no mtime)
     stayed out of every later evaluation: the entry's key had not changed. Here the file's
