@@ -559,9 +559,12 @@ def _unreadable(it: _Item, norm: NormalizationConfig, size: tuple[int, int]) -> 
     """Whether describing would leave `it` out (`_describe_batch`'s test, on the driver)."""
     from sar_ray.data.captions import DataError
     from sar_ray.data.io import ImageReadError
+    from sar_ray.data.normalize import DepthError
 
     try:
         load_image(it.path, it.image_bytes, it.name, norm, size)
+    except DepthError:
+        return False  # it reads: the entry is stale, and describing again raises the config's mistake
     except (ImageReadError, DataError):
         return True
     return False
@@ -1115,12 +1118,13 @@ def _raise_unreadable(batch: dict[str, np.ndarray]) -> None:
     """Raise, on the driver, the error a worker returned for an unreadable image."""
     from sar_ray.data.captions import DataError
     from sar_ray.data.io import ImageReadError
+    from sar_ray.data.normalize import DepthError
 
     bad = [str(e) for e in batch.get("error", ()) if e]
     if bad:
         kind, _, msg = bad[0].partition(": ")
         more = f" (and {len(bad) - 1} more images in the same batch)" if len(bad) > 1 else ""
-        raise (DataError if kind == "DataError" else ImageReadError)(msg + more)
+        raise {"DataError": DataError, "DepthError": DepthError}.get(kind, ImageReadError)(msg + more)
 
 
 class _quiet_ray_data:

@@ -434,13 +434,31 @@ def test_a_reference_contradicting_the_declared_depth_stops_even_a_caller_that_s
         ray_local, sets, tmp_path):
     """16-bit references above the 4095 that `bits: 12` declares: a config mistake, so a sweep
     (which skips unreadable reference images) stops with it rather than leave them all out."""
-    from sar_ray.data.io import ImageReadError
+    from sar_ray.data.normalize import DepthError
 
     _, a, b = sets
     cfg = EvalConfig(generated_normalized=True, size=SIZE, bootstrap=0,
                      normalization={"method": "none", "bits": 12})
-    with pytest.raises(ImageReadError, match=r"is above the full scale 4095 that data\.normalization\.bits=12"):
+    with pytest.raises(DepthError, match=r"is above the full scale 4095 that data\.normalization\.bits=12"):
         evaluate(a, b, cfg, progress=False, skip_unreadable_reference=True)
+
+
+def test_a_left_out_reference_image_that_reads_again_but_contradicts_the_declared_depth_makes_the_entry_stale(
+        sets, tmp_path):
+    """The cache's recheck of a left-out image: one that now reads but breaks
+    data.normalization.bits is not "still unreadable" (that kept it silently out)."""
+    from sar_ray.data.io import read_image
+    from sar_ray.evaluate import _Item, _unreadable
+
+    _, _, b = sets
+    png = max(sorted(b.rglob("*.png")), key=lambda p: read_image(p).max())  # a bright target: above 4095
+    assert read_image(png).max() > 4095
+    it = _Item(set="reference", index=0, name=png.name, path=str(png), image_bytes=None, text="", label=None)
+    assert _unreadable(it, NormalizationConfig(method="none", bits=12), (SIZE, SIZE)) is False
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    assert _unreadable(_Item(set="reference", index=1, name="broken.png", path=str(broken), image_bytes=None,
+                             text="", label=None), NormalizationConfig(method="none", bits=12), (SIZE, SIZE)) is True
 
 
 def test_a_cached_reference_whose_left_out_image_reads_again_is_described_again(ray_local, sets, tmp_path):
