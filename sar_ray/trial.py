@@ -367,17 +367,34 @@ def check_validation_shares(cfg: TrialConfig, n_train: int, n_val: int) -> None:
     )
 
 
+def _wrapped(e: BaseException, name: str) -> str | None:
+    """The message of our own exception `name` inside Ray's wrapping of `e`, if any."""
+    for line in str(e).splitlines():
+        if f"{name}: " in line:
+            return line.split(f"{name}: ", 1)[-1].strip()
+    return None
+
+
 def failure_message(e: BaseException) -> str:
     """One line from a (possibly Ray-wrapped) training failure."""
-    text = str(e)
-    for line in text.splitlines():
-        if "TrainingError: " in line:  # our own message, inside Ray's wrapping
-            return line.split("TrainingError: ", 1)[-1].strip()
-    for line in reversed(text.splitlines()):  # the innermost exception is printed last
+    own = _wrapped(e, "TrainingError")
+    if own is not None:
+        return own
+    for line in reversed(str(e).splitlines()):  # the innermost exception is printed last
         line = line.strip()
         if line and not line.startswith(("File ", "^", "~", "Traceback", "The above")):
             return line
     return type(e).__name__
+
+
+def config_mistake(e: BaseException) -> BaseException | None:
+    """The data's config mistake inside a (possibly Ray-wrapped) training failure: a
+    `DepthError` that streamed data meets only while its batches are prepared (its scan reads
+    headers), re-raised as itself (exit 2) instead of a training failure with a resume hint."""
+    from sar_ray.data.normalize import DepthError
+
+    message = _wrapped(e, "DepthError")
+    return None if message is None else DepthError(message)
 
 
 def run_trial(
@@ -469,7 +486,7 @@ def run_trial(
     except KeyboardInterrupt as e:
         error = e
     except Exception as e:  # noqa: BLE001 - Ray wraps worker errors; keep one line
-        error = TrainingError(
+        error = config_mistake(e) or TrainingError(
             f"{failure_message(e)} (trial {cfg.strategy.slug}; rerun the same command to resume from the newest "
             f"checkpoint in {out / CHECKPOINTS_DIR if cfg.scaling.num_workers == 0 else out / 'ray'})"
         )
@@ -482,7 +499,7 @@ def run_trial(
         try:
             fetch_outputs(out, state["published"])
         except OSError as e:
-            error = TrainingError(f"trial {cfg.strategy.slug} trained, but its weights could not be fetched from "
+            error = config_mistake(e) or TrainingError(f"trial {cfg.strategy.slug} trained, but its weights could not be fetched from "
                                   f"{state['published']} ({e}); check scaling.storage_path")
 
     if error is not None:

@@ -493,3 +493,48 @@ def test_the_summary_says_when_its_image_counts_are_upper_bounds():
     assert "  data      6 train / 0 val images" in summary(r)
     r.counts_exact = False
     assert "at most 6 train / 0 val images" in summary(r) and "data.on_corrupt=skip" in summary(r)
+
+
+def test_streamed_shards_contradicting_the_declared_depth_stop_as_a_config_mistake_not_a_training_failure(in_tmp):
+    """Streamed shards (data.materialize=never) are first decoded while their batches are
+    prepared on Ray Data workers, inside training: a pixel above data.normalization.bits's full
+    scale there surfaced as a TrainingError with a resume hint (exit 1; resuming hits it again).
+    It is the user's config mistake: DepthError, one line naming the sample and the fix (exit 2)."""
+    import sys
+
+    from sar_ray.data.normalize import DepthError
+    from sar_ray.train import TrainingError
+
+    sys.path.insert(0, str(Path(__file__).parent / "data"))
+    try:
+        import shards
+    finally:
+        sys.path.pop(0)
+    shards.write_sarlo(in_tmp / "wds", n_shards=2, per_shard=4, shape=(32, 32))  # amplitudes up to 7000
+    cfg = small_cfg(in_tmp, f"data.path={in_tmp / 'wds'}", "data.image_column=sar.png",
+                    "data.text_column=caption.MID", "data.normalization.method=none", "data.normalization.bits=12",
+                    "data.materialize=never", "data.val_fraction=0", "data.holdout_fraction=0",
+                    "tracking.enabled=false")
+    with pytest.raises(DepthError) as info:
+        run_trial(cfg, progress=False)
+    assert not isinstance(info.value, TrainingError)
+    message = str(info.value)
+    assert "\n" not in message and "resume" not in message
+    assert "a pixel of 7000 is above the full scale 4095 that data.normalization.bits=12" in message
+    assert "shard-00000" in message and "at least 13" in message
+
+
+def test_our_messages_are_found_inside_rays_wrapping():
+    from sar_ray.data.normalize import DepthError
+    from sar_ray.trial import config_mistake, failure_message
+
+    wrapped = RuntimeError("ray.exceptions.RayTaskError(UserCodeException): ray::_prepare_batch()\n"
+                           "  File \"x.py\", line 3, in f\n"
+                           "sar_ray.data.normalize.DepthError: a.png: a pixel of 5000 is above the full scale 4095\n"
+                           "\nThe above exception was the direct cause of the following exception:\n")
+    assert isinstance(config_mistake(wrapped), DepthError)
+    assert str(config_mistake(wrapped)) == "a.png: a pixel of 5000 is above the full scale 4095"
+    assert config_mistake(RuntimeError("Traceback\nValueError: nan loss")) is None
+    assert failure_message(RuntimeError("x\nsar_ray.trial.TrainingError: loss is NaN at step 3\nmore")) == (
+        "loss is NaN at step 3")
+    assert failure_message(RuntimeError("Traceback\n  File \"a\"\nValueError: bad\n")) == "ValueError: bad"
