@@ -499,7 +499,7 @@ def run_trial(
         try:
             fetch_outputs(out, state["published"])
         except OSError as e:
-            error = config_mistake(e) or TrainingError(f"trial {cfg.strategy.slug} trained, but its weights could not be fetched from "
+            error = TrainingError(f"trial {cfg.strategy.slug} trained, but its weights could not be fetched from "
                                   f"{state['published']} ({e}); check scaling.storage_path")
 
     if error is not None:
