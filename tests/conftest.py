@@ -62,3 +62,15 @@ def eval_cache_in_tmp(tmp_path_factory):
     yield Path(tmp)
     field.default_factory = home
     rebuild()
+
+
+@pytest.fixture(scope="session")
+def shards():
+    """`tests/data/shards.py`, the writer of tiny SARLO-80-layout WebDataset shards, imported
+    by path so that no test has to put `tests/data` on sys.path (and forget to take it off)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sar_ray_test_shards", Path(__file__).parent / "data" / "shards.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -203,19 +203,12 @@ def test_trial_over_the_stated_gpu_memory_is_refused_before_any_compute(capsys, 
     assert not (tmp_path / "t").exists()
 
 
-def test_evaluate_reads_a_webdataset_reference_with_the_studys_members(capsys, tmp_path):
+def test_evaluate_reads_a_webdataset_reference_with_the_studys_members(capsys, tmp_path, shards):
     """`evaluate --reference <shards> --config sweeps/sarlo80.yaml`: the study's data.image_column
     picks the member the reference is read from; a member the shards lack exits 2, one line."""
-    import sys
-
     import numpy as np
     from PIL import Image
 
-    sys.path.insert(0, str(ROOT / "tests" / "data"))
-    try:
-        import shards
-    finally:
-        sys.path.remove(str(ROOT / "tests" / "data"))
     shards.write_sarlo(tmp_path / "wds", n_shards=2, per_shard=4)
     gen = tmp_path / "gen"
     gen.mkdir()

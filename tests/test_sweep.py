@@ -696,21 +696,14 @@ def test_a_real_anchor_without_captions_keeps_clips_image_distances(tmp_path, ra
 
 
 @pytest.mark.slow
-def test_a_sweep_on_shards_scores_against_the_member_it_trains_on(tmp_path, monkeypatch, ray_local):
+def test_a_sweep_on_shards_scores_against_the_member_it_trains_on(tmp_path, monkeypatch, ray_local, shards):
     """A study on WebDataset shards is scored against data.image_column, as it trains. Both
     sweep calls of evaluate left the members out, so the reference was read from the first
     `.npy` member: a SARLO-80 study trained on `sar.png` was scored against |s| of `sar.npy`.
     Here the two members differ in size, which metrics.json records (the reference's)."""
     import io
-    import sys
-
     import numpy as np
 
-    sys.path.insert(0, str(Path(__file__).parent / "data"))
-    try:
-        import shards
-    finally:
-        sys.path.remove(str(Path(__file__).parent / "data"))
     samples = {}
     for i in range(16):
         key = f"{i:04d}"

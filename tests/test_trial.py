@@ -495,21 +495,14 @@ def test_the_summary_says_when_its_image_counts_are_upper_bounds():
     assert "at most 6 train / 0 val images" in summary(r) and "data.on_corrupt=skip" in summary(r)
 
 
-def test_streamed_shards_contradicting_the_declared_depth_stop_as_a_config_mistake_not_a_training_failure(in_tmp):
+def test_streamed_shards_contradicting_the_declared_depth_stop_as_a_config_mistake_not_a_training_failure(in_tmp, shards):
     """Streamed shards (data.materialize=never) are first decoded while their batches are
     prepared on Ray Data workers, inside training: a pixel above data.normalization.bits's full
     scale there surfaced as a TrainingError with a resume hint (exit 1; resuming hits it again).
     It is the user's config mistake: DepthError, one line naming the sample and the fix (exit 2)."""
-    import sys
-
     from sar_ray.data.normalize import DepthError
     from sar_ray.train import TrainingError
 
-    sys.path.insert(0, str(Path(__file__).parent / "data"))
-    try:
-        import shards
-    finally:
-        sys.path.pop(0)
     shards.write_sarlo(in_tmp / "wds", n_shards=2, per_shard=4, shape=(32, 32))  # amplitudes up to 7000
     cfg = small_cfg(in_tmp, f"data.path={in_tmp / 'wds'}", "data.image_column=sar.png",
                     "data.text_column=caption.MID", "data.normalization.method=none", "data.normalization.bits=12",
