@@ -65,14 +65,24 @@ class ProgressChannel:
     flight were lost with it). Ray runs an async actor's calls out of order, even from one
     caller, so every call says where it stands: a sender numbers its `put`s (records are
     released in that order), `arrived`/`settle` name how many it sent, and the driver's
-    `written` names how many drained records it has written."""
+    `written` names how many drained records it has written.
+
+    A record leaves the channel only when the driver asks for those after it (`drain(since)`),
+    never when it is handed out: a drain whose reply the driver gave up on (a `ray.get` timeout
+    on a loaded machine; Ray still runs the call) took its records with it, and a CI run lost
+    a local trial's whole log that way, its final loss included."""
 
     def __init__(self):
-        self._records: list[dict] = []
+        self._records: list[dict] = []  # in arrival order; the first is record number self._base
+        self._base = 0  # records the driver has confirmed it holds (dropped from the channel)
         self._next: dict[str, int] = {}  # sender -> the next put it numbered that is not in yet
         self._early: dict[str, dict[int, list[dict]]] = {}  # puts that came in ahead of their turn
-        self._drained = self._written = 0  # records: handed out; written to the folder and MLflow
+        self._written = 0  # records written to the trial folder and MLflow
         self._settling = 0  # callers waiting in settle
+
+    @property
+    def _total(self) -> int:
+        return self._base + len(self._records)
 
     async def put(self, sender: str, seq: int, records: list[dict]) -> None:
         early = self._early.setdefault(sender, {})
@@ -83,17 +93,21 @@ class ProgressChannel:
             nxt += 1
         self._next[sender] = nxt
 
-    async def drain(self, wait: float = 0.0) -> tuple[list[dict], bool, int]:
-        """(the records in since the last drain, whether a caller waits in `settle`, how many
-        records were drained in all); waits up to `wait` s when there is none and no settle
-        waits on the driver (a settle still waiting for its own puts does not)."""
+    async def drain(self, since: int = 0, wait: float = 0.0) -> tuple[int, list[dict], bool]:
+        """(the number of the first record returned, the records from number `since` on, whether
+        a caller waits in `settle`). Asking from `since` confirms the ones before it, which
+        leave the channel; a late, stale call gets what is still here and its number, so the
+        caller skips what it holds. Waits up to `wait` s when there is none and no settle waits
+        on the driver (a settle still waiting for its own puts does not)."""
         deadline = time.monotonic() + wait
-        while (not self._records and not (self._settling and self._written < self._drained)
+        while (self._total <= since and not (self._settling and self._written < self._total)
                and time.monotonic() < deadline):
             await asyncio.sleep(0.01)
-        out, self._records = self._records, []
-        self._drained += len(out)
-        return out, self._settling > 0, self._drained
+        since = min(since, self._total)  # (a caller never holds more than came in)
+        if since > self._base:
+            del self._records[: since - self._base]
+            self._base = since
+        return self._base, list(self._records), self._settling > 0
 
     async def written(self, upto: int) -> None:
         """The driver wrote the first `upto` drained records to the trial folder and to MLflow
@@ -110,8 +124,7 @@ class ProgressChannel:
         self._settling += 1
         try:
             return await self._until(
-                lambda: (self._next.get(sender, 0) >= sent and not self._records
-                         and self._written >= self._drained), timeout)
+                lambda: self._next.get(sender, 0) >= sent and self._written >= self._total, timeout)
         finally:
             self._settling -= 1
 

@@ -100,6 +100,7 @@ class TrialMonitor:
                 ray.get_runtime_context().get_node_id(), soft=False)).remote()
         self.state: dict[str, Any] = {"step": 0, "loss": None, "val_loss": None, "trainable_params": None,
                                       "peak_memory_mb": None}
+        self._received = 0  # records read from the channel (their numbers there: 0 .. this - 1)
         self._pending: list[tuple[str, float, int]] = []
         self._grids: list[tuple[bytes, int]] = []
         self._stop = threading.Event()
@@ -142,7 +143,9 @@ class TrialMonitor:
         import ray
 
         with self._lock:  # the thread and stop() may both poll
-            records, settling, drained = ray.get(self.channel.drain.remote(wait), timeout=30 + wait)
+            first, records, settling = ray.get(self.channel.drain.remote(self._received, wait), timeout=30 + wait)
+            records = records[max(0, self._received - first):]  # a stale reply repeats what this holds
+            self._received += len(records)
             for rec in records:
                 try:
                     self.on_record(rec)
@@ -154,7 +157,7 @@ class TrialMonitor:
                 except Exception:  # noqa: BLE001 - as above; rank 0 stops waiting at its timeout
                     self._stop.wait(self.RETRY_S)  # the store is down: retry, not in a hot loop
                     return
-                self.channel.written.remote(drained)
+                self.channel.written.remote(self._received)
 
     def on_record(self, rec: dict) -> None:
         event, step = rec.get("event"), int(rec.get("step") or 0)

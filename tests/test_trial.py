@@ -194,7 +194,7 @@ def test_the_channel_keeps_a_senders_order_when_ray_runs_its_calls_out_of_order(
     ch = ProgressChannel.remote()
     try:
         ray.get(ch.put.remote("a", 1, [{"step": 2}]))  # the second put came in first
-        assert ray.get(ch.drain.remote()) == ([], False, 0)  # held until the first is in
+        assert ray.get(ch.drain.remote()) == (0, [], False)  # held until the first is in
         assert not ray.get(ch.arrived.remote("a", 2, 0.05))
         assert not ray.get(ch.settle.remote("a", 2, 0.05))
         # A settle that waits for its own puts owes the driver nothing: drain still waits (the
@@ -202,25 +202,55 @@ def test_the_channel_keeps_a_senders_order_when_ray_runs_its_calls_out_of_order(
         waiting = ch.settle.remote("a", 2, 5.0)
         time.sleep(0.2)  # it is waiting
         t = time.monotonic()
-        records, _, drained = ray.get(ch.drain.remote(0.5))
-        assert records == [] and drained == 0 and time.monotonic() - t >= 0.45
+        first, records, _ = ray.get(ch.drain.remote(0, 0.5))
+        assert records == [] and first == 0 and time.monotonic() - t >= 0.45
         ray.get(ch.put.remote("a", 0, [{"step": 1}]))
         assert ray.get(ch.arrived.remote("a", 2, 0.05))
-        records, settling, drained = ray.get(ch.drain.remote())
-        assert [r["step"] for r in records] == [1, 2] and settling and drained == 2
+        first, records, settling = ray.get(ch.drain.remote())
+        assert [r["step"] for r in records] == [1, 2] and settling and first == 0
         ray.get(ch.written.remote(2))
         assert ray.get(waiting)
         ray.get(ch.put.remote("a", 2, [{"step": 2}]))
-        records, _, drained = ray.get(ch.drain.remote())
-        assert records == [{"step": 2}] and drained == 3
+        first, records, _ = ray.get(ch.drain.remote(2))  # holds the first two: they leave the channel
+        assert records == [{"step": 2}] and first == 2
         assert not ray.get(ch.settle.remote("a", 3, 0.05))  # drained, not yet written
         ray.get(ch.written.remote(3))
         ray.get(ch.written.remote(1))  # a stale confirmation that ran late changes nothing
         assert ray.get(ch.settle.remote("a", 3, 0.05))
         ray.get(ch.put.remote("b", 0, [{"step": 3}]))  # a restarted rank 0 numbers from 0 again
-        assert ray.get(ch.drain.remote())[0] == [{"step": 3}]
+        assert ray.get(ch.drain.remote(3))[1] == [{"step": 3}]
+        assert ray.get(ch.drain.remote(1)) == (3, [{"step": 3}], False)  # a stale call: what is left, numbered
     finally:
         ray.kill(ch)
+
+
+def test_a_drain_whose_reply_the_driver_never_read_loses_no_record(ray_local, tmp_path):
+    """The driver polls the channel with a timeout; on a loaded machine a poll timed out, Ray
+    still ran the drain, and the records it handed out were gone: a CI run's local trial lost
+    its whole log, its final loss included (TrialResult.loss None). Records leave the channel
+    only when the driver asks for those after them."""
+    import ray
+
+    from sar_ray.train import _Progress
+    from sar_ray.trial import TrialMonitor
+
+    m = TrialMonitor(tmp_path / "trial", None, None)  # not started: it polls only when told
+    try:
+        progress = _Progress(m.channel, 0)
+        progress.log({"step": 2, "loss": 0.9})
+        progress.log({"step": 3, "loss": 0.8})
+        progress.flush()
+        ray.get(m.channel.drain.remote(0))  # the reply a timed-out poll never read
+        m.poll()
+        assert m.state["step"] == 3 and m.state["loss"] == 0.8
+        progress.log({"step": 4, "loss": 0.7})
+        progress.flush()
+        ray.get(m.channel.drain.remote(0))  # stale, and late: it repeats what the driver holds
+        m.poll()
+        m.poll()
+        assert [(r["step"], r["loss"]) for r in read_log(m.log_path)] == [(2, 0.9), (3, 0.8), (4, 0.7)]
+    finally:
+        m.stop()
 
 
 def test_resume_after_a_crash_reproduces_the_uninterrupted_losses(in_tmp, monkeypatch):
