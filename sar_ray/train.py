@@ -93,12 +93,11 @@ class ProgressChannel:
             nxt += 1
         self._next[sender] = nxt
 
-    async def drain(self, since: int = 0, wait: float = 0.0) -> tuple[int, list[dict], bool]:
-        """(the number of the first record returned, the records from number `since` on, whether
-        a caller waits in `settle`). Asking from `since` confirms the ones before it, which
-        leave the channel; a late, stale call gets what is still here and its number, so the
-        caller skips what it holds. Waits up to `wait` s when there is none and no settle waits
-        on the driver (a settle still waiting for its own puts does not)."""
+    async def drain(self, since: int = 0, wait: float = 0.0) -> tuple[list[dict], bool]:
+        """(the records from number `since` on, whether a caller waits in `settle`). Asking
+        from `since` confirms the ones before it, which leave the channel; a late, stale call
+        (a smaller `since`) drops nothing more. Waits up to `wait` s when there is none and no
+        settle waits on the driver (a settle still waiting for its own puts does not)."""
         deadline = time.monotonic() + wait
         while (self._total <= since and not (self._settling and self._written < self._total)
                and time.monotonic() < deadline):
@@ -107,7 +106,7 @@ class ProgressChannel:
         if since > self._base:
             del self._records[: since - self._base]
             self._base = since
-        return self._base, list(self._records), self._settling > 0
+        return list(self._records), self._settling > 0
 
     async def written(self, upto: int) -> None:
         """The driver wrote the first `upto` drained records to the trial folder and to MLflow

@@ -143,8 +143,7 @@ class TrialMonitor:
         import ray
 
         with self._lock:  # the thread and stop() may both poll
-            first, records, settling = ray.get(self.channel.drain.remote(self._received, wait), timeout=30 + wait)
-            records = records[max(0, self._received - first):]  # a stale reply repeats what this holds
+            records, settling = ray.get(self.channel.drain.remote(self._received, wait), timeout=30 + wait)
             self._received += len(records)
             for rec in records:
                 try:

@@ -194,7 +194,7 @@ def test_the_channel_keeps_a_senders_order_when_ray_runs_its_calls_out_of_order(
     ch = ProgressChannel.remote()
     try:
         ray.get(ch.put.remote("a", 1, [{"step": 2}]))  # the second put came in first
-        assert ray.get(ch.drain.remote()) == (0, [], False)  # held until the first is in
+        assert ray.get(ch.drain.remote()) == ([], False)  # held until the first is in
         assert not ray.get(ch.arrived.remote("a", 2, 0.05))
         assert not ray.get(ch.settle.remote("a", 2, 0.05))
         # A settle that waits for its own puts owes the driver nothing: drain still waits (the
@@ -202,24 +202,24 @@ def test_the_channel_keeps_a_senders_order_when_ray_runs_its_calls_out_of_order(
         waiting = ch.settle.remote("a", 2, 5.0)
         time.sleep(0.2)  # it is waiting
         t = time.monotonic()
-        first, records, _ = ray.get(ch.drain.remote(0, 0.5))
-        assert records == [] and first == 0 and time.monotonic() - t >= 0.45
+        records, _ = ray.get(ch.drain.remote(0, 0.5))
+        assert records == [] and time.monotonic() - t >= 0.45
         ray.get(ch.put.remote("a", 0, [{"step": 1}]))
         assert ray.get(ch.arrived.remote("a", 2, 0.05))
-        first, records, settling = ray.get(ch.drain.remote())
-        assert [r["step"] for r in records] == [1, 2] and settling and first == 0
+        records, settling = ray.get(ch.drain.remote())
+        assert [r["step"] for r in records] == [1, 2] and settling
         ray.get(ch.written.remote(2))
         assert ray.get(waiting)
         ray.get(ch.put.remote("a", 2, [{"step": 2}]))
-        first, records, _ = ray.get(ch.drain.remote(2))  # holds the first two: they leave the channel
-        assert records == [{"step": 2}] and first == 2
+        records, _ = ray.get(ch.drain.remote(2))  # holds the first two: they leave the channel
+        assert records == [{"step": 2}]
         assert not ray.get(ch.settle.remote("a", 3, 0.05))  # drained, not yet written
         ray.get(ch.written.remote(3))
         ray.get(ch.written.remote(1))  # a stale confirmation that ran late changes nothing
         assert ray.get(ch.settle.remote("a", 3, 0.05))
         ray.get(ch.put.remote("b", 0, [{"step": 3}]))  # a restarted rank 0 numbers from 0 again
-        assert ray.get(ch.drain.remote(3))[1] == [{"step": 3}]
-        assert ray.get(ch.drain.remote(1)) == (3, [{"step": 3}], False)  # a stale call: what is left, numbered
+        assert ray.get(ch.drain.remote(3))[0] == [{"step": 3}]
+        assert ray.get(ch.drain.remote(1)) == ([{"step": 3}], False)  # a stale call drops nothing more
     finally:
         ray.kill(ch)
 
